@@ -1,0 +1,70 @@
+# Set-up and entry points. Every target installs what it needs into .venv from the lock.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Airflow runs with its home inside the project, SQLite metadata, no examples.
+export AIRFLOW_HOME := $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := True
+export GX_ANALYTICS_ENABLED := false
+
+.PHONY: help install demo test up bench lint format soak lock clean
+
+help:
+	@echo "make demo   - install, start the sandbox, run the sync end to end, print a summary"
+	@echo "make test   - install and run the whole test suite"
+	@echo "make up     - the sandbox plus 'airflow standalone' with the project's DAGs"
+	@echo "make bench  - the benchmarks; writes docs/benchmarks.md"
+	@echo "make lint   - ruff check and ruff format --check"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+# Re-installs only when a requirements, lock or project file changed.
+$(STAMP): $(VENV)/bin/python requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . -c constraints.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m crm_sync.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+soak: $(STAMP)
+	CRM_SYNC_SOAK=1 $(PY) -m pytest -m "soak or not soak"
+
+up: $(STAMP)
+	$(PY) -m crm_sync.devserver
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Regenerates constraints.txt from a clean resolve of the direct pins.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -r requirements-dev.txt
+	{ echo "# Full lock of every distribution installed by requirements-dev.txt, from a clean resolve."; \
+	  echo "# Regenerate with: make lock"; .lock-venv/bin/pip freeze; } > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .airflow .sandbox .staging

@@ -1,0 +1,146 @@
+"""Builds the three sync DAGs: the same five tasks, wired the same way, per flow."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from airflow.sdk import DAG, Asset, Param, task
+
+from crm_sync.settings import current_settings
+
+
+class Flow(StrEnum):
+    """One sync DAG: a direction, or the initial (historical) sync."""
+
+    AC_TO_D365 = "activecampaign_to_dynamics365"
+    D365_TO_AC = "dynamics365_to_activecampaign"
+    BACKFILL = "initial_sync_backfill"
+
+
+TASK_IDS = ("extract", "tag_classify", "map_fields", "validate", "load")
+START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "crm-sync",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=15),
+}
+
+DATAVERSE_ASSETS = [
+    Asset(name="dynamics365_leads", uri="dataverse://dynamics365_default/leads"),
+    Asset(name="dynamics365_contacts", uri="dataverse://dynamics365_default/contacts"),
+]
+ACTIVECAMPAIGN_ASSET = Asset(
+    name="activecampaign_contacts", uri="activecampaign://activecampaign_default/contacts"
+)
+
+_COMMON_PARAMS = {
+    "dry_run": Param(
+        False,
+        type="boolean",
+        title="Dry run",
+        description="Plan only: run every step, then log and store the plan "
+        "(creates, updates, skips, conflicts) without writing to either system.",
+    ),
+    "confirm_mass_change": Param(
+        False,
+        type="boolean",
+        title="Confirm a mass change",
+        description="Let the run through when it would change more than the configured share of "
+        "linked records (safety.max_change_share in sync.yaml). Leave off for scheduled runs.",
+    ),
+}
+
+_BACKFILL_PARAMS = {
+    "entities": Param(
+        "both",
+        type="string",
+        enum=["both", "lead", "contact"],
+        values_display={"both": "Leads and contacts", "lead": "Leads", "contact": "Contacts"},
+        title="Entities",
+        description="Which Dynamics 365 tables to bring into ActiveCampaign.",
+    ),
+    "modified_since": Param(
+        None,
+        type=["null", "string"],
+        format="date",
+        title="Modified since",
+        description="Only records modified on or after this date (UTC). Empty: every record "
+        "that matches the data configuration.",
+    ),
+    "batch_size": Param(
+        250,
+        type="integer",
+        minimum=10,
+        maximum=250,
+        title="Batch size",
+        description="Contacts per ActiveCampaign bulk import (10 to 250).",
+    ),
+}
+
+
+def _params(flow: Flow) -> dict[str, Param]:
+    return {**(_BACKFILL_PARAMS if flow is Flow.BACKFILL else {}), **_COMMON_PARAMS}
+
+
+def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
+    """The DAG of `flow`: `extract >> tag_classify >> map_fields >> validate >> load`."""
+    settings = current_settings()
+    writes_dynamics = flow is Flow.AC_TO_D365
+    with DAG(
+        dag_id=flow.value,
+        description=doc_md.strip().splitlines()[0].strip("# "),
+        doc_md=doc_md,
+        schedule=None if flow is Flow.BACKFILL else settings.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        params=_params(flow),
+        tags=["crm-sync", "activecampaign", "dynamics365", flow.value],
+    ) as dag:
+
+        @task(task_id="extract")
+        def extract(**context: Any) -> dict[str, Any]:
+            """Read what changed since the watermark; stage it as Parquet."""
+            from crm_sync.runner import run_step
+
+            return run_step(flow, "extract", context)
+
+        @task(task_id="tag_classify")
+        def tag_classify(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
+            """Classify each record by its tags and links: new, update, not eligible, quarantine."""
+            from crm_sync.runner import run_step
+
+            return run_step(flow, "tag_classify", context, summary)
+
+        @task(task_id="map_fields")
+        def map_fields(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
+            """Apply the field mapping, drop echoes, resolve conflicts by the declared rule."""
+            from crm_sync.runner import run_step
+
+            return run_step(flow, "map_fields", context, summary)
+
+        @task(task_id="validate")
+        def validate(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
+            """Check records against the target's rules (Great Expectations); quarantine failures."""
+            from crm_sync.runner import run_step
+
+            return run_step(flow, "validate", context, summary)
+
+        @task(
+            task_id="load",
+            outlets=DATAVERSE_ASSETS if writes_dynamics else [ACTIVECAMPAIGN_ASSET],
+        )
+        def load(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
+            """Write to the target in bulk, store links, advance the watermark, report the run."""
+            from crm_sync.runner import run_step
+
+            return run_step(flow, "load", context, summary)
+
+        load(validate(map_fields(tag_classify(extract()))))
+    return dag

@@ -1,0 +1,280 @@
+"""The sync settings file (`include/config/sync.yaml`): typed model, loader and validation."""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SETTINGS_PATH_ENV = "CRM_SYNC_SETTINGS"
+FREQUENCY_ENV = "CRM_SYNC_JOB_FREQUENCY"
+DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parents[1] / "config" / "sync.yaml"
+
+JobFrequency = Literal["1h", "2h", "4h", "6h", "8h", "12h", "daily"]
+
+#: The UTC cron expression for each job frequency.
+FREQUENCY_CRON: dict[str, str] = {
+    "1h": "0 * * * *",
+    "2h": "0 */2 * * *",
+    "4h": "0 */4 * * *",
+    "6h": "0 */6 * * *",
+    "8h": "0 */8 * * *",
+    "12h": "0 */12 * * *",
+    "daily": "0 0 * * *",
+}
+
+AC_STANDARD_FIELDS = ("email", "firstName", "lastName", "phone")
+_AC_CUSTOM_FIELD = re.compile(r"^field:[A-Z0-9_]{1,64}$")
+_DATAVERSE_COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
+
+
+class SettingsError(ValueError):
+    """The settings file cannot be used; the message names the key, the value and what is allowed."""
+
+
+class Entity(StrEnum):
+    """A Dynamics 365 table the sync covers."""
+
+    LEAD = "lead"
+    CONTACT = "contact"
+
+    @property
+    def entity_set(self) -> str:
+        """The Web API entity set name (`leads`, `contacts`)."""
+        return f"{self.value}s"
+
+    @property
+    def primary_id(self) -> str:
+        """The table's primary key column (`leadid`, `contactid`)."""
+        return f"{self.value}id"
+
+
+class Direction(StrEnum):
+    """Which way records of an entity move."""
+
+    TWO_WAY = "two_way"
+    TO_DYNAMICS365 = "activecampaign_to_dynamics365"
+    TO_ACTIVECAMPAIGN = "dynamics365_to_activecampaign"
+
+
+class FieldDirection(StrEnum):
+    """Which way one mapped field moves."""
+
+    TWO_WAY = "two_way"
+    TO_DYNAMICS365 = "to_dynamics365"
+    TO_ACTIVECAMPAIGN = "to_activecampaign"
+
+
+class ConflictRule(StrEnum):
+    """Who wins when both sides changed a field since the last sync."""
+
+    MOST_RECENT = "most_recent"
+    PREFER_ACTIVECAMPAIGN = "prefer_activecampaign"
+    PREFER_DYNAMICS365 = "prefer_dynamics365"
+    PREFER_NON_EMPTY = "prefer_non_empty"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldMap(_Strict):
+    """One mapped field: an ActiveCampaign field and a Dataverse column."""
+
+    activecampaign: str
+    dynamics365: str
+    direction: FieldDirection = FieldDirection.TWO_WAY
+    conflict: ConflictRule | None = None
+
+    @field_validator("activecampaign")
+    @classmethod
+    def _ac_field(cls, value: str) -> str:
+        if value in AC_STANDARD_FIELDS or _AC_CUSTOM_FIELD.match(value):
+            return value
+        allowed = ", ".join(AC_STANDARD_FIELDS)
+        raise ValueError(
+            f"'{value}' is not an ActiveCampaign field; allowed: {allowed}, field:<TAG>"
+        )
+
+    @field_validator("dynamics365")
+    @classmethod
+    def _dv_column(cls, value: str) -> str:
+        if _DATAVERSE_COLUMN.match(value):
+            return value
+        raise ValueError(f"'{value}' is not a Dataverse column logical name (lower case, a-z0-9_)")
+
+    @property
+    def custom_field_tag(self) -> str | None:
+        """The personalization tag when this is an AC custom field, else None."""
+        return self.activecampaign.removeprefix("field:") if self.is_custom else None
+
+    @property
+    def is_custom(self) -> bool:
+        """Whether the AC side is a custom field."""
+        return self.activecampaign.startswith("field:")
+
+
+class EntitySettings(_Strict):
+    """The data configuration of one entity."""
+
+    enabled: bool = True
+    direction: Direction = Direction.TWO_WAY
+    record_criteria: str | None = None
+    lead_topic: str = "ActiveCampaign lead"
+
+    @field_validator("record_criteria")
+    @classmethod
+    def _criteria(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from crm_sync.odata import check_filter
+
+        check_filter(value)
+        return value.strip()
+
+    def moves(self, direction: Direction) -> bool:
+        """Whether records of this entity move in `direction` (a one-way DAG direction)."""
+        return self.enabled and self.direction in (Direction.TWO_WAY, direction)
+
+
+class Safety(_Strict):
+    """Thresholds of the two circuit breakers."""
+
+    max_quarantine_share: Annotated[float, Field(ge=0, le=1)] = 0.2
+    max_change_share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    mass_change_min_linked: Annotated[int, Field(ge=0)] = 100
+
+
+class Incremental(_Strict):
+    """How incremental reads overlap and what deletions do."""
+
+    overlap_minutes: Annotated[int, Field(ge=0, le=1440)] = 10
+    deletions: Literal["record"] = "record"
+
+
+class SyncSettings(_Strict):
+    """The whole settings file."""
+
+    job_frequency: JobFrequency = "1h"
+    entities: dict[Entity, EntitySettings] = Field(
+        default_factory=lambda: {e: EntitySettings() for e in Entity}
+    )
+    field_mapping: dict[Entity, tuple[FieldMap, ...]]
+    conflict_rule: ConflictRule = ConflictRule.MOST_RECENT
+    safety: Safety = Safety()
+    incremental: Incremental = Incremental()
+    staging: str = "staging"
+
+    @model_validator(mode="after")
+    def _mapping_rules(self) -> SyncSettings:
+        for entity in Entity:
+            self.entities.setdefault(entity, EntitySettings(enabled=False))
+        for entity, fields in self.field_mapping.items():
+            where = f"field_mapping.{entity.value}"
+            if not any(
+                f.activecampaign == "email" and f.dynamics365 == "emailaddress1" for f in fields
+            ):
+                raise ValueError(
+                    f"{where}: the email mapping (email <-> emailaddress1) cannot be removed: "
+                    "email is the match key"
+                )
+            seen_ac, seen_dv = set(), set()
+            for f in fields:
+                if f.activecampaign in seen_ac or f.dynamics365 in seen_dv:
+                    raise ValueError(
+                        f"{where}: '{f.activecampaign}' or '{f.dynamics365}' mapped twice"
+                    )
+                seen_ac.add(f.activecampaign)
+                seen_dv.add(f.dynamics365)
+                if f.activecampaign == "email" and f.direction != FieldDirection.TWO_WAY:
+                    raise ValueError(f"{where}: the email mapping must be two_way")
+                entity_direction = self.entities[entity].direction
+                if entity_direction != Direction.TWO_WAY and f.direction != FieldDirection.TWO_WAY:
+                    raise ValueError(
+                        f"{where}.{f.activecampaign}: a per-field direction is allowed only when "
+                        f"entities.{entity.value}.direction is two_way (it is {entity_direction.value})"
+                    )
+        for entity in Entity:
+            if self.entities[entity].enabled and entity not in self.field_mapping:
+                raise ValueError(f"field_mapping.{entity.value}: missing for an enabled entity")
+        return self
+
+    @property
+    def schedule(self) -> str:
+        """The UTC cron expression of the job frequency."""
+        return FREQUENCY_CRON[self.job_frequency]
+
+    def mapping(self, entity: Entity) -> tuple[FieldMap, ...]:
+        """The field mapping of `entity`."""
+        return self.field_mapping.get(entity, ())
+
+    def conflict_rule_for(self, field: FieldMap) -> ConflictRule:
+        """The conflict rule that decides `field`."""
+        return field.conflict or self.conflict_rule
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    location = ".".join(str(part) for part in error["loc"] if part not in ("", "function-after"))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{location}'"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    where = f"{location}: " if location else ""
+    return f"{source}: {where}{message}{shown}"
+
+
+def parse_settings(raw: dict[str, Any], source: str = "sync.yaml") -> SyncSettings:
+    """Validate a settings mapping, raising `SettingsError` with one line per problem."""
+    frequency = os.environ.get(FREQUENCY_ENV)
+    if frequency is not None:
+        if frequency not in FREQUENCY_CRON:
+            allowed = ", ".join(FREQUENCY_CRON)
+            raise SettingsError(
+                f"{FREQUENCY_ENV}: '{frequency}' is not a job frequency; allowed values: {allowed}"
+            )
+        raw = {**raw, "job_frequency": frequency}
+    try:
+        return SyncSettings.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error, source) for error in exc.errors()]
+        if any("job_frequency" in line for line in lines):
+            lines.append(f"allowed job_frequency values: {', '.join(FREQUENCY_CRON)}")
+        raise SettingsError("invalid sync settings:\n  " + "\n  ".join(lines)) from None
+
+
+def settings_path() -> Path:
+    """The settings file in use: `$CRM_SYNC_SETTINGS` or `include/config/sync.yaml`."""
+    return Path(os.environ.get(SETTINGS_PATH_ENV) or DEFAULT_SETTINGS_PATH)
+
+
+def load_settings(path: Path | None = None) -> SyncSettings:
+    """Read and validate the settings file."""
+    path = path or settings_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SettingsError(f"settings file not found: {path} (set {SETTINGS_PATH_ENV})") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path.name}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path.name}: the top level must be a mapping of keys")
+    return parse_settings(raw, source=path.name)
+
+
+@cache
+def _cached(path: str, mtime: float, frequency: str | None) -> SyncSettings:
+    return load_settings(Path(path))
+
+
+def current_settings() -> SyncSettings:
+    """The settings, re-read only when the file or the frequency override changes."""
+    path = settings_path()
+    mtime = path.stat().st_mtime if path.exists() else 0.0
+    return _cached(str(path), mtime, os.environ.get(FREQUENCY_ENV))

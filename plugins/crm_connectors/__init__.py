@@ -1,0 +1,1 @@
+"""Airflow hooks for the ActiveCampaign API v3 and the Dataverse Web API."""
