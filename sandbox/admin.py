@@ -28,6 +28,13 @@ class FaultSpec(BaseModel):
     method: str | None = None
 
 
+class LimitsBody(BaseModel):
+    """A change to the rate limits: on/off and a scale factor (omitted = unchanged)."""
+
+    enabled: bool | None = None
+    scale: float | None = Field(None, gt=0)
+
+
 @dataclass
 class Fault:
     """A queued fault and how many requests it still applies to."""
@@ -192,10 +199,6 @@ def install_admin(
         with controls.lock:
             controls.faults.clear()
         return {"cleared": True}
-
-    class LimitsBody(BaseModel):
-        enabled: bool | None = None
-        scale: float | None = Field(None, gt=0)
 
     @router.get("/limits")
     async def get_limits() -> dict[str, Any]:

@@ -147,6 +147,7 @@ class Safety(_Strict):
     """Thresholds of the two circuit breakers."""
 
     max_quarantine_share: Annotated[float, Field(ge=0, le=1)] = 0.2
+    quarantine_share_min_batch: Annotated[int, Field(ge=0)] = 20
     max_change_share: Annotated[float, Field(ge=0, le=1)] = 0.1
     mass_change_min_linked: Annotated[int, Field(ge=0)] = 100
 

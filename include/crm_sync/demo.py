@@ -1,0 +1,304 @@
+"""`make demo`: the whole product against the bundled sandbox, with a readable summary and checks.
+
+Starts the sandbox (limits on), seeds it, runs the initial sync, applies the AC automation action to
+some contacts, changes records on both sides (a few invalid on purpose), runs both direction DAGs
+with the real `airflow dags test`, runs them again to show that nothing echoes, then checks the
+final state of both systems. Exits non-zero when anything is not as expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = ROOT / ".sandbox" / "demo"
+AIRFLOW_HOME = Path(os.environ.get("AIRFLOW_HOME", ROOT / ".airflow"))
+LOG_DIR = AIRFLOW_HOME / "demo-logs"
+DAGS = ("initial_sync_backfill", "activecampaign_to_dynamics365", "dynamics365_to_activecampaign")
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+class Demo:
+    """One demo run: the sandbox process, the Airflow environment, the checks."""
+
+    def __init__(self) -> None:
+        self.ac_port, self.d365_port = _free_port(8081), _free_port(8443)
+        self.env = os.environ.copy()
+        self.failures: list[str] = []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def start_sandbox(self) -> None:
+        shutil.rmtree(DATA_DIR, ignore_errors=True)
+        DATA_DIR.mkdir(parents=True)
+        print(
+            f"• starting the sandbox (ActiveCampaign :{self.ac_port}, Dataverse :{self.d365_port}, rate limits on)"
+        )
+        log = (DATA_DIR / "serve.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "serve", "--data-dir", str(DATA_DIR),
+             "--ac-port", str(self.ac_port), "--d365-port", str(self.d365_port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the sandbox did not start; see {DATA_DIR / 'serve.log'}")
+            if (DATA_DIR / "sandbox.json").exists() and self._listening():
+                break
+            time.sleep(0.2)
+        from sandbox.credentials import connection_env
+
+        self.env.update(connection_env(DATA_DIR))
+        self.env["CRM_SYNC_STAGING"] = str(DATA_DIR / "staging")
+        self.env["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
+        self.creds = json.loads((DATA_DIR / "credentials.json").read_text())
+        self.ca = json.loads((DATA_DIR / "sandbox.json").read_text())["ca_path"]
+
+    def _listening(self) -> bool:
+        for port in (self.ac_port, self.d365_port):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    return False
+        return True
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=15)
+
+    def seed(self) -> None:
+        print("• seeding: 60 ActiveCampaign contacts, 120 Dynamics leads, 80 Dynamics contacts")
+        subprocess.run(
+            [sys.executable, "-m", "sandbox", "seed", "--data-dir", str(DATA_DIR), "--seed", "7",
+             "--ac-contacts", "60", "--leads", "120", "--contacts", "80"],
+            check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def migrate(self) -> None:
+        print(f"• preparing Airflow's metadata database in {AIRFLOW_HOME}")
+        subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+            env=self.env, check=True, capture_output=True,
+        )  # fmt: skip
+
+    # -- the two systems --------------------------------------------------------------------------
+    def admin(self, service: str, method: str, path: str, **kwargs: Any) -> Any:
+        base = (
+            f"http://127.0.0.1:{self.ac_port}"
+            if service == "ac"
+            else f"https://127.0.0.1:{self.d365_port}"
+        )
+        response = requests.request(
+            method, f"{base}/_sandbox/{path}", verify=self.ca, timeout=120, **kwargs
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def ac_contacts(self) -> list[dict[str, Any]]:
+        return self.admin("ac", "GET", "contacts/export")["contacts"]
+
+    def dv_rows(self, entity_set: str) -> list[dict[str, Any]]:
+        body = self.admin("d365", "GET", f"export/{entity_set}")
+        return body["value"] if isinstance(body, dict) else body
+
+    def ac_api(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = requests.request(
+            method, f"http://127.0.0.1:{self.ac_port}/api/3/{path}",
+            headers={"Api-Token": self.creds["ac_api_token"]}, timeout=60, **kwargs,
+        )  # fmt: skip
+        response.raise_for_status()
+        return response.json()
+
+    # -- running DAGs -------------------------------------------------------------------------------
+    def run_dag(
+        self, dag_id: str, label: str, conf: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log_path = LOG_DIR / f"{label}.log"
+        command = [str(Path(sys.executable).with_name("airflow")), "dags", "test", dag_id]
+        if conf:
+            command += ["--conf", json.dumps(conf)]
+        started = time.monotonic()
+        with log_path.open("wb") as log:
+            result = subprocess.run(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        seconds = time.monotonic() - started
+        report = self.last_run(dag_id)
+        status = report.get("status") if report else None
+        ok = result.returncode == 0 and status == "success"
+        print(
+            f"\n■ {label}: {dag_id}  ({'ok' if ok else 'FAILED'}, {seconds:.0f} s, log: {log_path.relative_to(ROOT)})"
+        )
+        for key, value in sorted((report or {}).get("counts", {}).items(), key=lambda kv: -kv[1]):
+            print(f"    {key:<58} {value:>6}")
+        if not ok:
+            self.failures.append(
+                f"{label}: {dag_id} did not succeed (exit {result.returncode}, status {status})"
+            )
+        return report or {}
+
+    def last_run(self, dag_id: str) -> dict[str, Any] | None:
+        from crm_sync.state import StateStore
+
+        store = StateStore.from_url(json.loads(self.env["AIRFLOW_CONN_CRM_SYNC_STATE"])["host"])
+        from sqlalchemy import select
+
+        from crm_sync.state import runs
+
+        with store.begin() as connection:
+            row = connection.execute(
+                select(runs).where(runs.c.dag_id == dag_id).order_by(runs.c.id.desc()).limit(1)
+            ).first()
+        return dict(row._mapping) if row else None
+
+    def check(self, what: str, condition: bool) -> None:
+        print(f"    {'✓' if condition else '✗'} {what}")
+        if not condition:
+            self.failures.append(what)
+
+    # -- the story --------------------------------------------------------------------------------
+    def story(self) -> None:
+        self.run_dag("initial_sync_backfill", "1. initial sync (backfill)")
+        dv_emails = {
+            r["emailaddress1"].strip().lower()
+            for s in ("leads", "contacts")
+            for r in self.dv_rows(s)
+            if r.get("emailaddress1")
+        }
+        ac = {c["email"].lower(): c for c in self.ac_contacts()}
+        self.check(
+            "every seeded Dynamics record with a valid email is in ActiveCampaign exactly once",
+            all(e in ac for e in dv_emails if "@" in e and "." in e.split("@")[-1]),
+        )
+        self.check("no duplicate ActiveCampaign emails", len(ac) == len(self.ac_contacts()))
+
+        rng = random.Random(7)
+        plain = [c for c in self.ac_contacts() if not any(t.startswith("D365:") for t in c["tags"])]
+        leads, contacts = plain[:6], plain[6:10]
+        print("\n• AC automation 'Create a lead/contact in Microsoft Dynamics' on 10 contacts")
+        self.admin(
+            "ac",
+            "POST",
+            "automation",
+            json={"contact_ids": [c["id"] for c in leads], "type": "lead"},
+        )
+        self.admin(
+            "ac",
+            "POST",
+            "automation",
+            json={"contact_ids": [c["id"] for c in contacts], "type": "contact"},
+        )
+        both = plain[10]
+        self.admin("ac", "POST", "automation", json={"contact_ids": [both["id"]], "type": "lead"})
+        self.admin(
+            "ac", "POST", "automation", json={"contact_ids": [both["id"]], "type": "contact"}
+        )
+        print("• one contact gets both type tags (must be quarantined)")
+        changed_leads = rng.sample(self.dv_rows("leads"), 3)
+        for row in changed_leads:
+            self.admin(
+                "d365", "PATCH", f"rows/leads/{row['leadid']}", json={"jobtitle": "Head of Demo"}
+            )
+        print("• 3 Dynamics leads change their job title")
+
+        before = {s: len(self.dv_rows(s)) for s in ("leads", "contacts")}
+        self.run_dag("activecampaign_to_dynamics365", "2. ActiveCampaign → Dynamics 365")
+        after = {s: len(self.dv_rows(s)) for s in ("leads", "contacts")}
+        dv_by_email = {
+            r["emailaddress1"].lower(): r
+            for s in ("leads", "contacts")
+            for r in self.dv_rows(s)
+            if r.get("emailaddress1")
+        }
+        queued = [(c, "leads") for c in leads] + [(c, "contacts") for c in contacts]
+        self.check(
+            "each queued AC contact exists in Dynamics (a new record, or linked by email)",
+            all(c["email"].lower() in dv_by_email for c, _ in queued),
+        )
+        both_email = both["email"].lower()
+        self.check(
+            "the contact with both type tags was quarantined, not created",
+            both_email in dv_emails or both_email not in dv_by_email,
+        )
+        self.check(
+            "Dynamics grew by at most the 10 queued records",
+            0 <= sum(after.values()) - sum(before.values()) <= 10,
+        )
+
+        report = self.run_dag("dynamics365_to_activecampaign", "3. Dynamics 365 → ActiveCampaign")
+        ac = {c["email"].lower(): c for c in self.ac_contacts()}
+        self.check(
+            "the 3 changed leads reached ActiveCampaign",
+            all(
+                ac[r["emailaddress1"].lower()]["fields"].get("JOB_TITLE") == "Head of Demo"
+                for r in changed_leads
+                if r["emailaddress1"].lower() in ac
+            ),
+        )
+        self.check(
+            "records created from AC are not echoed back as changes",
+            report.get("counts", {}).get("created in ActiveCampaign (lead)", 0) == 0,
+        )
+
+        print("\n• both directions again: a loop-proof sync writes nothing")
+        again_ac = self.run_dag(
+            "activecampaign_to_dynamics365", "4. ActiveCampaign → Dynamics 365 (again)"
+        )
+        again_dv = self.run_dag(
+            "dynamics365_to_activecampaign", "5. Dynamics 365 → ActiveCampaign (again)"
+        )
+        written = [
+            k
+            for r in (again_ac, again_dv)
+            for k, v in r.get("counts", {}).items()
+            if v and k.startswith(("created", "updated"))
+        ]
+        self.check("no writes on the second pass (no echo loop)", not written)
+
+
+def main() -> int:
+    """Run the demo; 0 when every check held."""
+    demo = Demo()
+    try:
+        demo.start_sandbox()
+        demo.seed()
+        demo.migrate()
+        demo.story()
+    finally:
+        demo.stop()
+    print()
+    if demo.failures:
+        print("DEMO FAILED:")
+        for failure in demo.failures:
+            print(f"  - {failure}")
+        return 1
+    print("Demo passed: every check held. Task logs are in", LOG_DIR.relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""ActiveCampaign → Dynamics 365: the five steps of `activecampaign_to_dynamics365`."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pandas as pd
+
+from crm_sync.classify import attach_links, classify_for_dynamics
+from crm_sync.flows import common
+from crm_sync.flows.activecampaign_io import TAG_FLAGS, ActiveCampaignReader
+from crm_sync.flows.dataverse_io import rows_by, target_rules
+from crm_sync.mapping import D365, expand_synced, fields_towards, plan_writes
+from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Action, Reason, clean_frame
+from crm_sync.runner import StepContext
+from crm_sync.settings import Entity
+from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
+from crm_sync.validation import TargetRules, validate_records
+
+DIRECTION = "activecampaign_to_dynamics365"
+WM_TAGGED = f"{DIRECTION}:tagged"
+WM_UPDATED = f"{DIRECTION}:updated"
+ORIGIN = "activecampaign"
+
+
+def _ac_hook() -> Any:
+    from crm_connectors.activecampaign import ActiveCampaignHook
+
+    return ActiveCampaignHook()
+
+
+def _dv_hook() -> Any:
+    from crm_connectors.dynamics365 import Dynamics365Hook
+
+    return Dynamics365Hook()
+
+
+def _ac_fields(ctx: StepContext) -> list[Any]:
+    return [f for e in Entity for f in ctx.settings.mapping(e)]
+
+
+def _links_frame(links: list[RecordLink]) -> pd.DataFrame:
+    columns = ["entity", "dataverse_id", "ac_contact_id", "email", "origin", "ac_hash", "dv_hash"]
+    return pd.DataFrame(
+        {
+            **{c: [getattr(link, c) for link in links] for c in columns},
+            "synced_values": [json.dumps(link.synced_values) for link in links],
+        },
+        columns=[*columns, "synced_values"],
+    )
+
+
+# -- extract -----------------------------------------------------------------------------------
+def extract(ctx: StepContext) -> dict[str, Any]:
+    """Contacts newly queued or changed since the watermarks, plus quarantined ones; and the
+    current Dataverse rows of those already linked."""
+    started = utcnow()
+    overlap = timedelta(minutes=ctx.settings.incremental.overlap_minutes)
+    store = ctx.store
+    store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
+    reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx))
+    tagged_mark, updated_mark = store.watermark(WM_TAGGED), store.watermark(WM_UPDATED)
+    tagged_ids, newest_tag = reader.tagged_since(
+        tagged_mark.value - overlap if tagged_mark else None
+    )
+    updated: list[dict[str, Any]] = []
+    newest_update = None
+    if updated_mark is not None:
+        updated, newest_update = reader.updated_since(updated_mark.value - overlap)
+    quarantined = {
+        e.record_key.removeprefix("ac:")
+        for e in store.open_quarantine(DIRECTION)
+        if e.record_key.startswith("ac:")
+    }
+    candidates = tagged_ids | {str(c["id"]) for c in updated} | quarantined
+    contacts = reader.contacts(candidates, known=updated)
+    contacts = clean_frame(
+        contacts, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
+    )
+    contacts["email_key"] = contacts["email"]
+    contacts["record_key"] = "ac:" + contacts["ac_id"]
+    hashed = [c for c in contacts.columns if c in {f.activecampaign for f in _ac_fields(ctx)}]
+    contacts["source_hash"] = [
+        content_hash({**{c: row[c] for c in hashed}, **{t: row[t] for t in TAG_FLAGS.values()}})
+        for row in contacts[hashed + list(TAG_FLAGS.values())].to_dict("records")
+    ]
+    links = store.links_for(
+        ac_ids=contacts["ac_id"].tolist(), emails=contacts["email_key"].dropna().tolist()
+    )
+    dv_hook = _dv_hook()
+    current = []
+    rules: dict[str, Any] = {}
+    for entity in Entity:
+        columns = [f.dynamics365 for f in ctx.settings.mapping(entity)]
+        if not columns:
+            continue
+        rule = target_rules(dv_hook, entity, columns)
+        rules[entity.value] = {"required": rule.required, "max_length": rule.max_length}
+        ids = [link.dataverse_id for link in links if link.entity == entity.value]
+        if ids:
+            current.append(rows_by(dv_hook, entity, entity.primary_id, ids, columns))
+    staging = ctx.staging
+    staging.write_frame("extract", "ac", contacts)
+    staging.write_frame("extract", "links", _links_frame(links))
+    staging.write_frame(
+        "extract",
+        "dv_current",
+        pd.concat(current, ignore_index=True) if current else pd.DataFrame(),
+    )
+    staging.write_json(
+        "extract",
+        "meta",
+        {
+            "started": started.isoformat(),
+            "rules": rules,
+            "watermarks": {
+                WM_TAGGED: (
+                    newest_tag or (tagged_mark.value if tagged_mark else started)
+                ).isoformat(),
+                WM_UPDATED: (
+                    newest_update or (updated_mark.value if updated_mark else started)
+                ).isoformat(),
+            },
+        },
+    )
+    counts = {
+        "newly tagged": len(tagged_ids),
+        "updated in AC": len(updated),
+        "retried from quarantine": len(quarantined),
+        "contacts read": len(contacts),
+        "linked": len(links),
+    }
+    common.log_step("extract: ActiveCampaign contacts", counts)
+    return {"counts": counts}
+
+
+# -- tag_classify ------------------------------------------------------------------------------
+def tag_classify(ctx: StepContext) -> dict[str, Any]:
+    """Apply the mission's tag rules; quarantine contradictory records."""
+    staging = ctx.staging
+    contacts = staging.read_frame("extract", "ac")
+    links = staging.read_frame("extract", "links")
+    if contacts.empty:
+        staging.write_frame("tag_classify", "classified", contacts)
+        common.log_step("tag_classify", {})
+        return {"counts": {}}
+    classified = classify_for_dynamics(attach_links(contacts, links, by="ac_id"), ctx.settings)
+    waiting = common.still_quarantined(ctx, classified) & classified["action"].isin(
+        [a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS, Action.QUARANTINE)]
+    )
+    classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
+    bad = classified[classified["action"] == Action.QUARANTINE.value]
+    reasons = {
+        row.record_key: [(row.reason, _classify_message(row.reason))] for row in bad.itertuples()
+    }
+    common.quarantine_rows(ctx, classified, "tag_classify", reasons)
+    staging.write_frame("tag_classify", "classified", classified)
+    counts = common.action_summary(classified)
+    common.log_step("tag_classify: records by action", counts)
+    return {"counts": counts}
+
+
+def _classify_message(reason: str) -> str:
+    return {
+        Reason.BOTH_TYPE_TAGS: "the contact carries both 'D365: Lead' and 'D365: Contact'; keep one",
+        Reason.TYPE_TAG_MISMATCH: "the contact's type tag does not match the Dynamics table it is "
+        "linked to",
+    }.get(reason, reason)
+
+
+# -- map_fields --------------------------------------------------------------------------------
+def _mapped_frame(
+    ctx: StepContext, classified: pd.DataFrame, current: pd.DataFrame
+) -> pd.DataFrame:
+    """Per entity, the src/tgt/syn columns `plan_writes` needs, for creates and updates."""
+    links = ctx.staging.read_frame("extract", "links")
+    parts = []
+    for entity in Entity:
+        rows = classified[
+            (classified["entity"] == entity.value)
+            & classified["action"].isin([a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS)])
+        ].copy()
+        if rows.empty:
+            continue
+        fields = fields_towards(ctx.settings, entity, D365)
+        keys = [m.key for m in fields]
+        for mapped in fields:
+            rows[f"src:{mapped.key}"] = rows[mapped.field.activecampaign]
+        dv = current[current["entity"] == entity.value] if not current.empty else pd.DataFrame()
+        dv = dv.set_index("dataverse_id") if not dv.empty else pd.DataFrame()
+        for key in keys:
+            rows[f"tgt:{key}"] = rows["dataverse_id"].map(dv[key]) if key in dv else None
+        rows["tgt_time"] = (
+            rows["dataverse_id"].map(dv["dv_modified_at"]) if "dv_modified_at" in dv else pd.NaT
+        )
+        rows["dv_exists"] = rows["dataverse_id"].isin(dv.index) if not dv.empty else False
+        synced = (
+            links[links["entity"] == entity.value]
+            .drop_duplicates("dataverse_id")
+            .set_index("dataverse_id")["synced_values"]
+            if not links.empty
+            else pd.Series(dtype=object)
+        )
+        rows = pd.concat(
+            [rows, expand_synced(rows["dataverse_id"].astype(object).map(synced), keys)], axis=1
+        )
+        rows["src_time"] = rows["ac_updated_at"]
+        parts.append((entity, fields, rows))
+    return parts
+
+
+def map_fields(ctx: StepContext) -> dict[str, Any]:
+    """Map AC fields to Dataverse columns; drop echoes; decide conflicts by the declared rule."""
+    staging = ctx.staging
+    classified = staging.read_frame("tag_classify", "classified")
+    current = staging.read_frame("extract", "dv_current")
+    planned, conflicts = [], []
+    missing_reasons: dict[str, list[tuple[str, str]]] = {}
+    for entity, fields, rows in (
+        _mapped_frame(ctx, classified, current) if not classified.empty else []
+    ):
+        gone = rows["action"].isin([a.value for a in UPDATE_ACTIONS]) & ~rows["dv_exists"]
+        for key in rows.loc[gone, "record_key"]:
+            missing_reasons[key] = [
+                (
+                    Reason.LINKED_RECORD_MISSING,
+                    f"the linked Dynamics {entity.value} no longer exists",
+                )
+            ]
+        out, decided = plan_writes(rows[~gone], fields, source="activecampaign")
+        if entity is Entity.LEAD:
+            topic = ctx.settings.entities[Entity.LEAD].lead_topic
+            is_new = out["action"] == Action.NEW_LEAD.value
+            out.loc[is_new, "payload"] = [
+                json.dumps({"subject": topic, **json.loads(p)}, ensure_ascii=False)
+                for p in out.loc[is_new, "payload"]
+            ]
+        planned.append(out)
+        conflicts.append(decided)
+    common.quarantine_rows(ctx, classified, "map_fields", missing_reasons)
+    mapped = pd.concat(planned, ignore_index=True) if planned else pd.DataFrame()
+    decided = pd.concat(conflicts, ignore_index=True) if conflicts else pd.DataFrame()
+    staging.write_frame("map_fields", "mapped", mapped)
+    staging.write_frame("map_fields", "conflicts", decided)
+    creates, updates = common.count_writes(mapped)
+    counts = {
+        "to create": creates,
+        "to update": updates,
+        "unchanged (no write)": int(mapped["unchanged"].sum()) if not mapped.empty else 0,
+        "linked record missing": len(missing_reasons),
+        **{
+            f"conflict on {r.field}: {r.rule} -> {r.winner}": int(r.n)
+            for r in (
+                decided.groupby(["field", "rule", "winner"])
+                .size()
+                .reset_index(name="n")
+                .itertuples()
+                if not decided.empty
+                else []
+            )
+        },
+    }
+    common.log_step("map_fields: plan", counts)
+    return {"counts": counts}
+
+
+# -- validate ----------------------------------------------------------------------------------
+def validate(ctx: StepContext) -> dict[str, Any]:
+    """Check every record to write against the Dataverse table's rules; trip the breakers."""
+    staging = ctx.staging
+    mapped = staging.read_frame("map_fields", "mapped")
+    meta = staging.read_json("extract", "meta")
+    failures: dict[str, list[tuple[str, str]]] = {}
+    to_write = mapped[~mapped["unchanged"]] if not mapped.empty else mapped
+    for entity in Entity:
+        rows = to_write[to_write["entity"] == entity.value] if not to_write.empty else to_write
+        if rows.empty:
+            continue
+        rule = meta["rules"][entity.value]
+        keys = [m.key for m in fields_towards(ctx.settings, entity, D365)]
+        frame = pd.DataFrame({"record_key": rows["record_key"].to_numpy()})
+        for key in keys:
+            frame[key] = rows[f"src:{key}"].astype("string").replace("", pd.NA).to_numpy()
+        if entity is Entity.LEAD:
+            frame["subject"] = ctx.settings.entities[Entity.LEAD].lead_topic
+        rules = TargetRules(
+            name=entity.value,
+            email_column="emailaddress1",
+            required=tuple(rule["required"]),
+            max_length={k: int(v) for k, v in rule["max_length"].items()},
+        )
+        failures.update(validate_records(frame, rules).failures)
+    common.check_quarantine_share(ctx, len(failures), len(to_write))
+    common.quarantine_rows(ctx, mapped, "validate", failures)
+    valid = to_write[~to_write["record_key"].isin(failures)] if not to_write.empty else to_write
+    creates, updates = common.count_writes(valid)
+    common.check_mass_change(ctx, creates + updates)
+    staging.write_frame("validate", "valid", valid)
+    reasons = common.merge_counts(
+        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
+    )
+    counts = {"valid": len(valid), "quarantined": len(failures), **reasons}
+    common.log_step("validate: Great Expectations", counts)
+    return {"counts": counts}
+
+
+# -- load --------------------------------------------------------------------------------------
+def load(ctx: StepContext) -> dict[str, Any]:
+    """Create and update in bulk, link as results arrive, then advance the watermarks."""
+    from crm_sync.flows.dataverse_load import DataverseLoader
+
+    staging = ctx.staging
+    valid = staging.read_frame("validate", "valid")
+    classified = staging.read_frame("tag_classify", "classified")
+    mapped = staging.read_frame("map_fields", "mapped")
+    meta = staging.read_json("extract", "meta")
+    previous = {
+        k: v
+        for k, v in (common.action_summary(classified) or {}).items()
+        if not k.startswith(("new_", "update_"))
+    }
+    if ctx.dry_run:
+        plan = {
+            "counts": {
+                **previous,
+                **dict(zip(("create", "update"), common.count_writes(valid), strict=True)),
+            },
+            "samples": common.plan_samples(valid),
+            "conflicts": staging.read_frame("map_fields", "conflicts").shape[0],
+        }
+        ctx.store.finish_run(
+            ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
+        )
+        common.log_step("load (dry run): nothing written; the plan", plan["counts"])
+        return {"counts": plan["counts"], "dry_run": True}
+    loader = DataverseLoader(ctx, _dv_hook())
+    counts = loader.load(valid)
+    unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
+    synced_keys = set(loader.synced_keys) | set(unchanged.get("record_key", []))
+    ctx.store.resolve(synced_keys, DIRECTION)
+    for name, value in meta["watermarks"].items():
+        ctx.store.advance_watermark(Watermark(name=name, value=pd.Timestamp(value).to_pydatetime()))
+    totals = {**previous, **counts, "unchanged": len(unchanged)}
+    ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
+    common.log_step("load: run totals", totals)
+    return {"counts": totals}

@@ -1,0 +1,388 @@
+"""Dynamics 365 → ActiveCampaign: the five steps of `dynamics365_to_activecampaign` and of the
+initial sync (`initial_sync_backfill`), which reads every matching record instead of the changes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+
+from crm_sync.classify import classify_for_activecampaign
+from crm_sync.flows import common
+from crm_sync.flows.activecampaign_io import ActiveCampaignReader
+from crm_sync.flows.dataverse_io import changed_rows, rows_by
+from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_writes
+from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Action, Reason, clean_frame
+from crm_sync.runner import StepContext
+from crm_sync.settings import Direction, Entity
+from crm_sync.state import Watermark, content_hash, utcnow
+from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_records
+
+DIRECTION = "dynamics365_to_activecampaign"
+ORIGIN = "dynamics365"
+
+
+def watermark_name(entity: Entity) -> str:
+    """The watermark of `entity`'s `modifiedon` polling (shared by the backfill)."""
+    return f"{DIRECTION}:{entity.value}"
+
+
+def _ac_hook() -> Any:
+    from crm_connectors.activecampaign import ActiveCampaignHook
+
+    return ActiveCampaignHook()
+
+
+def _dv_hook() -> Any:
+    from crm_connectors.dynamics365 import Dynamics365Hook
+
+    return Dynamics365Hook()
+
+
+def _is_backfill(ctx: StepContext) -> bool:
+    from crm_sync.dag_factory import Flow
+
+    return ctx.flow is Flow.BACKFILL
+
+
+def _entities(ctx: StepContext) -> list[Entity]:
+    chosen = str(ctx.params.get("entities") or "both") if _is_backfill(ctx) else "both"
+    return [
+        e
+        for e in Entity
+        if ctx.settings.entities[e].moves(Direction.TO_ACTIVECAMPAIGN)
+        and chosen in ("both", e.value)
+    ]
+
+
+def _since(ctx: StepContext, entity: Entity, started: datetime) -> datetime | None:
+    """Where this run's read starts: the backfill's form, or the watermark minus the overlap."""
+    if _is_backfill(ctx):
+        value = ctx.params.get("modified_since")
+        return datetime.fromisoformat(str(value)).replace(tzinfo=UTC) if value else None
+    overlap = timedelta(minutes=ctx.settings.incremental.overlap_minutes)
+    mark = ctx.store.watermark(watermark_name(entity))
+    # No watermark and no backfill yet: start from now; the initial sync brings the history.
+    return (mark.value if mark else started) - overlap
+
+
+def _ac_fields(ctx: StepContext) -> list[Any]:
+    return [f for e in Entity for f in ctx.settings.mapping(e)]
+
+
+# -- extract -----------------------------------------------------------------------------------
+def extract(ctx: StepContext) -> dict[str, Any]:
+    """Dataverse rows matching the data configuration and changed since the watermark (the
+    backfill: all of them), retried quarantined rows, and the linked AC contacts' current state."""
+    started = utcnow()
+    store = ctx.store
+    store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
+    hook = _dv_hook()
+    frames, marks, counts = [], {}, {}
+    quarantined = [e.record_key for e in store.open_quarantine(DIRECTION)]
+    for entity in _entities(ctx):
+        columns = [f.dynamics365 for f in ctx.settings.mapping(entity)]
+        criteria = ctx.settings.entities[entity].record_criteria
+        changed = changed_rows(
+            hook, entity, columns, since=_since(ctx, entity, started), criteria=criteria
+        )
+        retry_ids = [k.split(":", 1)[1] for k in quarantined if k.startswith(f"{entity.value}:")]
+        retried = rows_by(hook, entity, entity.primary_id, retry_ids, columns)
+        rows = pd.concat([changed, retried], ignore_index=True).drop_duplicates("dataverse_id")
+        frames.append(rows)
+        newest = changed["dv_modified_at"].max() if not changed.empty else None
+        marks[watermark_name(entity)] = (
+            newest.isoformat() if newest is not None and not pd.isna(newest) else None
+        )
+        counts[f"{entity.entity_set} changed"] = len(changed)
+        counts[f"{entity.entity_set} retried from quarantine"] = len(retried)
+    dv = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    dv = _with_keys(ctx, dv)
+    links = store.links_for(
+        dataverse_ids=dv["dataverse_id"].tolist() if not dv.empty else [],
+        emails=dv["email_key"].dropna().tolist() if not dv.empty else [],
+    )
+    lead_of_contact = (
+        dv["_originatingleadid_value"].dropna().astype(str).tolist()
+        if "_originatingleadid_value" in dv
+        else []
+    )
+    links += [
+        link
+        for link in store.links_for(dataverse_ids=lead_of_contact)
+        if link.entity == Entity.LEAD.value
+    ]
+    reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx))
+    unresolved = [link.email for link in links if not link.ac_contact_id]
+    resolved = reader.contacts_by_email(unresolved) if unresolved else {}
+    link_rows = [
+        {
+            "entity": link.entity,
+            "dataverse_id": link.dataverse_id,
+            "ac_contact_id": link.ac_contact_id or resolved.get(link.email),
+            "email": link.email,
+            "synced_values": json.dumps(link.synced_values),
+        }
+        for link in links
+    ]
+    links_frame = pd.DataFrame(
+        link_rows, columns=["entity", "dataverse_id", "ac_contact_id", "email", "synced_values"]
+    )
+    ac_ids = links_frame["ac_contact_id"].dropna().unique().tolist()
+    ac_current = reader.contacts(ac_ids) if ac_ids else pd.DataFrame()
+    if not ac_current.empty:
+        ac_current = clean_frame(
+            ac_current, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
+        )
+    staging = ctx.staging
+    staging.write_frame("extract", "dv", dv)
+    staging.write_frame("extract", "links", links_frame)
+    staging.write_frame("extract", "ac_current", ac_current)
+    staging.write_json(
+        "extract",
+        "meta",
+        {"started": started.isoformat(), "watermarks": marks, "field_ids": reader.field_ids},
+    )
+    counts.update({"linked": len(links_frame), "AC contacts read": len(ac_current)})
+    common.log_step("extract: Dynamics 365 rows", counts)
+    return {"counts": counts}
+
+
+def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
+    if dv.empty:
+        return dv
+    columns = sorted({f.dynamics365 for e in Entity for f in ctx.settings.mapping(e)})
+    dv = clean_frame(dv, [c for c in columns if c in dv], email_columns=["emailaddress1"])
+    dv["email_key"] = dv["emailaddress1"]
+    dv["record_key"] = dv["entity"] + ":" + dv["dataverse_id"]
+    present = [c for c in columns if c in dv]
+    dv["source_hash"] = [
+        content_hash(row) for row in dv[present].astype("string").fillna("").to_dict("records")
+    ]
+    return dv
+
+
+# -- tag_classify ------------------------------------------------------------------------------
+def tag_classify(ctx: StepContext) -> dict[str, Any]:
+    """New, update (only to AC contacts with a valid tag set), qualified, or not eligible."""
+    staging = ctx.staging
+    dv = staging.read_frame("extract", "dv")
+    if dv.empty:
+        staging.write_frame("tag_classify", "classified", dv)
+        common.log_step("tag_classify", {})
+        return {"counts": {}}
+    links = staging.read_frame("extract", "links")
+    ac = staging.read_frame("extract", "ac_current")
+    by_row = links.drop_duplicates(["entity", "dataverse_id"]).set_index(["entity", "dataverse_id"])
+    keys = list(zip(dv["entity"], dv["dataverse_id"], strict=True))
+    dv["linked"] = [k in by_row.index for k in keys]
+    dv["ac_contact_id"] = pd.Series(
+        [by_row["ac_contact_id"].get(k) if k in by_row.index else None for k in keys],
+        index=dv.index,
+        dtype="string",
+    )
+    leads = (
+        by_row.xs(Entity.LEAD.value, level="entity")
+        if not by_row.empty and Entity.LEAD.value in by_row.index.get_level_values(0)
+        else None
+    )
+    origin_lead = dv.get("_originatingleadid_value", pd.Series(None, index=dv.index))
+    dv["qualified_from_ac_id"] = pd.Series(
+        [
+            leads["ac_contact_id"].get(str(lead)) if leads is not None and pd.notna(lead) else None
+            for lead in origin_lead
+        ],
+        index=dv.index,
+        dtype="string",
+    )
+    dv["qualified_from_lead"] = origin_lead.astype("string")
+    ac_id = dv["ac_contact_id"].fillna(dv["qualified_from_ac_id"])
+    ac_index = ac.set_index("ac_id") if not ac.empty else pd.DataFrame()
+    dv["ac_exists"] = ac_id.isin(ac_index.index) if not ac.empty else False
+    for flag in ("tag_lead", "tag_contact", "tag_pulled", "tag_pushed"):
+        dv[f"ac_{flag}"] = (
+            ac_id.map(ac_index[flag]).fillna(False).astype(bool) if not ac.empty else False
+        )
+    classified = classify_for_activecampaign(dv, ctx.settings)
+    waiting = common.still_quarantined(ctx, classified) & (
+        classified["action"] != Action.NOT_ELIGIBLE.value
+    )
+    classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
+    bad = classified[classified["action"] == Action.QUARANTINE.value]
+    common.quarantine_rows(
+        ctx,
+        classified,
+        "tag_classify",
+        {
+            k: [
+                (Reason.LINKED_RECORD_MISSING, "the linked ActiveCampaign contact no longer exists")
+            ]
+            for k in bad["record_key"]
+        },
+    )
+    staging.write_frame("tag_classify", "classified", classified)
+    counts = common.action_summary(classified)
+    counts["qualified lead -> contact"] = int(classified["qualified"].sum())
+    common.log_step("tag_classify: records by action", counts)
+    return {"counts": counts}
+
+
+# -- map_fields --------------------------------------------------------------------------------
+def map_fields(ctx: StepContext) -> dict[str, Any]:
+    """Map Dataverse columns to AC fields; drop echoes; decide conflicts by the declared rule."""
+    staging = ctx.staging
+    classified = staging.read_frame("tag_classify", "classified")
+    links = staging.read_frame("extract", "links")
+    ac = staging.read_frame("extract", "ac_current")
+    ac_index = ac.set_index("ac_id") if not ac.empty else pd.DataFrame()
+    planned, conflicts = [], []
+    for entity in Entity:
+        if classified.empty:
+            break
+        rows = classified[
+            (classified["entity"] == entity.value)
+            & classified["action"].isin([a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS)])
+        ].copy()
+        if rows.empty:
+            continue
+        fields = fields_towards(ctx.settings, entity, AC)
+        keys = [m.key for m in fields]
+        ac_id = rows["ac_contact_id"].fillna(rows["qualified_from_ac_id"])
+        for mapped in fields:
+            rows[f"src:{mapped.key}"] = rows[mapped.key]
+            source = mapped.field.activecampaign
+            rows[f"tgt:{mapped.key}"] = (
+                ac_id.map(ac_index[source]) if not ac.empty and source in ac_index else None
+            )
+        rows["tgt_time"] = ac_id.map(ac_index["ac_updated_at"]) if not ac.empty else pd.NaT
+        rows["src_time"] = rows["dv_modified_at"]
+        synced_source = rows["qualified_from_lead"].where(rows["qualified"], rows["dataverse_id"])
+        synced_entity = pd.Series(entity.value, index=rows.index).where(
+            ~rows["qualified"], Entity.LEAD.value
+        )
+        by_row = (
+            links.drop_duplicates(["entity", "dataverse_id"]).set_index(["entity", "dataverse_id"])[
+                "synced_values"
+            ]
+            if not links.empty
+            else pd.Series(dtype=object)
+        )
+        synced = pd.Series(
+            [by_row.get((e, i), "") for e, i in zip(synced_entity, synced_source, strict=True)],
+            index=rows.index,
+        )
+        rows = pd.concat([rows, expand_synced(synced, keys)], axis=1)
+        out, decided = plan_writes(rows, fields, source=D365)
+        # A qualified lead always writes: its AC contact's type tag moves even if no field does.
+        out.loc[out["qualified"], "unchanged"] = False
+        planned.append(out)
+        conflicts.append(decided)
+    mapped = pd.concat(planned, ignore_index=True) if planned else pd.DataFrame()
+    decided = pd.concat(conflicts, ignore_index=True) if conflicts else pd.DataFrame()
+    staging.write_frame("map_fields", "mapped", mapped)
+    staging.write_frame("map_fields", "conflicts", decided)
+    creates, updates = common.count_writes(mapped)
+    counts = {
+        "to create": creates,
+        "to update": updates,
+        "unchanged (no write)": int(mapped["unchanged"].sum()) if not mapped.empty else 0,
+        **{
+            f"conflict on {r.field}: {r.rule} -> {r.winner}": int(r.n)
+            for r in (
+                decided.groupby(["field", "rule", "winner"])
+                .size()
+                .reset_index(name="n")
+                .itertuples()
+                if not decided.empty
+                else []
+            )
+        },
+    }
+    common.log_step("map_fields: plan", counts)
+    return {"counts": counts}
+
+
+# -- validate ----------------------------------------------------------------------------------
+def validate(ctx: StepContext) -> dict[str, Any]:
+    """Check every record to write against ActiveCampaign's rules; trip the breakers."""
+    staging = ctx.staging
+    mapped = staging.read_frame("map_fields", "mapped")
+    to_write = mapped[~mapped["unchanged"]] if not mapped.empty else mapped
+    failures: dict[str, list[tuple[str, str]]] = {}
+    if not to_write.empty:
+        keys = sorted({m.key for e in Entity for m in fields_towards(ctx.settings, e, AC)})
+        frame = pd.DataFrame({"record_key": to_write["record_key"].to_numpy()})
+        for key in keys:
+            column = f"src:{key}"
+            frame[key] = (
+                to_write[column].astype("string").replace("", pd.NA).to_numpy()
+                if column in to_write
+                else pd.NA
+            )
+        rules = TargetRules(
+            name="activecampaign",
+            email_column="emailaddress1",
+            max_length={k: AC_MAX_LENGTH for k in keys},
+        )
+        failures = validate_records(frame, rules).failures
+    common.check_quarantine_share(ctx, len(failures), len(to_write))
+    common.quarantine_rows(ctx, mapped, "validate", failures)
+    valid = to_write[~to_write["record_key"].isin(failures)] if not to_write.empty else to_write
+    creates, updates = common.count_writes(valid)
+    common.check_mass_change(ctx, updates + (0 if _is_backfill(ctx) else creates))
+    staging.write_frame("validate", "valid", valid)
+    reasons = common.merge_counts(
+        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
+    )
+    counts = {"valid": len(valid), "quarantined": len(failures), **reasons}
+    common.log_step("validate: Great Expectations", counts)
+    return {"counts": counts}
+
+
+# -- load --------------------------------------------------------------------------------------
+def load(ctx: StepContext) -> dict[str, Any]:
+    """Bulk-import into AC (tags included), link as results arrive, advance the watermarks."""
+    from crm_sync.flows.activecampaign_load import ActiveCampaignLoader
+
+    staging = ctx.staging
+    valid = staging.read_frame("validate", "valid")
+    classified = staging.read_frame("tag_classify", "classified")
+    mapped = staging.read_frame("map_fields", "mapped")
+    meta = staging.read_json("extract", "meta")
+    previous = {
+        k: v
+        for k, v in common.action_summary(classified).items()
+        if not k.startswith(("new_", "update_"))
+    }
+    if ctx.dry_run:
+        creates, updates = common.count_writes(valid)
+        plan = {
+            "counts": {**previous, "create": creates, "update": updates},
+            "samples": common.plan_samples(valid),
+            "conflicts": staging.read_frame("map_fields", "conflicts").shape[0],
+        }
+        ctx.store.finish_run(
+            ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
+        )
+        common.log_step("load (dry run): nothing written; the plan", plan["counts"])
+        return {"counts": plan["counts"], "dry_run": True}
+    batch_size = int(ctx.params.get("batch_size") or 250)
+    loader = ActiveCampaignLoader(ctx, _ac_hook(), meta["field_ids"], batch_size=batch_size)
+    counts = loader.load(valid)
+    unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
+    ctx.store.resolve(set(loader.synced_keys) | set(unchanged.get("record_key", [])), DIRECTION)
+    for name, value in meta["watermarks"].items():
+        if value:
+            ctx.store.advance_watermark(
+                Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
+            )
+        elif not _is_backfill(ctx) and ctx.store.watermark(name) is None:
+            ctx.store.advance_watermark(
+                Watermark(name=name, value=datetime.fromisoformat(meta["started"]))
+            )
+    totals = {**previous, **counts, "unchanged": len(unchanged)}
+    ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
+    common.log_step("load: run totals", totals)
+    return {"counts": totals}

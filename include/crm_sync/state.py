@@ -1,0 +1,515 @@
+"""The sync state store: record links, watermarks, the quarantine and run reports (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+SCHEMA_VERSION = 1
+STATE_CONN_ID = "crm_sync_state"
+
+metadata = MetaData()
+
+schema_info = Table(
+    "crm_sync_schema",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("upgraded_at", DateTime(timezone=True), nullable=False),
+)
+
+links = Table(
+    "crm_sync_links",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("entity", String(16), nullable=False),
+    Column("dataverse_id", String(36), nullable=False),
+    Column("ac_contact_id", String(32), nullable=True, unique=True),
+    Column("email", String(320), nullable=False, index=True),
+    Column("origin", String(32), nullable=False),
+    Column("ac_hash", String(64), nullable=True),
+    Column("dv_hash", String(64), nullable=True),
+    Column("synced_values", JSON, nullable=False, default=dict),
+    Column("ac_synced_at", DateTime(timezone=True), nullable=True),
+    Column("dv_synced_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("entity", "dataverse_id", name="uq_crm_sync_links_dataverse"),
+)
+
+watermarks = Table(
+    "crm_sync_watermarks",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("value", DateTime(timezone=True), nullable=False),
+    Column("cursor", Text, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+quarantine = Table(
+    "crm_sync_quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("record_key", String(128), nullable=False),
+    Column("direction", String(64), nullable=False),
+    Column("step", String(32), nullable=False),
+    Column("reason_code", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("source_hash", String(64), nullable=True),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("status", String(16), nullable=False, default="open"),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    Column("last_run_id", String(250), nullable=True),
+    UniqueConstraint("record_key", "direction", name="uq_crm_sync_quarantine_record"),
+)
+
+runs = Table(
+    "crm_sync_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dag_id", String(250), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    Column("status", String(32), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("counts", JSON, nullable=False, default=dict),
+    Column("plan", JSON, nullable=True),
+    UniqueConstraint("dag_id", "run_id", name="uq_crm_sync_runs_run"),
+)
+
+# Upgrade steps from version N-1 to N, each a list of DDL callables; empty while at version 1.
+UPGRADES: dict[int, list[Any]] = {}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC, whole microseconds."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def content_hash(values: Mapping[str, Any]) -> str:
+    """A stable hash of mapped field values (keys sorted, None and '' equal)."""
+    canonical = {k: ("" if v is None else str(v)) for k, v in sorted(values.items())}
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RecordLink:
+    """An ActiveCampaign contact linked to a Dataverse row."""
+
+    entity: str
+    dataverse_id: str
+    ac_contact_id: str | None
+    email: str
+    origin: str
+    ac_hash: str | None
+    dv_hash: str | None
+    synced_values: dict[str, Any]
+    ac_synced_at: datetime | None
+    dv_synced_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """How far one incremental read has safely got (`cursor`: a tie-break id or a delta link)."""
+
+    name: str
+    value: datetime
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A record the sync could not move, with why."""
+
+    record_key: str
+    direction: str
+    step: str
+    reason_code: str
+    message: str
+    source_hash: str | None
+    attempts: int
+    status: str
+
+
+class StateStore:
+    """Reads and writes the sync state; every method is its own transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> StateStore:
+        """A store on a SQLAlchemy URL (SQLite files get WAL and a busy timeout)."""
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 60})
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.close()
+
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+        store = cls(engine)
+        store.migrate()
+        return store
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction."""
+        with self.engine.begin() as connection:
+            yield connection
+
+    # -- schema -------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create missing tables and apply upgrade steps up to `SCHEMA_VERSION`."""
+        metadata.create_all(self.engine)
+        with self.begin() as connection:
+            current = connection.execute(select(func.max(schema_info.c.version))).scalar()
+            if current is None:
+                connection.execute(
+                    insert(schema_info).values(id=1, version=SCHEMA_VERSION, upgraded_at=utcnow())
+                )
+                return SCHEMA_VERSION
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for step in UPGRADES.get(version, []):
+                    step(connection)
+                connection.execute(
+                    update(schema_info).values(version=version, upgraded_at=utcnow())
+                )
+            return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        """The schema version stored in the database."""
+        with self.begin() as connection:
+            return int(connection.execute(select(func.max(schema_info.c.version))).scalar() or 0)
+
+    # -- links --------------------------------------------------------------------------------
+    @staticmethod
+    def _link(row: Any) -> RecordLink:
+        return RecordLink(
+            entity=row.entity,
+            dataverse_id=row.dataverse_id,
+            ac_contact_id=row.ac_contact_id,
+            email=row.email,
+            origin=row.origin,
+            ac_hash=row.ac_hash,
+            dv_hash=row.dv_hash,
+            synced_values=dict(row.synced_values or {}),
+            ac_synced_at=_aware(row.ac_synced_at),
+            dv_synced_at=_aware(row.dv_synced_at),
+        )
+
+    def links_for(
+        self,
+        *,
+        ac_ids: Iterable[str] = (),
+        dataverse_ids: Iterable[str] = (),
+        emails: Iterable[str] = (),
+    ) -> list[RecordLink]:
+        """Links matching any of the given AC ids, Dataverse ids or (lower-case) emails."""
+        found: dict[int, RecordLink] = {}
+        for column, values in (
+            (links.c.ac_contact_id, list(ac_ids)),
+            (links.c.dataverse_id, list(dataverse_ids)),
+            (links.c.email, list(emails)),
+        ):
+            for start in range(0, len(values), 500):
+                chunk = values[start : start + 500]
+                with self.begin() as connection:
+                    for row in connection.execute(select(links).where(column.in_(chunk))):
+                        found[row.id] = self._link(row)
+        return list(found.values())
+
+    def count_links(self) -> int:
+        """How many records are linked."""
+        with self.begin() as connection:
+            return int(connection.execute(select(func.count()).select_from(links)).scalar() or 0)
+
+    def all_links(self) -> list[RecordLink]:
+        """Every link (for reports and tests)."""
+        with self.begin() as connection:
+            return [self._link(row) for row in connection.execute(select(links))]
+
+    def save_links(self, records: Sequence[RecordLink]) -> None:
+        """Insert or update links (matched on entity + Dataverse id) in one transaction."""
+        if not records:
+            return
+        now = utcnow()
+        with self.begin() as connection:
+            for record in records:
+                values = {
+                    "ac_contact_id": record.ac_contact_id,
+                    "email": record.email,
+                    "origin": record.origin,
+                    "ac_hash": record.ac_hash,
+                    "dv_hash": record.dv_hash,
+                    "synced_values": record.synced_values,
+                    "ac_synced_at": record.ac_synced_at,
+                    "dv_synced_at": record.dv_synced_at,
+                    "updated_at": now,
+                }
+                if record.ac_contact_id:
+                    # One AC contact links to one Dataverse row: a qualified lead's link moves.
+                    connection.execute(
+                        update(links)
+                        .where(
+                            links.c.ac_contact_id == record.ac_contact_id,
+                            ~and_(
+                                links.c.entity == record.entity,
+                                links.c.dataverse_id == record.dataverse_id,
+                            ),
+                        )
+                        .values(ac_contact_id=None, updated_at=now)
+                    )
+                result = connection.execute(
+                    update(links)
+                    .where(
+                        links.c.entity == record.entity,
+                        links.c.dataverse_id == record.dataverse_id,
+                    )
+                    .values(**values)
+                )
+                if result.rowcount == 0:
+                    connection.execute(
+                        insert(links).values(
+                            entity=record.entity,
+                            dataverse_id=record.dataverse_id,
+                            created_at=now,
+                            **values,
+                        )
+                    )
+
+    def delete_link(self, entity: str, dataverse_id: str) -> None:
+        """Forget one link."""
+        with self.begin() as connection:
+            connection.execute(
+                links.delete().where(links.c.entity == entity, links.c.dataverse_id == dataverse_id)
+            )
+
+    # -- watermarks ---------------------------------------------------------------------------
+    def watermark(self, name: str) -> Watermark | None:
+        """The stored watermark, if any."""
+        with self.begin() as connection:
+            row = connection.execute(select(watermarks).where(watermarks.c.name == name)).first()
+        if row is None:
+            return None
+        return Watermark(name=row.name, value=_aware(row.value), cursor=row.cursor)
+
+    def advance_watermark(self, mark: Watermark) -> None:
+        """Store `mark`, never moving a watermark backwards."""
+        with self.begin() as connection:
+            row = connection.execute(
+                select(watermarks).where(watermarks.c.name == mark.name)
+            ).first()
+            if row is None:
+                connection.execute(
+                    insert(watermarks).values(
+                        name=mark.name, value=mark.value, cursor=mark.cursor, updated_at=utcnow()
+                    )
+                )
+            elif _aware(row.value) <= mark.value:
+                connection.execute(
+                    update(watermarks)
+                    .where(watermarks.c.name == mark.name)
+                    .values(value=mark.value, cursor=mark.cursor, updated_at=utcnow())
+                )
+
+    # -- quarantine ---------------------------------------------------------------------------
+    def quarantine(
+        self,
+        entries: Iterable[tuple[str, str, str, str, str, str | None]],
+        run_id: str | None = None,
+    ) -> int:
+        """Open or refresh entries `(record_key, direction, step, reason_code, message, source_hash)`."""
+        now = utcnow()
+        count = 0
+        with self.begin() as connection:
+            for record_key, direction, step, reason, message, source_hash in entries:
+                count += 1
+                where = (quarantine.c.record_key == record_key) & (
+                    quarantine.c.direction == direction
+                )
+                row = connection.execute(select(quarantine).where(where)).first()
+                if row is None:
+                    connection.execute(
+                        insert(quarantine).values(
+                            record_key=record_key,
+                            direction=direction,
+                            step=step,
+                            reason_code=reason,
+                            message=message,
+                            source_hash=source_hash,
+                            first_seen=now,
+                            last_seen=now,
+                            attempts=1,
+                            status="open",
+                            last_run_id=run_id,
+                        )
+                    )
+                else:
+                    same_run = row.last_run_id == run_id and row.status == "open"
+                    connection.execute(
+                        update(quarantine)
+                        .where(where)
+                        .values(
+                            step=step,
+                            reason_code=reason,
+                            message=message,
+                            source_hash=source_hash,
+                            last_seen=now,
+                            attempts=row.attempts + (0 if same_run else 1),
+                            status="open",
+                            resolved_at=None,
+                            last_run_id=run_id,
+                        )
+                    )
+        return count
+
+    def resolve(self, record_keys: Iterable[str], direction: str) -> int:
+        """Mark open entries of these records resolved (they synced)."""
+        keys = list(record_keys)
+        resolved = 0
+        with self.begin() as connection:
+            for start in range(0, len(keys), 500):
+                result = connection.execute(
+                    update(quarantine)
+                    .where(
+                        quarantine.c.record_key.in_(keys[start : start + 500]),
+                        quarantine.c.direction == direction,
+                        quarantine.c.status == "open",
+                    )
+                    .values(status="resolved", resolved_at=utcnow())
+                )
+                resolved += result.rowcount
+        return resolved
+
+    def open_quarantine(self, direction: str | None = None) -> list[QuarantineEntry]:
+        """Open entries, optionally for one direction."""
+        query = select(quarantine).where(quarantine.c.status == "open")
+        if direction:
+            query = query.where(quarantine.c.direction == direction)
+        with self.begin() as connection:
+            return [
+                QuarantineEntry(
+                    record_key=row.record_key,
+                    direction=row.direction,
+                    step=row.step,
+                    reason_code=row.reason_code,
+                    message=row.message,
+                    source_hash=row.source_hash,
+                    attempts=row.attempts,
+                    status=row.status,
+                )
+                for row in connection.execute(query.order_by(quarantine.c.id))
+            ]
+
+    # -- runs ---------------------------------------------------------------------------------
+    def start_run(self, dag_id: str, run_id: str, *, dry_run: bool) -> None:
+        """Record that a run started (a retried run keeps its row)."""
+        with self.begin() as connection:
+            exists = connection.execute(
+                select(runs.c.id).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
+            ).first()
+            if exists is None:
+                connection.execute(
+                    insert(runs).values(
+                        dag_id=dag_id,
+                        run_id=run_id,
+                        dry_run=dry_run,
+                        status="running",
+                        started_at=utcnow(),
+                        counts={},
+                    )
+                )
+
+    def finish_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        status: str,
+        counts: Mapping[str, Any],
+        plan: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a run's outcome, counts and (for dry runs) its plan."""
+        with self.begin() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
+                .values(status=status, finished_at=utcnow(), counts=dict(counts), plan=plan)
+            )
+
+    def run_report(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        """One run's row."""
+        with self.begin() as connection:
+            row = connection.execute(
+                select(runs).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
+            ).first()
+        return None if row is None else dict(row._mapping)
+
+
+def state_url_from_connection(conn_id: str = STATE_CONN_ID) -> str:
+    """The SQLAlchemy URL held by the `crm_sync_state` Airflow connection.
+
+    The URL is the connection's host when it contains `://` (`{"conn_type": "generic", "host":
+    "postgresql+psycopg2://..."}`); otherwise it is built from a `postgres` or `sqlite` connection.
+    """
+    from airflow.sdk import BaseHook
+
+    connection = BaseHook.get_connection(conn_id)
+    host = connection.host or ""
+    if "://" in host:
+        return host
+    if connection.conn_type in ("postgres", "postgresql"):
+        auth = connection.login or ""
+        if connection.password:
+            from urllib.parse import quote
+
+            auth += ":" + quote(connection.password, safe="")
+        port = f":{connection.port}" if connection.port else ""
+        at = "@" if auth else ""
+        return f"postgresql+psycopg2://{auth}{at}{host}{port}/{connection.schema or ''}"
+    if connection.conn_type == "sqlite":
+        return f"sqlite:///{host}"
+    raise ValueError(
+        f"connection '{conn_id}': put a SQLAlchemy URL in host, or use a postgres/sqlite connection"
+    )

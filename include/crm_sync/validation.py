@@ -1,0 +1,140 @@
+"""Record validation with Great Expectations: suites built from the mapping and target metadata."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from crm_sync.records import Reason
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# A practical address check (RFC 5322 allows more, neither CRM accepts it): one @, no spaces or
+# angle brackets, a dotted domain whose TLD has two letters or more.
+EMAIL_PATTERN = r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}$"
+
+# ActiveCampaign's text fields accept 255 characters (email, names, phone, custom text fields).
+AC_MAX_LENGTH = 255
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """What the target accepts, for one entity: the inputs of the expectation suite."""
+
+    name: str
+    email_column: str
+    required: tuple[str, ...] = ()
+    max_length: dict[str, int] = field(default_factory=dict)
+    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class ValidationOutcome:
+    """Which records passed, and for each failed one its reasons."""
+
+    failures: dict[str, list[tuple[str, str]]]  # record_key -> [(reason_code, message)]
+    expectations: int
+
+    @property
+    def failed_keys(self) -> set[str]:
+        """Record keys that failed at least one expectation."""
+        return set(self.failures)
+
+
+def _suite(rules: TargetRules, columns: set[str]) -> Any:
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name=f"crm_sync_{rules.name}")
+    email = rules.email_column
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column=email))
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToMatchRegex(column=email, regex=EMAIL_PATTERN)
+    )
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeUnique(column=email))
+    for column in rules.required:
+        if column in columns and column != email:
+            suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column=column))
+    for column, limit in sorted(rules.max_length.items()):
+        if column in columns:
+            suite.add_expectation(
+                gx.expectations.ExpectColumnValueLengthsToBeBetween(column=column, max_value=limit)
+            )
+    for column, allowed in sorted(rules.options.items()):
+        if column in columns:
+            suite.add_expectation(
+                gx.expectations.ExpectColumnValuesToBeInSet(column=column, value_set=list(allowed))
+            )
+    return suite
+
+
+def _reason(expectation: str, column: str, rules: TargetRules, value: Any) -> tuple[str, str]:
+    if column == rules.email_column and expectation.endswith("to_be_unique"):
+        return Reason.DUPLICATE_EMAIL_IN_BATCH, "another record in this batch has the same email"
+    if column == rules.email_column:
+        what = "missing" if value is None or value != value else "not a valid address"
+        return Reason.INVALID_EMAIL, f"email is {what} ({expectation})"
+    if expectation.endswith("to_not_be_null"):
+        return Reason.MISSING_REQUIRED, f"'{column}' is required by {rules.name} ({expectation})"
+    if "lengths" in expectation:
+        length = len(str(value)) if value is not None else 0
+        limit = rules.max_length.get(column)
+        return (
+            Reason.TOO_LONG,
+            f"'{column}' has {length} characters; {rules.name} allows {limit} ({expectation})",
+        )
+    if expectation.endswith("to_be_in_set"):
+        return (
+            Reason.INVALID_OPTION,
+            f"'{column}' is not one of the allowed options ({expectation})",
+        )
+    return Reason.TARGET_REJECTED, f"'{column}' failed {expectation}"
+
+
+def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutcome:
+    """Run the suite for `rules` over `frame` (one row per record, `record_key` + target columns).
+
+    Nulls pass every expectation except the not-null ones, as Great Expectations defines them.
+    """
+    if frame.empty:
+        return ValidationOutcome(failures={}, expectations=0)
+    import great_expectations as gx
+
+    # GX logs every registration and metric at INFO: keep the task log to our own summary.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    batch = (
+        context.data_sources.add_pandas(name="crm_sync")
+        .add_dataframe_asset(name=rules.name)
+        .add_batch_definition_whole_dataframe("run")
+        .get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)})
+    )
+    suite = _suite(rules, set(frame.columns))
+    result = batch.validate(
+        suite,
+        result_format={
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": ["record_key"],
+            "return_unexpected_index_query": False,
+        },
+    )
+    failures: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for item in result.results:
+        config = item.expectation_config
+        column = config.kwargs.get("column", "")
+        if item.exception_info and item.exception_info.get("raised_exception"):
+            raise RuntimeError(
+                f"validation could not run {config.type} on '{column}': "
+                f"{item.exception_info.get('exception_message')}"
+            )
+        for unexpected in item.result.get("unexpected_index_list") or []:
+            key = str(unexpected["record_key"])
+            reason = _reason(config.type, column, rules, unexpected.get(column))
+            if reason not in failures[key]:
+                failures[key].append(reason)
+    return ValidationOutcome(failures=dict(failures), expectations=len(result.results))

@@ -1,0 +1,462 @@
+"""Airflow hook for the ActiveCampaign API v3: paced, retried, paged, with the bulk import path."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from crm_connectors.base import CrmHttpHook, ErrorDetails
+from crm_connectors.errors import (
+    ApiConnectionError,
+    BulkImportError,
+    ClientError,
+    NotFoundError,
+)
+from crm_connectors.pacing import RateBudget, shared_budget
+from crm_connectors.paging import KeysetPaginator, OffsetPaginator, Paginator, iterate_pages
+from crm_connectors.redact import mask_emails
+from crm_connectors.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+API = "/api/3"
+MAX_PAGE = 100
+MAX_IMPORT_CHUNK = 250
+IMPORTS_PER_MINUTE = 100
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """The outcome of one input row of `bulk_import` (`index` is its position in the input)."""
+
+    index: int
+    email: str
+    ok: bool
+    contact_id: str | None = None
+    error: str | None = None
+
+
+class ActiveCampaignHook(CrmHttpHook):
+    """ActiveCampaign API v3 over one reused session.
+
+    Connection (conn type `http`): `host` = the account's full API URL (e.g.
+    `https://ACCOUNT.api-us1.com`; a trailing `/api/3` is accepted), `password` = the API token
+    (sent as the `Api-Token` header). Optional extra `ca_bundle`: a CA file to trust.
+
+    Every request takes a slot of a rate budget shared by all hooks of the process on the same
+    account (`rate_limit` requests per second, default 5, AC's published limit). 429 and 503 wait
+    `Retry-After` (the whole budget pauses); 5xx and connection errors back off with jitter; the
+    number of attempts is bounded by `retry_policy`. Other 4xx raise at once.
+
+    :param activecampaign_conn_id: the Airflow connection id.
+    :param rate_limit: requests per second for the whole account (None: unpaced).
+    :param retry_policy: attempts and backoff (see `RetryPolicy`).
+    :param timeout: seconds to wait for one response.
+    :param import_poll_interval: seconds between two `import/info` polls of a bulk import.
+    :param import_timeout: seconds a bulk import may take before `BulkImportError`.
+    """
+
+    conn_name_attr = "activecampaign_conn_id"
+    default_conn_name = "activecampaign_default"
+    conn_type = "http"
+    hook_name = "ActiveCampaign"
+    service = "activecampaign"
+
+    def __init__(
+        self,
+        activecampaign_conn_id: str = default_conn_name,
+        *,
+        rate_limit: float | None = 5.0,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        import_poll_interval: float = 2.0,
+        import_timeout: float = 900.0,
+    ) -> None:
+        super().__init__(activecampaign_conn_id, retry_policy=retry_policy, timeout=timeout)
+        self.activecampaign_conn_id = activecampaign_conn_id
+        self.rate_limit = rate_limit
+        self.import_poll_interval = import_poll_interval
+        self.import_timeout = import_timeout
+        self.import_budget = RateBudget(IMPORTS_PER_MINUTE / 60)
+        self._tag_ids: dict[str, str] = {}
+
+    def _configure(self, session: requests.Session, connection: Any) -> None:
+        if not connection.password:
+            raise ValueError(
+                f"connection '{self.activecampaign_conn_id}' has no password (the API token)"
+            )
+        self.base_url = self.base_url.rstrip("/").removesuffix(API)
+        session.headers.update({"Api-Token": connection.password, "Accept": "application/json"})
+        self.budget = shared_budget(self.base_url, self.rate_limit)
+        self.import_budget = shared_budget(f"{self.base_url}#import", IMPORTS_PER_MINUTE / 60)
+
+    def _error_details(self, response: requests.Response) -> ErrorDetails:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            errors = body.get("errors")
+            if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+                first = errors[0]
+                text = " - ".join(str(first[k]) for k in ("title", "detail") if first.get(k))
+                return ErrorDetails(first.get("code"), text or response.reason, body)
+            if body.get("message"):
+                return ErrorDetails(None, str(body["message"]), body)
+        return ErrorDetails(None, response.reason or f"HTTP {response.status_code}", body)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the URL and the token with `GET /api/3/users/me`."""
+        try:
+            self.request("GET", f"{API}/users/me")
+        except Exception as error:
+            return False, str(error)
+        return True, "Connected to ActiveCampaign"
+
+    # -- paging --------------------------------------------------------------------------------
+
+    def iter_items(
+        self,
+        path: str,
+        items_key: str,
+        *,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        keyset: bool = False,
+        page_size: int = MAX_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """Every item of a list endpoint, page by page (offset paging, or id keyset paging)."""
+        endpoint = f"{API}/{path.lstrip('/')}"
+        options = dict(service=self.service, endpoint=endpoint)
+        paginator: Paginator = (
+            KeysetPaginator(items_key, limit=page_size, **options)
+            if keyset
+            else OffsetPaginator(items_key, limit=page_size, **options)
+        )
+        base = list(params.items()) if isinstance(params, dict) else list(params or [])
+
+        def fetch(token: Any | None) -> dict[str, Any]:
+            query = base + list(paginator.params(token).items())
+            return self.request_json("GET", endpoint, params=query) or {}
+
+        for page in iterate_pages(fetch, paginator):
+            yield from page.get(items_key) or []
+
+    # -- contacts ------------------------------------------------------------------------------
+
+    def list_contacts(
+        self,
+        *,
+        tag_id: str | int | None = None,
+        updated_after: datetime | None = None,
+        ids: Iterable[str | int] | None = None,
+        email: str | None = None,
+        page_size: int = MAX_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """Contacts matching every filter given, in id order (keyset paging).
+
+        `updated_after` is sent as `filters[updated_after]` in UTC ISO 8601; AC does not document
+        whether the time of day is honoured, so callers should overlap their windows.
+        """
+        params: list[tuple[str, Any]] = []
+        if tag_id is not None:
+            params.append(("tagid", str(tag_id)))
+        if updated_after is not None:
+            params.append(("filters[updated_after]", _iso(updated_after)))
+        if email is not None:
+            params.append(("email", email))
+        queries = [params]
+        if ids is not None:
+            wanted = [str(i) for i in ids]
+            queries = [
+                params + [("ids[]", i) for i in wanted[start : start + MAX_PAGE]]
+                for start in range(0, len(wanted), MAX_PAGE)
+            ]
+        for query in queries:
+            yield from self.iter_items(
+                "contacts", "contacts", params=query, keyset=True, page_size=page_size
+            )
+
+    def get_contact(self, contact_id: str | int) -> dict[str, Any] | None:
+        """One contact (the `contact` object of the side-loaded envelope), None if missing."""
+        try:
+            body = self.request_json("GET", f"{API}/contacts/{contact_id}")
+        except NotFoundError:
+            return None
+        return body.get("contact")
+
+    def find_contact_by_email(self, email: str) -> dict[str, Any] | None:
+        """The contact with this email (AC allows one per email), or None."""
+        return next(iter(self.list_contacts(email=email)), None)
+
+    def sync_contact(self, contact: dict[str, Any]) -> dict[str, Any]:
+        """`POST /contact/sync`: create or update by email; returns the contact."""
+        body = self.request_json(
+            "POST", f"{API}/contact/sync", json={"contact": contact}, replay_safe=True
+        )
+        return body["contact"]
+
+    # -- tags ----------------------------------------------------------------------------------
+
+    def contact_tags(self, contact_id: str | int) -> list[dict[str, Any]]:
+        """Every tag association of one contact (`contactTags` rows: `id`, `tag`, `contact`...)."""
+        body = self.request_json("GET", f"{API}/contacts/{contact_id}/contactTags")
+        return body.get("contactTags") or []
+
+    def contact_tags_by_tag(
+        self, tag_id: str | int, *, since: datetime | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Associations of one tag, newest first (`orders[cdate]=DESC`), down to `since`."""
+        params = {"filters[tagid]": str(tag_id), "orders[cdate]": "DESC"}
+        for row in self.iter_items("contactTags", "contactTags", params=params):
+            if since is not None and _parse_time(row.get("cdate")) < _utc(since):
+                return
+            yield row
+
+    def find_tag(self, name: str) -> dict[str, Any] | None:
+        """The contact tag whose name is exactly `name`, or None."""
+        params = {"filters[search][eq]": name}
+        for tag in self.iter_items("tags", "tags", params=params):
+            if tag.get("tag") == name and tag.get("tagType", "contact") == "contact":
+                return tag
+        return None
+
+    def create_tag(self, name: str, description: str = "") -> dict[str, Any]:
+        """Create a contact tag; returns it."""
+        body = {"tag": {"tag": name, "tagType": "contact", "description": description}}
+        return self.request_json("POST", f"{API}/tags", json=body)["tag"]
+
+    def find_or_create_tags(self, names: Iterable[str]) -> dict[str, str]:
+        """Tag ids by exact name, creating the tags that do not exist yet (cached per hook)."""
+        wanted = list(names)
+        for name in wanted:
+            if name not in self._tag_ids:
+                tag = self.find_tag(name) or self._create_missing_tag(name)
+                self._tag_ids[name] = str(tag["id"])
+        return {name: self._tag_ids[name] for name in wanted}
+
+    def _create_missing_tag(self, name: str) -> dict[str, Any]:
+        try:
+            return self.create_tag(name)
+        except ApiConnectionError:
+            # The create may have landed before the connection dropped: look before resending.
+            return self.find_tag(name) or self.create_tag(name)
+        except ClientError as error:
+            # 422: someone created the same name in between.
+            found = self.find_tag(name) if error.status == 422 else None
+            if found is None:
+                raise
+            return found
+
+    def add_contact_tag(self, contact_id: str | int, tag_id: str | int) -> str:
+        """Tag a contact; returns the association id (the existing one if already tagged)."""
+        body = {"contactTag": {"contact": str(contact_id), "tag": str(tag_id)}}
+        try:
+            created = self.request_json("POST", f"{API}/contactTags", json=body)
+        except (ApiConnectionError, ClientError) as error:
+            if isinstance(error, ClientError) and error.status != 422:
+                raise
+            existing = self._association(contact_id, tag_id)
+            if existing is not None:
+                return existing
+            if isinstance(error, ClientError):
+                raise
+            created = self.request_json("POST", f"{API}/contactTags", json=body)
+        return str(created["contactTag"]["id"])
+
+    def remove_contact_tag(self, association_id: str | int) -> bool:
+        """Delete one association (its id, not the tag id); False if it was already gone."""
+        try:
+            self.request("DELETE", f"{API}/contactTags/{association_id}")
+        except NotFoundError:
+            return False
+        return True
+
+    def remove_tag_from_contact(self, contact_id: str | int, tag_id: str | int) -> bool:
+        """Untag a contact by tag id; False if it did not carry the tag."""
+        association = self._association(contact_id, tag_id)
+        return association is not None and self.remove_contact_tag(association)
+
+    def _association(self, contact_id: str | int, tag_id: str | int) -> str | None:
+        for row in self.contact_tags(contact_id):
+            if str(row.get("tag")) == str(tag_id):
+                return str(row["id"])
+        return None
+
+    # -- custom fields -------------------------------------------------------------------------
+
+    def list_fields(self) -> list[dict[str, Any]]:
+        """Every custom contact field (`id`, `title`, `type`, `perstag`...)."""
+        return list(self.iter_items("fields", "fields"))
+
+    def contact_field_values(self, contact_id: str | int) -> list[dict[str, Any]]:
+        """One contact's custom field values (`field`, `value`, `id`...)."""
+        body = self.request_json("GET", f"{API}/contacts/{contact_id}/fieldValues")
+        return body.get("fieldValues") or []
+
+    def set_field_value(self, contact_id: str | int, field_id: str | int, value: str) -> None:
+        """Set one custom field of a contact (`POST /fieldValues`)."""
+        body = {"fieldValue": {"contact": str(contact_id), "field": str(field_id), "value": value}}
+        self.request("POST", f"{API}/fieldValues", json=body, replay_safe=True)
+
+    # -- bulk import ---------------------------------------------------------------------------
+
+    def bulk_import(
+        self, contacts: list[dict[str, Any]], *, chunk_size: int = MAX_IMPORT_CHUNK
+    ) -> list[ImportResult]:
+        """Import contacts (bulk_import shape: `email`, `first_name`, `tags`, `fields`...).
+
+        Sends chunks of at most 250 contacts, polls `import/info` until every batch is
+        completed, and returns one `ImportResult` per input row, in input order. Rows the API
+        rejects at submission are left out of their chunk and reported; the rest are sent again.
+        """
+        if not 1 <= chunk_size <= MAX_IMPORT_CHUNK:
+            raise ValueError(f"chunk_size must be between 1 and {MAX_IMPORT_CHUNK}")
+        started = time.monotonic()
+        results: dict[int, ImportResult] = {}
+        valid: list[int] = []
+        for index, contact in enumerate(contacts):
+            if not str(contact.get("email") or "").strip():
+                results[index] = ImportResult(index, "", False, error="missing email")
+            else:
+                valid.append(index)
+        batches: list[tuple[str, list[int]]] = []
+        for start in range(0, len(valid), chunk_size):
+            chunk = valid[start : start + chunk_size]
+            batch_id, accepted = self._submit_import(contacts, chunk, results)
+            if batch_id is not None:
+                batches.append((batch_id, accepted))
+        for batch_id, accepted in batches:
+            info = self._wait_for_import(batch_id, started)
+            self._map_import(contacts, accepted, info, results)
+        ordered = [results[i] for i in range(len(contacts))]
+        log.info(
+            "bulk_import: %d contacts in %d batches, %d ok, %d failed, %.1f s",
+            len(contacts),
+            len(batches),
+            sum(r.ok for r in ordered),
+            sum(not r.ok for r in ordered),
+            time.monotonic() - started,
+        )
+        return ordered
+
+    def _submit_import(
+        self, contacts: list[dict[str, Any]], chunk: list[int], results: dict[int, ImportResult]
+    ) -> tuple[str | None, list[int]]:
+        """Queue one chunk; rows named in `failureReasons` are reported and the rest re-sent."""
+        attempts = 0
+        while chunk:
+            self.import_budget.acquire()
+            try:
+                body = self.request_json(
+                    "POST",
+                    f"{API}/import/bulk_import",
+                    json={"contacts": [contacts[i] for i in chunk]},
+                    replay_safe=True,
+                )
+                return str(body["batchId"]), chunk
+            except ClientError as error:
+                if error.status != 400:
+                    raise
+                reasons = _failure_reasons(error)
+                attempts += 1
+                if (
+                    "rate limit" in error.message.lower()
+                    and attempts < self.retry_policy.max_attempts
+                ):
+                    self.import_budget.pause(60.0)
+                    continue
+                rejected = {chunk[p]: r for p, r in reasons.items() if 0 <= p < len(chunk)}
+                if not rejected:
+                    raise
+                for index, reason in rejected.items():
+                    results[index] = ImportResult(
+                        index, contacts[index]["email"], False, error=mask_emails(reason)
+                    )
+                chunk = [i for i in chunk if i not in rejected]
+        return None, []
+
+    def _wait_for_import(self, batch_id: str, started: float) -> dict[str, Any]:
+        while True:
+            info = self.request_json("GET", f"{API}/import/info", params={"batchId": batch_id})
+            status = str(info.get("status", "")).lower()
+            if status == "completed":
+                return info
+            if "fail" in status or "error" in status:
+                raise BulkImportError(
+                    f"import batch ended with status {status!r}",
+                    service=self.service,
+                    method="GET",
+                    endpoint=f"{API}/import/info",
+                )
+            if time.monotonic() - started > self.import_timeout:
+                raise BulkImportError(
+                    f"import batch not completed after {self.import_timeout:.0f} s",
+                    service=self.service,
+                    method="GET",
+                    endpoint=f"{API}/import/info",
+                )
+            time.sleep(self.import_poll_interval)
+
+    def _map_import(
+        self,
+        contacts: list[dict[str, Any]],
+        accepted: list[int],
+        info: dict[str, Any],
+        results: dict[int, ImportResult],
+    ) -> None:
+        """Per-row results from `import/info`: failures come back as emails, successes as ids."""
+        failed = {str(e).strip().lower() for e in info.get("failure") or []}
+        success_ids = [str(i) for i in info.get("success") or []]
+        by_email = {
+            str(c.get("email", "")).strip().lower(): str(c["id"])
+            for c in self.list_contacts(ids=success_ids)
+        } if success_ids else {}  # fmt: skip
+        for index in accepted:
+            email = str(contacts[index]["email"])
+            key = email.strip().lower()
+            if key in failed:
+                results[index] = ImportResult(index, email, False, error="rejected by the import")
+                continue
+            contact_id = by_email.get(key)
+            if contact_id is None:
+                found = self.find_contact_by_email(email)
+                contact_id = str(found["id"]) if found else None
+            if contact_id is None:
+                results[index] = ImportResult(
+                    index, email, False, error="not found after the import completed"
+                )
+            else:
+                results[index] = ImportResult(index, email, True, contact_id=contact_id)
+
+
+def _failure_reasons(error: ClientError) -> dict[int, str]:
+    body = error.body if isinstance(error.body, dict) else {}
+    reasons: dict[int, str] = {}
+    for item in body.get("failureReasons") or []:
+        if isinstance(item, dict) and "contact" in item:
+            try:
+                reasons[int(item["contact"])] = str(item.get("failureReason") or "invalid")
+            except (TypeError, ValueError):
+                continue
+    return reasons
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return _utc(moment).astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _parse_time(value: Any) -> datetime:
+    try:
+        return _utc(datetime.fromisoformat(str(value)))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)

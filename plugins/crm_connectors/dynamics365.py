@@ -1,0 +1,698 @@
+"""Airflow hook for the Dataverse Web API (Dynamics 365): MSAL auth, paging, bulk writes, deltas."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import requests
+from crm_sync.odata import all_of, any_of, check_filter, column, compare, literal
+
+from crm_connectors.base import CrmHttpHook, ErrorDetails, PinnedSession
+from crm_connectors.entra import DEFAULT_AUTHORITY_HOST, TokenSource
+from crm_connectors.errors import (
+    ApiConnectionError,
+    ChangeTrackingExpiredError,
+    ChangeTrackingNotEnabledError,
+    ClientError,
+    CrmApiError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+    UnknownColumnError,
+)
+from crm_connectors.odata_batch import (
+    MAX_BATCH_PARTS,
+    BatchOperation,
+    BatchResponse,
+    build_batch,
+    parse_batch_response,
+)
+from crm_connectors.paging import NextLinkPaginator, iterate_pages
+from crm_connectors.redact import mask_emails
+from crm_connectors.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+API = "/api/data/v9.2"
+NS = "Microsoft.Dynamics.CRM"
+MAX_PAGE_SIZE = 5000
+MAX_CHUNK = 1000
+CONCURRENCY_LIMIT = 52
+
+# Service protection limits (429): which limit the error code names.
+SERVICE_PROTECTION_CODES = {
+    "0x80072322": "number of requests",
+    "0x80072321": "combined execution time",
+    "0x80072326": "concurrent requests",
+}
+# 5xx answers that report a decision, not an outage: sending them again cannot help.
+NON_TRANSIENT_CODES = {"0x80040333"}  # duplicate detection
+_EXPIRED_DELTA = ("0x80044352", "version stamp associated with the client has expired")
+_NO_CHANGE_TRACKING = ("0x80072491", "isn't enabled for change tracking")
+_ENTITY_ID = re.compile(
+    r"\(([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\)$"
+)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The outcome of one input row of a bulk write (`index` is its position in the input)."""
+
+    index: int
+    ok: bool
+    id: str | None = None
+    error_code: str | None = None
+    message: str | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """One column of a table, from `EntityDefinitions`."""
+
+    name: str
+    type: str
+    max_length: int | None = None
+    valid_for_create: bool = True
+    valid_for_update: bool = True
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A table's names, primary key and columns."""
+
+    logical_name: str
+    entity_set: str
+    primary_id: str
+    columns: dict[str, ColumnInfo] = field(default_factory=dict)
+
+    def check_columns(self, names: Iterable[str]) -> None:
+        """Raise `UnknownColumnError` naming every column in `names` the table lacks."""
+        missing = sorted({n for n in names if n not in self.columns})
+        if missing:
+            raise UnknownColumnError(self.logical_name, missing, list(self.columns))
+
+
+@dataclass(frozen=True)
+class ChangePage:
+    """One page of a change-tracking read: changed rows, deleted ids, and on the last page the
+    delta link to store for the next read."""
+
+    rows: list[dict[str, Any]]
+    deleted_ids: list[str]
+    delta_link: str | None = None
+
+
+class Dynamics365Hook(CrmHttpHook):
+    """Dataverse Web API v9.2 over one reused session, authenticated with MSAL.
+
+    Connection (conn type `http`): `host` = the environment URL (`https://ORG.crm.dynamics.com`),
+    `login` = the app's client id, `password` = its client secret; extras `tenant_id`, optional
+    `authority_host` (default `https://login.microsoftonline.com`) and `ca_bundle` (a CA file to
+    trust). The token scope is `<environment URL>/.default`.
+
+    429 answers (service protection: too many requests, execution time, concurrency) wait
+    `Retry-After` and pause every thread of the hook; 5xx and connection errors back off with
+    jitter; a 401 renews the token and resends once. Bulk writes run at most
+    `min(max_parallel, x-ms-dop-hint)` requests at a time.
+
+    :param dynamics365_conn_id: the Airflow connection id.
+    :param max_parallel: upper bound on concurrent requests of a bulk write.
+    :param retry_policy: attempts and backoff (see `RetryPolicy`).
+    :param timeout: seconds to wait for one response.
+    """
+
+    conn_name_attr = "dynamics365_conn_id"
+    default_conn_name = "dynamics365_default"
+    conn_type = "http"
+    hook_name = "Dynamics 365 (Dataverse)"
+    service = "dynamics365"
+
+    def __init__(
+        self,
+        dynamics365_conn_id: str = default_conn_name,
+        *,
+        max_parallel: int = 4,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        super().__init__(dynamics365_conn_id, retry_policy=retry_policy, timeout=timeout)
+        if not 1 <= max_parallel <= CONCURRENCY_LIMIT:
+            raise ValueError(f"max_parallel must be between 1 and {CONCURRENCY_LIMIT}")
+        self.dynamics365_conn_id = dynamics365_conn_id
+        self.max_parallel = max_parallel
+        self.dop_hint: int | None = None
+        self.tokens: TokenSource | None = None
+        self._tables: dict[str, TableInfo] = {}
+        self._tables_lock = threading.Lock()
+
+    # -- connection and auth -------------------------------------------------------------------
+
+    def _configure(self, session: requests.Session, connection: Any) -> None:
+        extras = connection.extra_dejson
+        missing = [
+            name
+            for name, value in (
+                ("login (client id)", connection.login),
+                ("password (client secret)", connection.password),
+                ("extra tenant_id", extras.get("tenant_id")),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(f"connection '{self.dynamics365_conn_id}' lacks {', '.join(missing)}")
+        self.base_url = self.base_url.rstrip("/")
+        session.headers.update(
+            {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
+        )
+        self.tokens = TokenSource(
+            client_id=connection.login,
+            client_secret=connection.password,
+            tenant_id=extras["tenant_id"],
+            resource=self.base_url,
+            authority_host=extras.get("authority_host") or DEFAULT_AUTHORITY_HOST,
+            http_client=PinnedSession(self._verify_setting(connection)),
+        )
+
+    def close(self) -> None:
+        """Close the API session and the token client's session."""
+        super().close()
+        if self.tokens is not None:
+            self.tokens.http_client.close()
+
+    def _auth_headers(self) -> dict[str, str]:
+        assert self.tokens is not None
+        return {"Authorization": f"Bearer {self.tokens.token()}"}
+
+    def _refresh_credentials(self) -> bool:
+        assert self.tokens is not None
+        self.tokens.invalidate()
+        return True
+
+    def _observe(self, response: requests.Response) -> None:
+        hint = response.headers.get("x-ms-dop-hint")
+        if hint and hint.isdigit():
+            self.dop_hint = int(hint)
+
+    def _error_details(self, response: requests.Response) -> ErrorDetails:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            return ErrorDetails(
+                error.get("code") or None, str(error.get("message") or response.reason), body
+            )
+        return ErrorDetails(None, response.reason or f"HTTP {response.status_code}", body)
+
+    def _transient(self, status: int, code: str | None) -> bool:
+        return code not in NON_TRANSIENT_CODES
+
+    def _error_for(self, response: requests.Response, method: str, url: str) -> CrmApiError:
+        error = super()._error_for(response, method, url)
+        limit = SERVICE_PROTECTION_CODES.get(error.code or "")
+        if limit is None:
+            return error
+        return RateLimitError(
+            f"service protection limit ({limit}): {error.message}",
+            service=error.service,
+            method=error.method,
+            endpoint=error.endpoint,
+            status=error.status,
+            code=error.code,
+            retry_after=error.retry_after,
+            body=error.body,
+        )
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the environment URL and the app's credentials with `WhoAmI`."""
+        try:
+            self.whoami()
+        except Exception as error:
+            return False, str(error)
+        return True, "Connected to Dataverse"
+
+    def whoami(self) -> dict[str, Any]:
+        """`WhoAmI`: the application user's `UserId`, `BusinessUnitId` and `OrganizationId`."""
+        return self.request_json("GET", f"{API}/WhoAmI")
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def table(self, entity_set: str) -> TableInfo:
+        """The table behind `entity_set` (names, primary key, columns with MaxLength), cached."""
+        with self._tables_lock:
+            cached = self._tables.get(entity_set)
+        if cached is not None:
+            return cached
+        candidates = self._values(
+            f"{API}/EntityDefinitions",
+            {
+                "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
+                "$filter": f"EntitySetName eq {literal(entity_set)}",
+            },
+        )
+        # $filter compares strings case-insensitively; entity set names in URLs are exact.
+        found = [row for row in candidates if row.get("EntitySetName") == entity_set]
+        if not found:
+            raise NotFoundError(
+                f"no table has the entity set '{entity_set}'",
+                service=self.service,
+                method="GET",
+                endpoint=f"{API}/EntityDefinitions",
+                status=404,
+            )
+        definition = f"{API}/EntityDefinitions(LogicalName={literal(found[0]['LogicalName'])})"
+        attributes = self._values(
+            f"{definition}/Attributes",
+            {"$select": "LogicalName,AttributeType,IsValidForCreate,IsValidForUpdate"},
+        )
+        # MaxLength is a property of the text attribute types, read through their casts.
+        max_lengths: dict[str, int] = {}
+        for text_type in ("StringAttributeMetadata", "MemoAttributeMetadata"):
+            for row in self._values(
+                f"{definition}/Attributes/{NS}.{text_type}", {"$select": "LogicalName,MaxLength"}
+            ):
+                max_lengths[row["LogicalName"]] = row.get("MaxLength")
+        info = TableInfo(
+            logical_name=found[0]["LogicalName"],
+            entity_set=entity_set,
+            primary_id=found[0]["PrimaryIdAttribute"],
+            columns={
+                row["LogicalName"]: ColumnInfo(
+                    name=row["LogicalName"],
+                    type=str(row.get("AttributeType") or ""),
+                    max_length=max_lengths.get(row["LogicalName"]),
+                    valid_for_create=bool(row.get("IsValidForCreate", True)),
+                    valid_for_update=bool(row.get("IsValidForUpdate", True)),
+                )
+                for row in attributes
+            },
+        )
+        with self._tables_lock:
+            self._tables[entity_set] = info
+        return info
+
+    def _values(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """The `value` array of a one-page collection answer."""
+        return (self.request_json("GET", path, params=params) or {}).get("value") or []
+
+    def check_columns(self, entity_set: str, columns: Iterable[str]) -> TableInfo:
+        """The table, after checking that every column in `columns` exists in it."""
+        info = self.table(entity_set)
+        info.check_columns(columns)
+        return info
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def query(
+        self,
+        entity_set: str,
+        *,
+        select: Sequence[str] | None = None,
+        filter: str | None = None,
+        orderby: str | None = None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows of `entity_set`, following `@odata.nextLink` with `Prefer: odata.maxpagesize`.
+
+        Build `filter` with `crm_sync.odata` (`eq`, `any_of`, `compare`, `all_of`): their
+        literals are escaped, so a value can never change the filter's shape. The filter is
+        syntax-checked before it is sent.
+        """
+        params: dict[str, str] = {}
+        if select:
+            params["$select"] = ",".join(column(name) for name in select)
+        if filter:
+            params["$filter"] = check_filter(filter)
+        if orderby:
+            params["$orderby"] = orderby
+        for page in self._pages(f"{API}/{entity_set}", params, _max_page(page_size)):
+            yield from page.get("value") or []
+
+    def find(
+        self,
+        entity_set: str,
+        column_name: str,
+        values: Iterable[object],
+        *,
+        select: Sequence[str] | None = None,
+        batch: int = 50,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows whose `column_name` equals one of `values` (queried `batch` values at a time)."""
+        wanted = list(dict.fromkeys(values))
+        for start in range(0, len(wanted), batch):
+            yield from self.query(
+                entity_set, select=select, filter=any_of(column_name, wanted[start : start + batch])
+            )
+
+    def get_record(
+        self, entity_set: str, record_id: str, *, select: Sequence[str] | None = None
+    ) -> dict[str, Any] | None:
+        """One row by primary key, or None when it does not exist."""
+        params = {"$select": ",".join(column(n) for n in select)} if select else None
+        try:
+            return self.request_json("GET", _record_path(entity_set, record_id), params=params)
+        except ClientError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def modified_since(
+        self,
+        entity_set: str,
+        since: datetime,
+        *,
+        select: Sequence[str] | None = None,
+        filter: str | None = None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows with `modifiedon ge since` (and `filter`), ordered `modifiedon asc, <key> asc`.
+
+        `modifiedon` has whole-second precision: overlap the watermark and de-duplicate by id.
+        """
+        primary = self.table(entity_set).primary_id
+        columns = list(dict.fromkeys([*(select or []), "modifiedon", primary])) if select else None
+        yield from self.query(
+            entity_set,
+            select=columns,
+            filter=all_of(compare("modifiedon", "ge", since), filter),
+            orderby=f"modifiedon asc,{primary} asc",
+            page_size=page_size,
+        )
+
+    def changes(
+        self,
+        entity_set: str,
+        *,
+        select: Sequence[str],
+        delta_link: str | None = None,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> Iterator[ChangePage]:
+        """Change-tracking pages: with no `delta_link`, every row; with one, what changed since.
+
+        The last page carries the new `delta_link`. Raises `ChangeTrackingExpiredError` when
+        the link is too old (read everything again) and `ChangeTrackingNotEnabledError` when the
+        table does not track changes.
+        """
+        prefer = f"odata.track-changes,odata.maxpagesize={_max_page(page_size)}"
+        first = delta_link or f"{API}/{entity_set}"
+        params = None if delta_link else {"$select": ",".join(column(n) for n in select)}
+        try:
+            for page in self._pages(first, params, None, prefer=prefer):
+                rows, deleted = [], []
+                for row in page.get("value") or []:
+                    if row.get("reason") == "deleted" or "$deletedEntity" in str(
+                        row.get("@odata.context", "")
+                    ):
+                        deleted.append(str(row.get("id")))
+                    else:
+                        rows.append(row)
+                yield ChangePage(rows, deleted, page.get("@odata.deltaLink"))
+        except ClientError as error:
+            text = f"{error.code} {error.message}".lower()
+            kind: type[ClientError] | None = None
+            if any(marker in text for marker in _EXPIRED_DELTA):
+                kind = ChangeTrackingExpiredError
+            elif any(marker in text for marker in _NO_CHANGE_TRACKING):
+                kind = ChangeTrackingNotEnabledError
+            if kind is None:
+                raise
+            raise kind(
+                error.message,
+                service=error.service,
+                method=error.method,
+                endpoint=error.endpoint,
+                status=error.status,
+                code=error.code,
+            ) from None
+
+    def _pages(
+        self,
+        path: str,
+        params: dict[str, str] | None,
+        page_size: int | None,
+        *,
+        prefer: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        headers = {"Prefer": prefer or f"odata.maxpagesize={page_size}"}
+        paginator = NextLinkPaginator(service=self.service, endpoint=path.split("?", 1)[0])
+
+        def fetch(link: str | None) -> dict[str, Any]:
+            if link is None:
+                return self.request_json("GET", path, params=params, headers=headers) or {}
+            return self.request_json("GET", link, headers=headers) or {}
+
+        yield from iterate_pages(fetch, paginator)
+
+    # -- single-record writes ------------------------------------------------------------------
+
+    def create_record(self, entity_set: str, data: dict[str, Any]) -> str:
+        """Create one row; returns its id.
+
+        The id is chosen here (unless `data` has one), so a create whose answer was lost is
+        replayed as an upsert of the same id instead of creating a second row.
+        """
+        primary = self.table(entity_set).primary_id
+        record_id = str(data.get(primary) or uuid.uuid4())
+        body = {**data, primary: record_id}
+        try:
+            self.request("POST", f"{API}/{entity_set}", json=body, replay_safe=False)
+        except ApiConnectionError:
+            self.request("PATCH", _record_path(entity_set, record_id), json=body)
+        return record_id
+
+    def update_record(self, entity_set: str, record_id: str, data: dict[str, Any]) -> None:
+        """Update one existing row (`If-Match: *`: a missing row is a 404, never a create)."""
+        self.request(
+            "PATCH", _record_path(entity_set, record_id), json=data, headers={"If-Match": "*"}
+        )
+
+    def upsert_record(
+        self, entity_set: str, key: str | dict[str, object], data: dict[str, Any]
+    ) -> str | None:
+        """Create or update one row by primary key (a GUID) or alternate key (`{column: value}`).
+
+        Returns the row id when the service reports it (`OData-EntityId`).
+        """
+        response = self.request("PATCH", _record_path(entity_set, key), json=data)
+        return _id_from_entity_url(response.headers.get("OData-EntityId"))
+
+    # -- bulk writes ---------------------------------------------------------------------------
+
+    def create_multiple(
+        self, entity_set: str, rows: list[dict[str, Any]], *, chunk_size: int = MAX_CHUNK
+    ) -> list[WriteResult]:
+        """Create rows with `CreateMultiple`, in chunks of at most 1000, several at a time.
+
+        One `WriteResult` per input row, in input order. `CreateMultiple` is all-or-nothing: a
+        chunk it rejects is sent again as a `$batch` with `odata.continue-on-error`, one part
+        per row, so only the bad rows fail, each with its own error. Ids are chosen here unless
+        a row carries one; the fallback writes each row as an upsert of its id, so a chunk whose
+        answer was lost can be sent again without creating duplicates.
+        """
+        info = self.table(entity_set)
+        prepared = [
+            {**row, info.primary_id: str(row.get(info.primary_id) or uuid.uuid4())} for row in rows
+        ]
+        return self._bulk("create", info, prepared, chunk_size)
+
+    def update_multiple(
+        self, entity_set: str, rows: list[dict[str, Any]], *, chunk_size: int = MAX_CHUNK
+    ) -> list[WriteResult]:
+        """Update existing rows (each carries its primary key) with `UpdateMultiple`.
+
+        Same chunking, parallelism and per-row fallback as `create_multiple`; the fallback
+        sends `If-Match: *`, so a row that does not exist fails instead of being created.
+        """
+        info = self.table(entity_set)
+        return self._bulk("update", info, rows, chunk_size)
+
+    def execute_batch(
+        self,
+        operations: list[BatchOperation],
+        *,
+        atomic: bool = False,
+        continue_on_error: bool = True,
+        replay_safe: bool = False,
+    ) -> list[BatchResponse]:
+        """Send up to 1000 operations as one `$batch`; one response per operation, in order.
+
+        `atomic` puts them in one change set (all or nothing). Without `continue_on_error` the
+        service stops at the first failure and later operations get no response.
+        """
+        content_type, body = build_batch(operations, atomic=atomic)
+        headers = {"Content-Type": content_type}
+        if continue_on_error and not atomic:
+            headers["Prefer"] = "odata.continue-on-error"
+        response = self.request(
+            "POST", f"{API}/$batch", data=body, headers=headers, replay_safe=replay_safe
+        )
+        return parse_batch_response(response.headers.get("Content-Type", ""), response.content)
+
+    def record_url(self, entity_set: str, key: str | dict[str, object]) -> str:
+        """The absolute URL of one row, for a `BatchOperation`."""
+        self.get_conn()
+        return f"{self.base_url}{_record_path(entity_set, key)}"
+
+    def _bulk(
+        self, mode: str, info: TableInfo, rows: list[dict[str, Any]], chunk_size: int
+    ) -> list[WriteResult]:
+        if not 1 <= chunk_size <= MAX_CHUNK:
+            raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK}")
+        started = time.monotonic()
+        results: list[WriteResult | None] = [None] * len(rows)
+        chunks: list[list[int]] = []
+        pending: list[int] = []
+        for index, row in enumerate(rows):
+            if not row.get(info.primary_id):
+                results[index] = WriteResult(
+                    index, False, error_code="missing_id", message=f"no {info.primary_id}"
+                )
+            else:
+                pending.append(index)
+        chunks = [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
+        write = self._create_chunk if mode == "create" else self._update_chunk
+        for chunk_results in self._parallel(lambda chunk: write(info, rows, chunk), chunks):
+            for result in chunk_results:
+                results[result.index] = result
+        done = [r for r in results if r is not None]
+        log.info(
+            "%s_multiple %s: %d rows in %d chunks, %d ok, %d failed, %.1f s",
+            mode,
+            info.entity_set,
+            len(rows),
+            len(chunks),
+            sum(r.ok for r in done),
+            sum(not r.ok for r in done),
+            time.monotonic() - started,
+        )
+        return done
+
+    def _parallel(
+        self, work: Callable[[list[int]], list[WriteResult]], chunks: list[list[int]]
+    ) -> list[list[WriteResult]]:
+        """Run `work` over the chunks, at most `min(max_parallel, x-ms-dop-hint)` at a time."""
+        workers = max(1, min(self.max_parallel, self.dop_hint or self.max_parallel, len(chunks)))
+        if workers == 1:
+            return [work(chunk) for chunk in chunks]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataverse") as pool:
+            return list(pool.map(work, chunks))
+
+    def _create_chunk(
+        self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
+    ) -> list[WriteResult]:
+        targets = [{"@odata.type": f"{NS}.{info.logical_name}", **rows[i]} for i in chunk]
+        try:
+            body = self.request_json(
+                "POST",
+                f"{API}/{info.entity_set}/{NS}.CreateMultiple",
+                json={"Targets": targets},
+                replay_safe=False,
+            )
+        except (ClientError, ApiConnectionError, ServerError) as error:
+            if isinstance(error, ServerError) and error.retryable:
+                raise
+            return self._fallback(info, rows, chunk, error, upsert=True)
+        ids = [str(i) for i in (body or {}).get("Ids") or []]
+        if len(ids) != len(chunk):
+            ids = [str(rows[i][info.primary_id]) for i in chunk]
+        return [WriteResult(i, True, id=record_id) for i, record_id in zip(chunk, ids, strict=True)]
+
+    def _update_chunk(
+        self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
+    ) -> list[WriteResult]:
+        targets = [{"@odata.type": f"{NS}.{info.logical_name}", **rows[i]} for i in chunk]
+        try:
+            self.request(
+                "POST",
+                f"{API}/{info.entity_set}/{NS}.UpdateMultiple",
+                json={"Targets": targets},
+                replay_safe=True,
+            )
+        except (ClientError, ServerError) as error:
+            if isinstance(error, ServerError) and error.retryable:
+                raise
+            return self._fallback(info, rows, chunk, error, upsert=False)
+        return [WriteResult(i, True, id=str(rows[i][info.primary_id])) for i in chunk]
+
+    def _fallback(
+        self,
+        info: TableInfo,
+        rows: list[dict[str, Any]],
+        chunk: list[int],
+        cause: CrmApiError,
+        *,
+        upsert: bool,
+    ) -> list[WriteResult]:
+        """Write a rejected chunk row by row in `$batch` parts, so only bad rows fail."""
+        log.info(
+            "%s: chunk of %d rows rejected (%s); writing it row by row in $batch",
+            info.entity_set,
+            len(chunk),
+            f"HTTP {cause.status} {cause.code or ''}".strip(),
+        )
+        headers = {} if upsert else {"If-Match": "*"}
+        operations = []
+        for i in chunk:
+            record_id = str(rows[i][info.primary_id])
+            body = {k: v for k, v in rows[i].items() if k != info.primary_id}
+            operations.append(
+                BatchOperation("PATCH", self.record_url(info.entity_set, record_id), body, headers)
+            )
+        responses: list[BatchResponse] = []
+        for start in range(0, len(operations), MAX_BATCH_PARTS):
+            responses += self.execute_batch(
+                operations[start : start + MAX_BATCH_PARTS], replay_safe=True
+            )
+        results = []
+        for position, i in enumerate(chunk):
+            record_id = str(rows[i][info.primary_id])
+            part = responses[position] if position < len(responses) else None
+            results.append(_row_result(i, record_id, part))
+        return results
+
+
+def _row_result(index: int, record_id: str, part: BatchResponse | None) -> WriteResult:
+    if part is None:
+        return WriteResult(index, False, error_code="not_attempted", message="no batch response")
+    if part.ok:
+        return WriteResult(index, True, id=record_id, status=part.status)
+    error = part.body.get("error") if isinstance(part.body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else str(part.body or "")
+    return WriteResult(
+        index,
+        False,
+        error_code=code or f"http_{part.status}",
+        message=mask_emails(str(message)),
+        status=part.status,
+    )
+
+
+def _record_path(entity_set: str, key: str | dict[str, object]) -> str:
+    if isinstance(key, dict):
+        inner = ",".join(f"{column(name)}={literal(value)}" for name, value in key.items())
+    else:
+        inner = str(uuid.UUID(str(key)))
+    return f"{API}/{entity_set}({inner})"
+
+
+def _id_from_entity_url(url: str | None) -> str | None:
+    match = _ENTITY_ID.search(url or "")
+    return match.group(1) if match else None
+
+
+def _max_page(page_size: int) -> int:
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+    return page_size

@@ -1,0 +1,124 @@
+"""Typed errors raised by the ActiveCampaign and Dataverse hooks (never carrying a credential)."""
+
+from __future__ import annotations
+
+from crm_connectors.redact import mask_emails
+
+
+class CrmApiError(Exception):
+    """A call to a CRM API failed; carries the HTTP status, the API's error code and the endpoint.
+
+    `endpoint` is the path without the query string, so no value a caller passed (an email in a
+    filter, a paging token) ends up in the message. `body` is the decoded error body, for
+    callers that read service-specific details; it is never part of the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str,
+        method: str = "",
+        endpoint: str = "",
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        body: object = None,
+    ) -> None:
+        self.message = mask_emails(message)
+        self.body = body
+        self.service = service
+        self.method = method
+        self.endpoint = endpoint
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f"{self.method} {self.endpoint}".strip()
+        status = f"HTTP {self.status}" if self.status is not None else "no response"
+        code = f" [{self.code}]" if self.code else ""
+        return f"{self.service} {where}: {status}{code}: {self.message}"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same request again may succeed."""
+        return False
+
+
+class ClientError(CrmApiError):
+    """The API rejected the request (4xx other than 401, 403, 404 and 429): not retried."""
+
+
+class AuthenticationError(CrmApiError):
+    """401 or 403: the credentials were refused or lack a privilege."""
+
+
+class NotFoundError(ClientError):
+    """404: the record, table or endpoint does not exist."""
+
+
+class RateLimitError(CrmApiError):
+    """429 (or a 503 that asks to retry later): wait `retry_after` seconds and try again."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class ServerError(CrmApiError):
+    """5xx: the service failed; retried unless the error code says it is not transient."""
+
+    def __init__(self, message: str, *, transient: bool = True, **kwargs: object) -> None:
+        self.transient = transient
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def retryable(self) -> bool:
+        return self.transient
+
+
+class ApiConnectionError(CrmApiError):
+    """No usable answer: refused, reset or dropped connection, or a timeout.
+
+    `maybe_sent` is true when the request may have reached the server before the failure, so
+    replaying a request that is not idempotent could apply it twice.
+    """
+
+    def __init__(self, message: str, *, maybe_sent: bool, **kwargs: object) -> None:
+        self.maybe_sent = maybe_sent
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class PagingError(CrmApiError):
+    """The API returned a page token that does not advance, which would page forever."""
+
+
+class BulkImportError(CrmApiError):
+    """An ActiveCampaign bulk import did not finish (timed out or reported a failed batch)."""
+
+
+class ChangeTrackingExpiredError(ClientError):
+    """The Dataverse delta token has expired: read the whole table again (full sync)."""
+
+
+class ChangeTrackingNotEnabledError(ClientError):
+    """Change tracking is not enabled for the Dataverse table: poll on `modifiedon` instead."""
+
+
+class UnknownColumnError(ValueError):
+    """A mapped column does not exist in the Dataverse table."""
+
+    def __init__(self, table: str, columns: list[str], known: list[str]) -> None:
+        self.table = table
+        self.columns = columns
+        shown = ", ".join(sorted(known)[:40])
+        super().__init__(
+            f"Dataverse table '{table}' has no column {', '.join(repr(c) for c in columns)} "
+            f"(logical names are lower case; known columns: {shown})"
+        )

@@ -1,0 +1,687 @@
+"""The `/api/3` routes of the ActiveCampaign emulator (thin: parsing, ops, JSON shapes)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from sandbox.activecampaign import imports, ops, views
+from sandbox.activecampaign.imports import ImportQueue
+from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, scaled_imports
+from sandbox.activecampaign.store import ApiError, Store, not_found
+from sandbox.activecampaign.webhooks import WebhookDispatcher
+from sandbox.admin import Controls
+
+
+@dataclass
+class Emulator:
+    """Everything the routes share: state, workers, and the limits."""
+
+    store: Store
+    imports: ImportQueue
+    webhooks: WebhookDispatcher
+    controls: Controls
+    bucket: TokenBucket
+    import_window: SlidingWindow
+    imports_per_minute: int | None = None
+
+    def import_limit(self) -> int:
+        """Bulk imports allowed per minute now (an admin override, else 100 x scale)."""
+        if self.imports_per_minute is not None:
+            return self.imports_per_minute
+        return scaled_imports(self.controls.limit_scale)
+
+
+def reply(body: Any, status: int = 200) -> JSONResponse:
+    """A JSON answer, serialised once (the bodies are plain dicts already)."""
+    return JSONResponse(body, status_code=status)
+
+
+async def json_body(request: Request) -> Any:
+    """The request's JSON body ({} when empty); malformed JSON is AC's bare 400 `{}`."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, {}) from exc
+
+
+JsonBody = Annotated[Any, Depends(json_body)]
+
+
+def base_url(request: Request) -> str:
+    """The scheme and host the client used (any host name is accepted)."""
+    return str(request.base_url).rstrip("/")
+
+
+def _total(db: sqlite3.Connection, sql: str, args: list[Any]) -> str:
+    return str(db.execute(sql, args).fetchone()[0])
+
+
+def contact_envelope(db: sqlite3.Connection, contact_id: int, base: str) -> dict[str, Any]:
+    """`{fieldValues, contact}`: what create, update and sync answer."""
+    row = db.execute(views.CONTACT_SELECT + " WHERE c.id = ?", (contact_id,)).fetchone()
+    values = [
+        views.field_value(r, base)
+        for r in db.execute(
+            views.FIELD_VALUE_SELECT + " WHERE contact_id = ? ORDER BY field_id", (contact_id,)
+        )
+    ]
+    contact = views.contact(row, base)
+    contact["fieldValues"] = [value["id"] for value in values]
+    return {"fieldValues": values, "contact": contact}
+
+
+def build_api(emu: Emulator) -> APIRouter:
+    """The `/api/3` router."""
+    api = APIRouter(prefix="/api/3")
+    store = emu.store
+
+    # ---- contacts ----------------------------------------------------------------------
+
+    @api.get("/contacts")
+    def list_contacts(request: Request) -> JSONResponse:
+        params = request.query_params
+        where, args = ops.contact_filters(params)
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM contacts c" + where, args)
+        rows = db.execute(
+            views.CONTACT_SELECT + where + ops.contact_order(params) + " LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        ).fetchall()
+        base = base_url(request)
+        return reply(
+            {
+                "scoreValues": [],
+                "contacts": [views.contact(row, base) for row in rows],
+                "meta": {"total": total, "page_input": ops.page_input(params, limit, offset)},
+            }
+        )
+
+    @api.post("/contacts")
+    def create_contact(request: Request, body: JsonBody) -> JSONResponse:
+        data = ops.ContactInput.from_api(body)
+        allow_null = bool(
+            isinstance(body.get("contact"), dict) and body["contact"].get("allowNullEmail")
+        )
+        with store.write() as tx:
+            contact_id = ops.create_contact(tx, data, allow_null_email=allow_null)
+        return reply(contact_envelope(store.conn(), contact_id, base_url(request)), 201)
+
+    @api.post("/contact/sync")
+    def sync_contact(request: Request, body: JsonBody) -> JSONResponse:
+        data = ops.ContactInput.from_api(body)
+        with store.write() as tx:
+            contact_id = ops.sync_contact(tx, data)
+        return reply(contact_envelope(store.conn(), contact_id, base_url(request)), 201)
+
+    @api.get("/contacts/{contact_id}")
+    def get_contact(request: Request, contact_id: str) -> JSONResponse:
+        db = store.conn()
+        cid = ops.require_contact(db, ops.as_int(contact_id))
+        base = base_url(request)
+        envelope = contact_envelope(db, cid, base)
+        lists = [
+            views.contact_list(r, base)
+            for r in db.execute(
+                views.CONTACT_LIST_SELECT + " WHERE contact_id = ? ORDER BY id", (cid,)
+            )
+        ]
+        accounts = [
+            views.account_contact(r, base)
+            for r in db.execute(views.ACCOUNT_CONTACT_SELECT + " WHERE contact_id = ?", (cid,))
+        ]
+        contact = envelope["contact"]
+        contact.update(
+            contactAutomations=[],
+            contactLists=[item["id"] for item in lists],
+            geoIps=[],
+            deals=[],
+            accountContacts=[item["id"] for item in accounts],
+        )
+        return reply(
+            {
+                "contactAutomations": [],
+                "contactData": [],
+                "contactGoals": [],
+                "contactLists": lists,
+                "deals": [],
+                "fieldValues": envelope["fieldValues"],
+                "geoAddresses": [],
+                "geoIps": [],
+                "accountContacts": accounts,
+                "contact": contact,
+            }
+        )
+
+    @api.put("/contacts/{contact_id}")
+    def update_contact(request: Request, contact_id: str, body: JsonBody) -> JSONResponse:
+        data = ops.ContactInput.from_api(body)
+        with store.write() as tx:
+            cid = ops.update_contact(tx, ops.as_int(contact_id), data)
+        return reply(contact_envelope(store.conn(), cid, base_url(request)))
+
+    @api.delete("/contacts/{contact_id}")
+    def delete_contact(contact_id: str) -> JSONResponse:
+        with store.write() as tx:
+            ops.delete_contact(tx, ops.as_int(contact_id))
+        return reply({})
+
+    @api.get("/contacts/{contact_id}/contactTags")
+    def contact_tags_of(request: Request, contact_id: str) -> JSONResponse:
+        # limit/offset are ignored here, and associations to deleted tags are hidden.
+        db = store.conn()
+        cid = ops.require_contact(db, ops.as_int(contact_id))
+        base = base_url(request)
+        rows = db.execute(
+            views.CONTACT_TAG_SELECT
+            + " JOIN tags t ON t.id = ct.tag_id WHERE ct.contact_id = ? ORDER BY ct.id",
+            (cid,),
+        )
+        return reply({"contactTags": [views.contact_tag(r, base) for r in rows]})
+
+    @api.get("/contacts/{contact_id}/fieldValues")
+    def field_values_of(request: Request, contact_id: str) -> JSONResponse:
+        db = store.conn()
+        cid = ops.require_contact(db, ops.as_int(contact_id))
+        base = base_url(request)
+        rows = db.execute(
+            views.FIELD_VALUE_SELECT + " WHERE contact_id = ? ORDER BY field_id", (cid,)
+        )
+        return reply({"fieldValues": [views.field_value(r, base) for r in rows]})
+
+    @api.get("/contacts/{contact_id}/contactLists")
+    def lists_of(request: Request, contact_id: str) -> JSONResponse:
+        db = store.conn()
+        cid = ops.require_contact(db, ops.as_int(contact_id))
+        base = base_url(request)
+        rows = db.execute(views.CONTACT_LIST_SELECT + " WHERE contact_id = ? ORDER BY id", (cid,))
+        return reply({"contactLists": [views.contact_list(r, base) for r in rows]})
+
+    # ---- tags --------------------------------------------------------------------------
+
+    @api.get("/tags")
+    def list_tags(request: Request) -> JSONResponse:
+        params = request.query_params
+        where, args, order, order_args = ops.tag_query(params)
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM tags t" + where, args)
+        rows = db.execute(
+            views.TAG_SELECT + where + order + " LIMIT ? OFFSET ?",
+            [*args, *order_args, limit, offset],
+        )
+        base = base_url(request)
+        return reply({"tags": [views.tag(r, base) for r in rows], "meta": {"total": total}})
+
+    @api.post("/tags")
+    def create_tag(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            tag_id = ops.create_tag(tx, body)
+        return reply({"tag": _tag(tag_id, base_url(request))}, 201)
+
+    def _tag(tag_id: int, base: str, *, count: bool = False) -> dict[str, Any]:
+        db = store.conn()
+        row = db.execute(views.TAG_SELECT + " WHERE t.id = ?", (tag_id,)).fetchone()
+        if row is None:
+            raise not_found("Tag", tag_id)
+        tag = views.tag(row, base)
+        if count:
+            tag["subscriber_count"] = _total(
+                db, "SELECT COUNT(*) FROM contact_tags WHERE tag_id = ?", [tag_id]
+            )
+        return tag
+
+    @api.get("/tags/{tag_id}")
+    def get_tag(request: Request, tag_id: str) -> JSONResponse:
+        tid = ops.require_tag(store.conn(), ops.as_int(tag_id))
+        return reply({"tag": _tag(tid, base_url(request), count=True)})
+
+    @api.put("/tags/{tag_id}")
+    def update_tag(request: Request, tag_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            tid = ops.update_tag(tx, ops.as_int(tag_id), body)
+        return reply({"tag": _tag(tid, base_url(request))})
+
+    @api.delete("/tags/{tag_id}")
+    def delete_tag(tag_id: str) -> JSONResponse:
+        with store.write() as tx:
+            ops.delete_tag(tx, ops.as_int(tag_id))
+        return reply({})
+
+    # ---- contact tags ------------------------------------------------------------------
+
+    @api.get("/contactTags")
+    def list_contact_tags(request: Request) -> JSONResponse:
+        # Associations to deleted tags are listed and counted here.
+        params = request.query_params
+        where, args, order = ops.contact_tag_query(params)
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM contact_tags ct" + where, args)
+        rows = db.execute(
+            views.CONTACT_TAG_SELECT + where + order + " LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
+        base = base_url(request)
+        return reply(
+            {"contactTags": [views.contact_tag(r, base) for r in rows], "meta": {"total": total}}
+        )
+
+    def _contact_tag(association_id: int | None, base: str) -> dict[str, Any]:
+        row = (
+            store.conn()
+            .execute(views.CONTACT_TAG_SELECT + " WHERE ct.id = ?", (association_id,))
+            .fetchone()
+        )
+        if row is None:
+            raise not_found("SubscriberTag", association_id if association_id is not None else "")
+        return views.contact_tag(row, base)
+
+    @api.post("/contactTags")
+    def create_contact_tag(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            association_id = ops.create_contact_tag(tx, body)
+        return reply({"contactTag": _contact_tag(association_id, base_url(request))}, 201)
+
+    @api.get("/contactTags/{association_id}")
+    def get_contact_tag(request: Request, association_id: str) -> JSONResponse:
+        return reply({"contactTag": _contact_tag(ops.as_int(association_id), base_url(request))})
+
+    @api.delete("/contactTags/{association_id}")
+    def delete_contact_tag(association_id: str) -> JSONResponse:
+        with store.write() as tx:
+            ops.delete_contact_tag(tx, ops.as_int(association_id))
+        return reply({})
+
+    # ---- custom fields and values ------------------------------------------------------
+
+    @api.get("/fields")
+    def list_fields(request: Request) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params, default=100)
+        where, args = "", []
+        if perstag := params.get("filters[perstag]"):
+            where, args = " WHERE perstag = ?", [perstag.strip().upper()]
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM fields" + where, args)
+        rows = db.execute(
+            views.FIELD_SELECT + where + " ORDER BY ordernum, id LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        ).fetchall()
+        base = base_url(request)
+        ids = [row[0] for row in rows]
+        rels = db.execute(
+            "SELECT id, field_id, relid, cdate FROM field_rels"
+            f" WHERE field_id IN ({','.join('?' * len(ids))}) ORDER BY id",
+            ids,
+        ).fetchall()
+        return reply(
+            {
+                "fieldOptions": [],
+                "fieldRels": [views.field_rel(r, base) for r in rels],
+                "fields": [views.custom_field(r, base) for r in rows],
+                "meta": {"total": total},
+            }
+        )
+
+    @api.post("/fields")
+    def create_field(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            field_id = ops.create_field(tx, body)
+        return reply({"field": _field(field_id, base_url(request))}, 201)
+
+    def _field(field_id: int | None, base: str) -> dict[str, Any]:
+        row = store.conn().execute(views.FIELD_SELECT + " WHERE id = ?", (field_id,)).fetchone()
+        if row is None:
+            raise not_found("Field", field_id if field_id is not None else "")
+        return views.custom_field(row, base)
+
+    @api.get("/fields/{field_id}")
+    def get_field(request: Request, field_id: str) -> JSONResponse:
+        return reply({"field": _field(ops.as_int(field_id), base_url(request))})
+
+    @api.post("/fieldRels")
+    def create_field_rel(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            rel_id = ops.create_field_rel(tx, body)
+        row = (
+            store.conn()
+            .execute("SELECT id, field_id, relid, cdate FROM field_rels WHERE id = ?", (rel_id,))
+            .fetchone()
+        )
+        return reply({"fieldRel": views.field_rel(row, base_url(request))}, 201)
+
+    @api.get("/fieldValues")
+    def list_field_values(request: Request) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params)
+        where: list[str] = []
+        args: list[Any] = []
+        if (field_id := ops.as_int(params.get("filters[fieldid]"))) is not None:
+            where.append("field_id = ?")
+            args.append(field_id)
+        if (value := params.get("filters[val]")) is not None:
+            where.append("value = ?")
+            args.append(value)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM field_values" + clause, args)
+        rows = db.execute(
+            views.FIELD_VALUE_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        base = base_url(request)
+        return reply(
+            {"fieldValues": [views.field_value(r, base) for r in rows], "meta": {"total": total}}
+        )
+
+    def _field_value_reply(value_id: int, base: str) -> JSONResponse:
+        db = store.conn()
+        row = db.execute(views.FIELD_VALUE_SELECT + " WHERE id = ?", (value_id,)).fetchone()
+        contact = db.execute(views.CONTACT_SELECT + " WHERE c.id = ?", (row[1],)).fetchone()
+        return reply(
+            {"contacts": [views.contact(contact, base)], "fieldValue": views.field_value(row, base)}
+        )
+
+    @api.post("/fieldValues")
+    def create_field_value(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            value_id = ops.write_field_value(tx, body)
+        return _field_value_reply(value_id, base_url(request))
+
+    @api.put("/fieldValues/{value_id}")
+    def update_field_value(request: Request, value_id: str, body: JsonBody) -> JSONResponse:
+        vid = ops.as_int(value_id)
+        if vid is None:
+            raise not_found("FieldValue", value_id)
+        with store.write() as tx:
+            vid = ops.write_field_value(tx, body, vid)
+        return _field_value_reply(vid, base_url(request))
+
+    @api.get("/fieldValues/{value_id}")
+    def get_field_value(request: Request, value_id: str) -> JSONResponse:
+        vid = ops.as_int(value_id)
+        row = store.conn().execute(views.FIELD_VALUE_SELECT + " WHERE id = ?", (vid,)).fetchone()
+        if row is None:
+            raise not_found("FieldValue", value_id)
+        return reply({"fieldValue": views.field_value(row, base_url(request))})
+
+    @api.delete("/fieldValues/{value_id}")
+    def delete_field_value(value_id: str) -> JSONResponse:
+        with store.write() as tx:
+            if not tx.db.execute(
+                "DELETE FROM field_values WHERE id = ?", (ops.as_int(value_id),)
+            ).rowcount:
+                raise not_found("FieldValue", value_id)
+        return reply({})
+
+    # ---- lists -------------------------------------------------------------------------
+
+    @api.get("/lists")
+    def list_lists(request: Request) -> JSONResponse:
+        limit, offset = ops.paging(request.query_params)
+        db = store.conn()
+        rows = db.execute(views.LIST_SELECT + " ORDER BY id LIMIT ? OFFSET ?", (limit, offset))
+        base = base_url(request)
+        return reply(
+            {
+                "lists": [views.mailing_list(r, base) for r in rows],
+                "meta": {"total": _total(db, "SELECT COUNT(*) FROM lists", [])},
+            }
+        )
+
+    @api.post("/lists")
+    def create_list(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            list_id = ops.create_list(tx, body)
+        row = store.conn().execute(views.LIST_SELECT + " WHERE id = ?", (list_id,)).fetchone()
+        return reply({"list": views.mailing_list(row, base_url(request))}, 201)
+
+    @api.get("/lists/{list_id}")
+    def get_list(request: Request, list_id: str) -> JSONResponse:
+        row = (
+            store.conn()
+            .execute(views.LIST_SELECT + " WHERE id = ?", (ops.as_int(list_id),))
+            .fetchone()
+        )
+        if row is None:
+            raise not_found("List", list_id)
+        return reply({"list": views.mailing_list(row, base_url(request))})
+
+    @api.post("/contactLists")
+    def write_contact_list(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            membership, contact_id = ops.write_contact_list(tx, body)
+        db = store.conn()
+        base = base_url(request)
+        row = db.execute(views.CONTACT_LIST_SELECT + " WHERE id = ?", (membership,)).fetchone()
+        contact = db.execute(views.CONTACT_SELECT + " WHERE c.id = ?", (contact_id,)).fetchone()
+        return reply(
+            {
+                "contacts": [views.contact(contact, base)],
+                "contactList": views.contact_list(row, base),
+            }
+        )
+
+    # ---- accounts ----------------------------------------------------------------------
+
+    @api.get("/accounts")
+    def list_accounts(request: Request) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params)
+        where, args = "", []
+        if search := params.get("search", "").strip():
+            where, args = " WHERE a.name LIKE ? ESCAPE '\\'", [ops.like_pattern(search)]
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM accounts a" + where, args)
+        rows = db.execute(
+            views.ACCOUNT_SELECT + where + " ORDER BY a.id LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
+        base = base_url(request)
+        return reply({"accounts": [views.account(r, base) for r in rows], "meta": {"total": total}})
+
+    def _account(account_id: int | None, base: str) -> dict[str, Any]:
+        row = (
+            store.conn().execute(views.ACCOUNT_SELECT + " WHERE a.id = ?", (account_id,)).fetchone()
+        )
+        if row is None:
+            raise not_found("Account", account_id if account_id is not None else "")
+        return views.account(row, base)
+
+    @api.post("/accounts")
+    def create_account(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            account_id = ops.create_account(tx, body)
+        account = _account(account_id, base_url(request))
+        for key in ("contactCount", "dealCount"):
+            account.pop(key)
+        account.update(links=[], fields=[])
+        return reply({"account": account}, 201)
+
+    @api.get("/accounts/{account_id}")
+    def get_account(request: Request, account_id: str) -> JSONResponse:
+        return reply({"account": _account(ops.as_int(account_id), base_url(request))})
+
+    @api.put("/accounts/{account_id}")
+    def update_account(request: Request, account_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            aid = ops.update_account(tx, ops.as_int(account_id), body)
+        return reply({"account": _account(aid, base_url(request))})
+
+    @api.delete("/accounts/{account_id}")
+    def delete_account(account_id: str) -> JSONResponse:
+        aid = ops.as_int(account_id)
+        with store.write() as tx:
+            if not tx.db.execute("DELETE FROM accounts WHERE id = ?", (aid,)).rowcount:
+                raise not_found("Account", account_id)
+            tx.db.execute("DELETE FROM account_contacts WHERE account_id = ?", (aid,))
+        return reply({})
+
+    @api.get("/accountContacts")
+    def list_account_contacts(request: Request) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params)
+        where: list[str] = []
+        args: list[Any] = []
+        for key, column in (("filters[contact]", "contact_id"), ("filters[account]", "account_id")):
+            if (value := ops.as_int(params.get(key))) is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM account_contacts" + clause, args)
+        rows = db.execute(
+            views.ACCOUNT_CONTACT_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        base = base_url(request)
+        return reply(
+            {
+                "accountContacts": [views.account_contact(r, base) for r in rows],
+                "meta": {"total": total},
+            }
+        )
+
+    @api.post("/accountContacts")
+    def create_account_contact(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            link_id = ops.create_account_contact(tx, body)
+        row = (
+            store.conn()
+            .execute(views.ACCOUNT_CONTACT_SELECT + " WHERE id = ?", (link_id,))
+            .fetchone()
+        )
+        return reply({"accountContact": views.account_contact(row, base_url(request))}, 201)
+
+    @api.delete("/accountContacts/{link_id}")
+    def delete_account_contact(link_id: str) -> JSONResponse:
+        with store.write() as tx:
+            if not tx.db.execute(
+                "DELETE FROM account_contacts WHERE id = ?", (ops.as_int(link_id),)
+            ).rowcount:
+                raise not_found("AccountContact", link_id)
+        return reply({})
+
+    # ---- bulk import -------------------------------------------------------------------
+
+    @api.post("/import/bulk_import")
+    def bulk_import(body: JsonBody) -> JSONResponse:
+        if emu.controls.limits_enabled:
+            decision = emu.import_window.take(emu.import_limit(), time.monotonic())
+            if not decision.allowed:
+                return reply(imports.RATE_LIMITED, 400)
+        contacts = imports.validate(body)
+        batch_id = emu.imports.submit(contacts)
+        return reply(
+            {
+                "Success": 1,
+                "queued_contacts": len(contacts),
+                "batchId": batch_id,
+                "message": "Contact import queued",
+            }
+        )
+
+    @api.get("/import/bulk_import")
+    def bulk_import_overview() -> JSONResponse:
+        return reply(emu.imports.overview())
+
+    @api.get("/import/info")
+    def import_info(request: Request) -> JSONResponse:
+        batch_id = request.query_params.get("batchId", "").strip()
+        if not batch_id:
+            return reply({"success": 0, "message": "'batchId' is a required field."}, 400)
+        info = emu.imports.info(batch_id)
+        if info is None:
+            raise not_found("Batch", batch_id)
+        return reply(info)
+
+    # ---- webhooks ----------------------------------------------------------------------
+
+    @api.get("/webhook/events")
+    def webhook_events() -> JSONResponse:
+        return reply(
+            {"webhookEvents": list(ops.WEBHOOK_EVENTS), "meta": {"total": len(ops.WEBHOOK_EVENTS)}}
+        )
+
+    @api.get("/webhooks")
+    def list_webhooks(request: Request) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params)
+        where: list[str] = []
+        args: list[Any] = []
+        for key in ("name", "url", "listid"):
+            if (value := params.get(f"filters[{key}]")) is not None:
+                where.append(f"{key} = ?")
+                args.append(ops.as_int(value) if key == "listid" else value)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM webhooks" + clause, args)
+        rows = db.execute(
+            views.WEBHOOK_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
+        base = base_url(request)
+        return reply({"webhooks": [views.webhook(r, base) for r in rows], "meta": {"total": total}})
+
+    def _webhook(webhook_id: int | None, base: str) -> dict[str, Any]:
+        row = store.conn().execute(views.WEBHOOK_SELECT + " WHERE id = ?", (webhook_id,)).fetchone()
+        if row is None:
+            raise not_found("Webhook", webhook_id if webhook_id is not None else "")
+        return views.webhook(row, base)
+
+    @api.post("/webhooks")
+    def create_webhook(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            webhook_id = ops.create_webhook(tx, body)
+        return reply({"webhook": _webhook(webhook_id, base_url(request))}, 201)
+
+    @api.get("/webhooks/{webhook_id}")
+    def get_webhook(request: Request, webhook_id: str) -> JSONResponse:
+        return reply({"webhook": _webhook(ops.as_int(webhook_id), base_url(request))})
+
+    @api.put("/webhooks/{webhook_id}")
+    def update_webhook(request: Request, webhook_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            wid = ops.update_webhook(tx, ops.as_int(webhook_id), body)
+        return reply({"webhook": _webhook(wid, base_url(request))})
+
+    @api.delete("/webhooks/{webhook_id}")
+    def delete_webhook(webhook_id: str) -> JSONResponse:
+        with store.write() as tx:
+            wid = ops.require_webhook(tx.db, ops.as_int(webhook_id))
+            tx.db.execute("DELETE FROM webhooks WHERE id = ?", (wid,))
+        return reply({})
+
+    # ---- users -------------------------------------------------------------------------
+
+    @api.get("/users/me")
+    def me(request: Request) -> JSONResponse:
+        base = base_url(request)
+        return reply(
+            {
+                "user": {
+                    "username": "sandbox",
+                    "firstName": "Sandbox",
+                    "lastName": "Admin",
+                    "email": "admin@sandbox.invalid",
+                    "phone": "",
+                    "signature": None,
+                    "links": {
+                        "lists": f"{base}/api/3/users/1/lists",
+                        "userGroup": f"{base}/api/3/users/1/userGroup",
+                        "configs": f"{base}/api/3/users/1/configs",
+                    },
+                    "id": "1",
+                }
+            }
+        )
+
+    return api

@@ -1,0 +1,227 @@
+"""The ActiveCampaign API v3 emulator as a FastAPI app: auth, rate limits, routes and admin."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandbox.activecampaign import ops
+from sandbox.activecampaign.api import Emulator, build_api
+from sandbox.activecampaign.imports import ImportQueue
+from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, scaled_rate
+from sandbox.activecampaign.store import ApiError, Store, iso
+from sandbox.activecampaign.webhooks import WebhookDispatcher
+from sandbox.admin import Controls, install_admin
+from sandbox.credentials import load_or_create
+
+FORBIDDEN = b'{"message":"Forbidden"}'
+TOO_MANY = b'{"message":"Too Many Requests"}'
+TYPE_TAGS = {"lead": "D365: Lead", "contact": "D365: Contact"}
+PULLED_FROM_AC = "D365: Pulled from ActiveCampaign"
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiGate:
+    """Before `/api/`: the `Api-Token` check (403), then the account's 5/s limit (429).
+
+    The limit is read from the admin controls on every request, so tests can switch it at
+    runtime; admin routes never pass through here.
+    """
+
+    def __init__(self, app: ASGIApp, emulator: Emulator, token: str) -> None:
+        self.app = app
+        self.emulator = emulator
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        supplied = next((value for key, value in scope["headers"] if key == b"api-token"), b"")
+        if not hmac.compare_digest(supplied, self.token):
+            await _send_json(send, 403, FORBIDDEN, [])
+            return
+        controls = self.emulator.controls
+        if not controls.limits_enabled:
+            await self.app(scope, receive, send)
+            return
+        rate, capacity = scaled_rate(controls.limit_scale)
+        decision = self.emulator.bucket.take(rate, capacity, time.monotonic())
+        limit_headers = [
+            (b"ratelimit-limit", str(decision.limit).encode()),
+            (b"ratelimit-remaining", str(decision.remaining).encode()),
+        ]
+        if not decision.allowed:
+            retry = [(b"retry-after", str(decision.retry_after).encode())]
+            await _send_json(send, 429, TOO_MANY, retry + limit_headers)
+            return
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *limit_headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)
+
+
+_NUMERIC_SEGMENT = re.compile(r"/\d+(?=/|$)")
+
+
+def route_template(path: str) -> str:
+    """A concrete API path as its route template, for the counters (`/contacts/7` -> `{id}`)."""
+    if path.startswith("/api/3/"):
+        return "/api/3" + _NUMERIC_SEGMENT.sub("/{id}", path[len("/api/3") :])
+    return path
+
+
+class AutomationBody(BaseModel):
+    """Which contacts reach the automation step, and which step (lead or contact)."""
+
+    contact_ids: list[int | str] = Field(min_length=1)
+    type: Literal["lead", "contact"]
+
+
+class ImportLimitBody(BaseModel):
+    """Bulk-import requests allowed per minute; null = the default (100 x limit scale)."""
+
+    per_minute: int | None = Field(None, ge=1)
+
+
+def export_contacts(store: Store) -> bytes:
+    """Every contact with its tag names and custom field values keyed by perstag, as JSON."""
+    db = store.conn()
+    tags: dict[int, list[str]] = {}
+    for contact_id, name in db.execute(
+        "SELECT ct.contact_id, t.tag FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id"
+        " ORDER BY ct.id"
+    ):
+        tags.setdefault(contact_id, []).append(name)
+    fields: dict[int, dict[str, str]] = {}
+    for contact_id, perstag, value in db.execute(
+        "SELECT fv.contact_id, f.perstag, fv.value FROM field_values fv"
+        " JOIN fields f ON f.id = fv.field_id"
+    ):
+        fields.setdefault(contact_id, {})[perstag] = value
+    contacts = [
+        {
+            "id": str(cid),
+            "email": email,
+            "firstName": first,
+            "lastName": last,
+            "phone": phone,
+            "cdate": iso(cdate),
+            "udate": iso(udate),
+            "tags": tags.get(cid, []),
+            "fields": fields.get(cid, {}),
+        }
+        for cid, email, first, last, phone, cdate, udate in db.execute(
+            "SELECT id, email, first_name, last_name, phone, cdate, udate FROM contacts ORDER BY id"
+        )
+    ]
+    return json.dumps({"total": len(contacts), "contacts": contacts}, ensure_ascii=False).encode()
+
+
+def admin_routes(emu: Emulator) -> APIRouter:
+    """The emulator's own admin endpoints (mounted under `/_sandbox`)."""
+    router = APIRouter(tags=["sandbox admin"])
+
+    @router.post("/automation")
+    def automation(body: AutomationBody) -> dict[str, Any]:
+        ids = [number for value in body.contact_ids if (number := ops.as_int(value)) is not None]
+        with emu.store.write(source="system") as tx:
+            result = ops.apply_automation(tx, ids, TYPE_TAGS[body.type], PULLED_FROM_AC)
+        return {"type": body.type, **result}
+
+    @router.get("/contacts/export")
+    def export() -> Response:
+        return Response(export_contacts(emu.store), media_type="application/json")
+
+    @router.get("/webhooks/deliveries")
+    def deliveries() -> dict[str, Any]:
+        return {"deliveries": emu.webhooks.deliveries()}
+
+    @router.get("/limits/bulk_import")
+    def get_import_limit() -> dict[str, Any]:
+        return {"per_minute": emu.import_limit(), "override": emu.imports_per_minute}
+
+    @router.put("/limits/bulk_import")
+    def set_import_limit(body: ImportLimitBody) -> dict[str, Any]:
+        emu.imports_per_minute = body.per_minute
+        emu.import_window.clear()
+        return {"per_minute": emu.import_limit(), "override": emu.imports_per_minute}
+
+    return router
+
+
+def create_app(data_dir: Path, *, limits: bool = True, limit_scale: float = 1.0) -> FastAPI:
+    """The emulator over the SQLite database in `data_dir` (created if missing)."""
+    store = Store(data_dir)
+    emu = Emulator(
+        store=store,
+        imports=ImportQueue(store),
+        webhooks=WebhookDispatcher(store),
+        controls=Controls(name="activecampaign", limits_enabled=limits, limit_scale=limit_scale),
+        bucket=TokenBucket(),
+        import_window=SlidingWindow(60.0),
+    )
+    store.on_commit = emu.webhooks.publish
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        emu.imports.start()
+        emu.webhooks.start()
+        yield
+        emu.imports.stop()
+        emu.webhooks.stop()
+
+    app = FastAPI(
+        title="ActiveCampaign API v3 (sandbox)", lifespan=lifespan, docs_url="/_sandbox/docs",
+        redoc_url=None, openapi_url="/_sandbox/openapi.json",
+    )  # fmt: skip
+    app.state.emulator = emu
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    app.include_router(build_api(emu))
+    app.add_middleware(ApiGate, emulator=emu, token=load_or_create(data_dir).ac_api_token)
+
+    def reset() -> None:
+        store.reset()
+        emu.bucket.clear()
+        emu.import_window.clear()
+        emu.imports_per_minute = None
+        emu.webhooks.clear()
+
+    install_admin(
+        app, emu.controls, reset=reset, templates=route_template, extra_routes=admin_routes(emu)
+    )
+    return app

@@ -1,0 +1,666 @@
+"""The Web API resource tree: routes a request (top-level or inside `$batch`) to reads and writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from sandbox.dataverse import errors
+from sandbox.dataverse.auth import Identity
+from sandbox.dataverse.batch import (
+    BatchRequest,
+    ChangeSet,
+    ChangeSetResponse,
+    PartResponse,
+    parse_batch,
+    render_batch,
+)
+from sandbox.dataverse.errors import (
+    DataverseError,
+    bad_request,
+    no_resource,
+    not_found,
+    segment_not_found,
+    url_too_long,
+    version_mismatch,
+)
+from sandbox.dataverse.formatting import JSON_TYPE, Annotations, RowFormatter, dumps, etag
+from sandbox.dataverse.metadata import metadata_response
+from sandbox.dataverse.odata import entity_resolver, parse_key, parse_select
+from sandbox.dataverse.query import Prefs, QueryOptions, Reader
+from sandbox.dataverse.schema import ENTITIES, NS, Entity
+from sandbox.dataverse.settings import SettingsHolder
+from sandbox.dataverse.store import Store
+from sandbox.dataverse.writes import Caller, Writer
+
+log = logging.getLogger(__name__)
+
+# Nominal execution time (ms) charged to the service-protection window per operation. The
+# emulator is far faster than Dataverse; these make the time limit behave like the real one.
+COST_MS = {
+    "whoami": 2.0,
+    "metadata": 5.0,
+    "retrieve": 5.0,
+    "read": 10.0,
+    "read_row": 0.2,
+    "write": 20.0,
+    "bulk": 10.0,
+    "bulk_row": 5.0,
+    "qualify": 50.0,
+    "batch": 5.0,
+    "error": 2.0,
+}
+MAX_BATCH_URL = 65_536
+BULK_ACTIONS = ("CreateMultiple", "UpdateMultiple", "UpsertMultiple")
+# Headers of the `$batch` request itself that also apply to every request inside it.
+_INHERITED = (
+    "mscrm.suppressduplicatedetection",
+    "mscrm.bypasscustompluginexecution",
+    "callerobjectid",
+)
+
+
+@dataclass
+class ApiRequest:
+    """A Web API request, from HTTP or from a `$batch` part."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    version: str
+    user_id: str
+    bindings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ApiResponse:
+    """The answer, plus the execution time charged for it."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    cost_ms: float = 0.0
+
+
+def json_response(
+    status: int, body: Any, cost_ms: float, headers: dict[str, str] | None = None
+) -> ApiResponse:
+    """A JSON answer with the OData content type."""
+    return ApiResponse(status, {"Content-Type": JSON_TYPE, **(headers or {})}, dumps(body), cost_ms)
+
+
+def error_response(error: DataverseError) -> ApiResponse:
+    """An error answer in Dataverse's shape."""
+    return json_response(error.status, error.body(), COST_MS["error"], error.headers)
+
+
+def split_path(path: str) -> list[str]:
+    """Path segments, splitting on `/` outside quotes and parentheses (keys may hold a `/`)."""
+    segments, current, depth, quoted = [], "", 0, False
+    for ch in path:
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        if ch == "/" and depth == 0 and not quoted:
+            segments.append(current)
+            current = ""
+        else:
+            current += ch
+    segments.append(current)
+    return [s for s in segments if s != ""]
+
+
+def _parse_json(body: bytes, entity_set: str) -> Any:
+    try:
+        return json.loads(body or b"{}")
+    except ValueError:
+        raise bad_request(
+            f"Error identified in Payload provided by the user for Entity :'{entity_set}', "
+            "For more information on this error please follow this help link "
+            "https://go.microsoft.com/fwlink/?linkid=2195293  ---->  InnerException : "
+            "Microsoft.OData.ODataException: Invalid JSON.",
+            errors.PAYLOAD,
+        ) from None
+
+
+def _etag_matches(header: str, version: int) -> bool:
+    return any(tag.strip() in (etag(version), f'"{version}"') for tag in header.split(","))
+
+
+class WebApi:
+    """Routes and answers Web API requests against the store."""
+
+    def __init__(
+        self, store: Store, settings: SettingsHolder, identity: Identity, base_url: str
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.identity = identity
+        self.base_url = base_url.rstrip("/")
+        self.user_names = identity.user_names()
+        self.writer = Writer(store, settings, self.user_names)
+
+    def api_base(self, version: str) -> str:
+        """The service root URL, with a trailing slash."""
+        return f"{self.base_url}/api/data/{version}/"
+
+    def lookup_name(self, target: str, row_id: str) -> str | None:
+        """The display name of a lookup's target (formatted-value annotation)."""
+        if target == "systemuser":
+            return self.user_names.get(row_id)
+        for entity in ENTITIES.values():
+            if entity.logical_name == target:
+                row = self.store.fetch(entity, row_id)
+                return row.get("fullname") if row else None
+        return None
+
+    def handle(self, req: ApiRequest) -> ApiResponse:
+        """Answer one request; every failure becomes a Dataverse error body."""
+        try:
+            return self._route(req)
+        except DataverseError as exc:
+            return error_response(exc)
+        except Exception:
+            # A bug in the emulator: answer like the service's generic failure, keep the trace.
+            log.exception("unexpected error in %s %s", req.method, req.path.split("(")[0])
+            return error_response(
+                DataverseError(500, errors.UNSPECIFIED, "An unexpected error occurred.")
+            )
+
+    def _route(self, req: ApiRequest) -> ApiResponse:
+        segments = split_path(req.path)
+
+        if not segments:
+            self._require(req, "GET")
+            return self._service_document(req)
+        head = segments[0]
+        if head == "$batch" and len(segments) == 1:
+            self._require(req, "POST")
+            return self._batch(req)
+        if head in ("WhoAmI", "WhoAmI()") and len(segments) == 1:
+            self._require(req, "GET")
+            return json_response(
+                200,
+                {
+                    "@odata.context": f"{self.api_base(req.version)}$metadata#{NS}.WhoAmIResponse",
+                    "BusinessUnitId": self.identity.business_unit_id,
+                    "UserId": req.user_id,
+                    "OrganizationId": self.identity.organization_id,
+                },
+                COST_MS["whoami"],
+            )
+        if head.startswith("EntityDefinitions"):
+            self._require(req, "GET")
+            query = QueryOptions.parse(req.query)
+            body = metadata_response(
+                segments, query.options, self.settings.current, self.api_base(req.version)
+            )
+            return json_response(200, body, COST_MS["metadata"])
+        match = re.fullmatch(r"([A-Za-z_$][\w.]*)(?:\((.*)\))?", head, re.S)
+        if match is None or match.group(1) not in ENTITIES:
+            raise segment_not_found(match.group(1) if match else head)
+        entity = ENTITIES[match.group(1)]
+        rest = segments[1:]
+        if match.group(2) is None:
+            return self._collection(entity, rest, req)
+        return self._row(entity, match.group(2), rest, req)
+
+    def _require(self, req: ApiRequest, *methods: str) -> None:
+        if req.method not in methods:
+            raise DataverseError(
+                405,
+                errors.ODATA,
+                f"The requested resource does not support http method '{req.method}'.",
+            )
+
+    def _service_document(self, req: ApiRequest) -> ApiResponse:
+        base = self.api_base(req.version)
+        value = [{"name": s, "kind": "EntitySet", "url": s} for s in ENTITIES]
+        return json_response(200, {"@odata.context": f"{base}$metadata", "value": value}, 1.0)
+
+    def _caller(self, req: ApiRequest) -> Caller:
+        suppress = req.headers.get("mscrm.suppressduplicatedetection", "true").strip().lower()
+        return Caller(req.user_id, detect_duplicates=suppress == "false")
+
+    def _reader(self, req: ApiRequest) -> Reader:
+        return Reader(self.store, self.settings, self.api_base(req.version), self.lookup_name)
+
+    # -- collections -------------------------------------------------------------------------
+
+    def _collection(self, entity: Entity, rest: list[str], req: ApiRequest) -> ApiResponse:
+        prefs = Prefs.parse(req.headers.get("prefer"))
+        if not rest:
+            self._require(req, "GET", "POST")
+            if req.method == "POST":
+                return self._create(entity, req, prefs)
+            page = self._reader(req).read(entity, QueryOptions.parse(req.query), prefs)
+            headers = {"Preference-Applied": ",".join(page.applied)} if page.applied else {}
+            cost = COST_MS["read"] + COST_MS["read_row"] * page.rows
+            return json_response(200, page.body, cost, headers)
+        if rest == ["$count"]:
+            self._require(req, "GET")
+            count = self._reader(req).count(entity, QueryOptions.parse(req.query))
+            return ApiResponse(
+                200, {"Content-Type": "text/plain"}, str(count).encode(), COST_MS["read"]
+            )
+        action = rest[0][len(NS) + 1 :] if rest[0].startswith(f"{NS}.") else None
+        if len(rest) == 1 and action in BULK_ACTIONS:
+            if req.method != "POST":
+                raise no_resource(f"{self.api_base(req.version)}{req.path}")
+            return self._bulk(entity, action, req)
+        raise segment_not_found(rest[0])
+
+    def _create(self, entity: Entity, req: ApiRequest, prefs: Prefs) -> ApiResponse:
+        body = _parse_json(req.body, entity.entity_set)
+        with self.store.transaction() as conn:
+            values = self.writer.prepare(entity, body, creating=True, bindings=req.bindings)
+            (row,) = self.writer.create(conn, entity, [values], self._caller(req))
+        return self._written(entity, row, req, prefs, created=True)
+
+    def _written(
+        self, entity: Entity, row: dict[str, Any], req: ApiRequest, prefs: Prefs, *, created: bool
+    ) -> ApiResponse:
+        row_url = f"{self.api_base(req.version)}{entity.entity_set}({row[entity.primary_id]})"
+        if not prefs.return_representation:
+            return ApiResponse(204, {"OData-EntityId": row_url}, b"", COST_MS["write"])
+        select = self._select(entity, req)
+        formatter = RowFormatter(entity, select, Annotations(prefs.annotations), self.lookup_name)
+        body = {
+            "@odata.context": self._entity_context(entity, select, req),
+            **formatter.format(row),
+        }
+        headers = {
+            "ETag": etag(row["versionnumber"]),
+            "Preference-Applied": "return=representation",
+        }
+        cost = COST_MS["write"] + COST_MS["retrieve"]
+        return json_response(201 if created else 200, body, cost, headers)
+
+    def _select(self, entity: Entity, req: ApiRequest) -> list[str] | None:
+        raw = QueryOptions.parse(req.query).get("$select")
+        if raw is None or raw.strip() in ("", "*"):
+            return None
+        return parse_select(raw, entity_resolver(entity), entity.type_name)
+
+    def _entity_context(self, entity: Entity, select: list[str] | None, req: ApiRequest) -> str:
+        cols = f"({','.join(select)})" if select else ""
+        return f"{self.api_base(req.version)}$metadata#{entity.entity_set}{cols}/$entity"
+
+    def _bulk(self, entity: Entity, action: str, req: ApiRequest) -> ApiResponse:
+        body = _parse_json(req.body, entity.entity_set)
+        targets = body.get("Targets") if isinstance(body, dict) else None
+        if not isinstance(targets, list) or not targets:
+            raise bad_request(f"The parameter 'Targets' of the action '{action}' is required.")
+        expected = f"{NS}.{entity.logical_name}"
+        for target in targets:
+            kind = target.get("@odata.type", "") if isinstance(target, dict) else ""
+            if kind.lstrip("#") != expected:
+                raise bad_request(
+                    f"Each target of '{action}' must be an object with "
+                    f'"@odata.type": "{expected}".',
+                    errors.PAYLOAD,
+                )
+        caller = self._caller(req)
+        cost = COST_MS["bulk"] + COST_MS["bulk_row"] * len(targets)
+        base = self.api_base(req.version)
+        with self.store.transaction() as conn:
+            if action == "CreateMultiple":
+                items = [self.writer.prepare(entity, t, creating=True) for t in targets]
+                rows = self.writer.create(conn, entity, items, caller)
+                ids = [row[entity.primary_id] for row in rows]
+            elif action == "UpdateMultiple":
+                for target in targets:
+                    key = self._target_key(entity, target, action)
+                    existing = self._fetch_key(entity, key)
+                    if existing is None:
+                        raise self._missing(entity, key)
+                    values = self.writer.prepare(entity, target, creating=False)
+                    self.writer.update(conn, entity, existing, values, caller)
+                return ApiResponse(204, {}, b"", cost)
+            else:
+                ids = []
+                for target in targets:
+                    key = self._target_key(entity, target, action)
+                    existing = self._fetch_key(entity, key)
+                    row = self._upsert(conn, entity, key, existing, target, caller, {})
+                    ids.append(row[entity.primary_id])
+        body = {"@odata.context": f"{base}$metadata#{NS}.{action}Response", "Ids": ids}
+        return json_response(200, body, cost)
+
+    def _target_key(self, entity: Entity, target: dict[str, Any], action: str) -> tuple[str, str]:
+        """Which row a bulk target names: its primary key, `@odata.id`, or the alternate key."""
+        row_id = target.get(entity.primary_id)
+        if isinstance(row_id, str):
+            return "id", row_id.lower()
+        reference = target.get("@odata.id")
+        if isinstance(reference, str):
+            match = re.search(rf"{entity.entity_set}\((.*)\)$", reference)
+            if match is None:
+                raise bad_request(
+                    f"The @odata.id '{reference}' does not name a {entity.logical_name}."
+                )
+            return self._resolve_key(entity, match.group(1))
+        email = target.get("emailaddress1")
+        if isinstance(email, str) and self.settings.current.alternate_key.get(entity.entity_set):
+            return "email", email
+        raise bad_request(
+            f"Each target of '{action}' must carry '{entity.primary_id}' or an alternate key."
+        )
+
+    def _upsert(
+        self,
+        conn: Any,
+        entity: Entity,
+        key: tuple[str, str],
+        existing: dict[str, Any] | None,
+        body: Any,
+        caller: Caller,
+        bindings: dict[str, str],
+    ) -> dict[str, Any]:
+        """Update the row the key names, or create it (the key's values go into the new row)."""
+        if existing is not None:
+            values = self.writer.prepare(entity, body, creating=False, bindings=bindings)
+            if key[0] == "email":
+                # An upsert by alternate key never changes the key.
+                values.pop("emailaddress1", None)
+            return self.writer.update(conn, entity, existing, values, caller)
+        values = self.writer.prepare(entity, body, creating=True, bindings=bindings)
+        if key[0] == "id":
+            values[entity.primary_id] = key[1]
+        elif "emailaddress1" not in values:
+            column = entity.columns["emailaddress1"]
+            values["emailaddress1"] = self.writer.convert(entity, column, key[1])
+        (row,) = self.writer.create(conn, entity, [values], caller)
+        return row
+
+    # -- single rows -------------------------------------------------------------------------
+
+    def _resolve_key(self, entity: Entity, key_text: str) -> tuple[str, str]:
+        """("id", guid) or ("email", value) for the text inside `leads(...)`."""
+        key = parse_key(key_text)
+        if isinstance(key, str):
+            return "id", key
+        if set(key) == {entity.primary_id} and isinstance(key[entity.primary_id], str):
+            return "id", key[entity.primary_id].lower()
+        if set(key) == {"emailaddress1"} and self.settings.current.alternate_key.get(
+            entity.entity_set
+        ):
+            value = key["emailaddress1"]
+            if isinstance(value, str):
+                return "email", value
+        raise bad_request(
+            f"The key in the request URI is not valid for resource '{entity.type_name}'. Ensure "
+            "that the names and number of key properties match the declared or alternate key "
+            f"properties for the resource '{entity.type_name}'."
+        )
+
+    def _fetch_key(self, entity: Entity, key: tuple[str, str]) -> dict[str, Any] | None:
+        if key[0] == "id":
+            return self.store.fetch(entity, key[1])
+        row_id = self.store.find_by_email(entity, key[1])
+        return self.store.fetch(entity, row_id) if row_id else None
+
+    def _find(self, entity: Entity, key_text: str) -> tuple[tuple[str, str], dict[str, Any] | None]:
+        key = self._resolve_key(entity, key_text)
+        return key, self._fetch_key(entity, key)
+
+    @staticmethod
+    def _missing(entity: Entity, key: tuple[str, str]) -> DataverseError:
+        if key[0] == "id":
+            return not_found(entity.logical_name, key[1])
+        return DataverseError(
+            404,
+            errors.OBJECT_DOES_NOT_EXIST,
+            f"A record with the specified key values does not exist in {entity.logical_name} entity",
+        )
+
+    def _row(self, entity: Entity, key_text: str, rest: list[str], req: ApiRequest) -> ApiResponse:
+        prefs = Prefs.parse(req.headers.get("prefer"))
+        if not rest:
+            self._require(req, "GET", "PATCH", "DELETE")
+            if req.method == "GET":
+                return self._retrieve(entity, key_text, req, prefs)
+            if req.method == "PATCH":
+                return self._patch(entity, key_text, req, prefs)
+            return self._delete(entity, key_text, req)
+        if len(rest) == 1 and rest[0] == f"{NS}.QualifyLead" and entity.logical_name == "lead":
+            if req.method != "POST":
+                raise no_resource(f"{self.api_base(req.version)}{req.path}")
+            return self._qualify(entity, key_text, req)
+        if len(rest) == 1 and entity.by_json_name(rest[0]) is not None:
+            return self._property(entity, key_text, rest[0], req)
+        raise segment_not_found(rest[0])
+
+    def _retrieve(
+        self, entity: Entity, key_text: str, req: ApiRequest, prefs: Prefs
+    ) -> ApiResponse:
+        query = QueryOptions.parse(req.query)
+        if query.get("$expand") is not None:
+            raise bad_request("The sandbox does not support $expand.", errors.INVALID_ARGUMENT)
+        select = self._select(entity, req)
+        key, row = self._find(entity, key_text)
+        if row is None:
+            raise self._missing(entity, key)
+        tag = etag(row["versionnumber"])
+        cached = req.headers.get("if-none-match")
+        if (
+            cached
+            and cached != "null"
+            and not prefs.annotations
+            and _etag_matches(cached, row["versionnumber"])
+        ):
+            return ApiResponse(304, {"ETag": tag}, b"", COST_MS["retrieve"])
+        formatter = RowFormatter(entity, select, Annotations(prefs.annotations), self.lookup_name)
+        body = {
+            "@odata.context": self._entity_context(entity, select, req),
+            **formatter.format(row),
+        }
+        headers = {"ETag": tag}
+        if prefs.annotations:
+            headers["Preference-Applied"] = f'odata.include-annotations="{prefs.annotations}"'
+        return json_response(200, body, COST_MS["retrieve"], headers)
+
+    def _patch(self, entity: Entity, key_text: str, req: ApiRequest, prefs: Prefs) -> ApiResponse:
+        body = _parse_json(req.body, entity.entity_set)
+        if_match = req.headers.get("if-match")
+        if_none_match = req.headers.get("if-none-match")
+        caller = self._caller(req)
+        with self.store.transaction() as conn:
+            key, existing = self._find(entity, key_text)
+            if if_match:
+                if existing is None:
+                    raise self._missing(entity, key)
+                if if_match.strip() != "*" and not _etag_matches(
+                    if_match, existing["versionnumber"]
+                ):
+                    raise version_mismatch()
+            if if_none_match and if_none_match.strip() == "*" and existing is not None:
+                raise errors.duplicate_key()
+            row = self._upsert(conn, entity, key, existing, body, caller, req.bindings)
+        return self._written(entity, row, req, prefs, created=existing is None)
+
+    def _delete(self, entity: Entity, key_text: str, req: ApiRequest) -> ApiResponse:
+        if_match = req.headers.get("if-match")
+        with self.store.transaction() as conn:
+            key, existing = self._find(entity, key_text)
+            if existing is None:
+                raise self._missing(entity, key)
+            if (
+                if_match
+                and if_match.strip() != "*"
+                and not _etag_matches(if_match, existing["versionnumber"])
+            ):
+                raise version_mismatch()
+            self.store.delete(conn, entity, existing[entity.primary_id])
+        return ApiResponse(204, {}, b"", COST_MS["write"])
+
+    def _property(self, entity: Entity, key_text: str, name: str, req: ApiRequest) -> ApiResponse:
+        self._require(req, "GET", "PUT", "DELETE")
+        column = entity.by_json_name(name)
+        assert column is not None
+        if req.method == "GET":
+            key, row = self._find(entity, key_text)
+            if row is None:
+                raise self._missing(entity, key)
+            value = RowFormatter(entity, [name]).format(row)[name]
+            if value is None:
+                return ApiResponse(204, {}, b"", COST_MS["retrieve"])
+            row_id = row[entity.primary_id]
+            context = f"{self.api_base(req.version)}$metadata#{entity.entity_set}({row_id})/{name}"
+            return json_response(
+                200, {"@odata.context": context, "value": value}, COST_MS["retrieve"]
+            )
+        if req.method == "PUT":
+            payload = _parse_json(req.body, entity.entity_set)
+            if not isinstance(payload, dict) or "value" not in payload:
+                raise bad_request("The request body must be a JSON object with a 'value' property.")
+            new_value = payload["value"]
+        else:
+            new_value = None
+        if column.kind == "lookup" or name != column.name:
+            raise bad_request(
+                f"The property '{name}' cannot be set this way.", errors.INVALID_ARGUMENT
+            )
+        with self.store.transaction() as conn:
+            key, existing = self._find(entity, key_text)
+            if existing is None:
+                raise self._missing(entity, key)
+            values = self.writer.prepare(entity, {name: new_value}, creating=False)
+            self.writer.update(conn, entity, existing, values, self._caller(req))
+        return ApiResponse(204, {}, b"", COST_MS["write"])
+
+    def _qualify(self, entity: Entity, key_text: str, req: ApiRequest) -> ApiResponse:
+        params = _parse_json(req.body, entity.entity_set)
+        with self.store.transaction() as conn:
+            key, lead = self._find(entity, key_text)
+            if lead is None:
+                raise self._missing(entity, key)
+            created = self.writer.qualify(conn, lead, params, self._caller(req))
+        base = self.api_base(req.version)
+        value = [
+            {"@odata.type": f"#{NS}.{e.logical_name}", e.primary_id: row_id}
+            for e, row_id in created
+        ]
+        body = {"@odata.context": f"{base}$metadata#Collection({NS}.crmbaseentity)", "value": value}
+        return json_response(200, body, COST_MS["qualify"])
+
+    # -- $batch ------------------------------------------------------------------------------
+
+    def _batch(self, req: ApiRequest) -> ApiResponse:
+        prefs = Prefs.parse(req.headers.get("prefer"))
+        items = parse_batch(req.headers.get("content-type"), req.body)
+        answers: list[PartResponse | ChangeSetResponse] = []
+        cost = COST_MS["batch"]
+        for item in items:
+            if isinstance(item, ChangeSet):
+                answer, spent = self._changeset(item, req)
+            else:
+                answer, spent = self._part(item, req, {})
+            cost += spent
+            failed = isinstance(answer, PartResponse) and answer.status >= 400
+            if failed and not prefs.continue_on_error:
+                # The whole batch answers with the failure, whose part is the only one returned.
+                content_type, body = render_batch([answer])
+                return ApiResponse(answer.status, {"Content-Type": content_type}, body, cost)
+            answers.append(answer)
+        content_type, body = render_batch(answers)
+        return ApiResponse(200, {"Content-Type": content_type}, body, cost)
+
+    def _changeset(
+        self, changeset: ChangeSet, req: ApiRequest
+    ) -> tuple[PartResponse | ChangeSetResponse, float]:
+        bindings: dict[str, str] = {}
+        parts: list[PartResponse] = []
+        cost = 0.0
+        try:
+            with self.store.transaction():
+                for inner in changeset.requests:
+                    if inner.method == "GET":
+                        failure = PartResponse(
+                            400,
+                            {"Content-Type": JSON_TYPE, "OData-Version": "4.0"},
+                            dumps(
+                                bad_request(
+                                    "An invalid HTTP method 'GET' was detected for a request in a "
+                                    "change set. Requests in change sets only support the HTTP "
+                                    "methods 'POST', 'PUT', 'DELETE', and 'PATCH'."
+                                ).body()
+                            ),
+                            inner.content_id,
+                        )
+                        raise _ChangeSetFailed(failure)
+                    part, spent = self._part(inner, req, bindings)
+                    cost += spent
+                    if part.status >= 400:
+                        raise _ChangeSetFailed(part)
+                    location = part.headers.get("OData-EntityId")
+                    if inner.content_id and location:
+                        bindings[f"${inner.content_id}"] = location
+                    parts.append(part)
+        except _ChangeSetFailed as failed:
+            return failed.part, cost
+        return ChangeSetResponse(parts), cost
+
+    def _part(
+        self, inner: BatchRequest, req: ApiRequest, bindings: dict[str, str]
+    ) -> tuple[PartResponse, float]:
+        try:
+            path, query, version = self._inner_target(inner.url, req.version, bindings)
+        except DataverseError as exc:
+            answer = error_response(exc)
+        else:
+            headers = {k: v for k, v in req.headers.items() if k in _INHERITED}
+            headers.update(inner.headers)
+            if split_path(path)[:1] == ["$batch"]:
+                answer = error_response(bad_request("A batch cannot contain another batch."))
+            else:
+                answer = self.handle(
+                    ApiRequest(
+                        inner.method, path, query, headers, inner.body, version, req.user_id,
+                        bindings,
+                    )
+                )  # fmt: skip
+        headers = {"OData-Version": "4.0", **answer.headers}
+        if answer.status in (200, 201) and headers.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            headers["Content-Type"] = f"{JSON_TYPE}; odata.streaming=true"
+        if "OData-EntityId" in headers and inner.method in ("POST", "PATCH"):
+            headers["Location"] = headers["OData-EntityId"]
+        return PartResponse(answer.status, headers, answer.body, inner.content_id), answer.cost_ms
+
+    def _inner_target(
+        self, url: str, version: str, bindings: dict[str, str]
+    ) -> tuple[str, str, str]:
+        if len(url) > MAX_BATCH_URL:
+            raise url_too_long(len(url), MAX_BATCH_URL)
+        if url.startswith("$"):
+            reference, _, tail = url.partition("/")
+            if reference not in bindings:
+                raise bad_request(
+                    f"Content-ID Reference: '{reference}' does not exist in the batch context."
+                )
+            url = bindings[reference] + (f"/{tail}" if tail else "")
+        parts = urlsplit(url)
+        path = parts.path
+        match = re.match(r"/?api/data/(v\d+\.\d+)/?(.*)", path.lstrip("/"))
+        if match is not None:
+            return match.group(2), parts.query, match.group(1)
+        return path.lstrip("/"), parts.query, version
+
+
+class _ChangeSetFailed(Exception):
+    """Raised inside a change set's transaction to roll it back, carrying the failed answer."""
+
+    def __init__(self, part: PartResponse) -> None:
+        super().__init__(part.status)
+        self.part = part

@@ -1,0 +1,386 @@
+"""Writes: payload validation (types, MaxLength, state/status), server-set columns, the alternate
+key and duplicate rule on `emailaddress1`, and lead qualification (§2.5-§2.8, §7)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sandbox.dataverse import errors
+from sandbox.dataverse.errors import DataverseError, bad_request, duplicate_key, not_found
+from sandbox.dataverse.schema import BY_LOGICAL_NAME, ENTITIES, Column, Entity
+from sandbox.dataverse.settings import SettingsHolder
+from sandbox.dataverse.store import Store, casefold
+
+_GUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+_BIND = re.compile(r"(?:.*/)?([A-Za-z_]\w*)\(([0-9a-fA-F-]{36})\)$")
+_INT_KINDS = {"int", "bigint", "picklist", "state", "status"}
+_ADDRESS_PARTS = (
+    "address1_line1", "address1_line2", "address1_line3", "address1_city",
+    "address1_stateorprovince", "address1_postalcode", "address1_country",
+)  # fmt: skip
+# Columns QualifyLead copies from the lead to the new contact.
+QUALIFY_COPY = (
+    "firstname", "middlename", "lastname", "salutation", "emailaddress1", "emailaddress2",
+    "emailaddress3", "telephone1", "telephone2", "telephone3", "mobilephone", "fax", "jobtitle",
+    "websiteurl", "description", "address1_name", "address1_line1", "address1_line2",
+    "address1_line3", "address1_city", "address1_stateorprovince", "address1_county",
+    "address1_postalcode", "address1_postofficebox", "address1_country", "address1_telephone1",
+    "address1_telephone2", "address1_telephone3", "address1_fax", "donotemail", "donotbulkemail",
+    "donotphone", "donotpostalmail",
+)  # fmt: skip
+_BOOL_DEFAULTS = ("donotemail", "donotbulkemail", "donotphone", "donotpostalmail")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who writes, and the per-request switches that change how writes are checked."""
+
+    user_id: str
+    detect_duplicates: bool = False
+
+
+def invalid_property(name: str, entity: Entity) -> DataverseError:
+    """400 for a body property the table does not have (names are case-sensitive)."""
+    return bad_request(
+        "An error occurred while validating input parameters: Microsoft.Crm.CrmException: "
+        f"Invalid property '{name}' was found in entity '{entity.type_name}'."
+    )
+
+
+def _cannot_convert(value: Any, edm: str) -> DataverseError:
+    return bad_request(f"Cannot convert the literal '{value}' to the expected type '{edm}'.")
+
+
+class Writer:
+    """Applies validated writes to the store."""
+
+    def __init__(self, store: Store, settings: SettingsHolder, user_names: dict[str, str]) -> None:
+        self.store = store
+        self.settings = settings
+        self.user_names = user_names
+
+    # -- payload -----------------------------------------------------------------------------
+
+    def prepare(
+        self, entity: Entity, body: Any, *, creating: bool, bindings: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The stored values a JSON body asks for. Read-only columns (and, on update, create-only
+        ones) are silently dropped, as the service does."""
+        if not isinstance(body, dict):
+            raise bad_request(
+                f"Error identified in Payload provided by the user for Entity :'{entity.entity_set}'"
+                ": the request body must be a JSON object.",
+                errors.PAYLOAD,
+            )
+        values: dict[str, Any] = {}
+        for key, value in body.items():
+            if key.endswith("@odata.bind"):
+                column = self._bind_column(entity, key[: -len("@odata.bind")])
+                if creating or column.valid_for_update:
+                    values[column.name] = self._bind_target(column, value, bindings or {})
+                continue
+            if "@" in key:
+                continue
+            column = entity.columns.get(key)
+            if column is None or column.kind == "lookup":
+                raise invalid_property(key, entity)
+            if column.read_only or not (
+                column.valid_for_create if creating else column.valid_for_update
+            ):
+                continue
+            values[column.name] = self.convert(entity, column, value)
+        return values
+
+    def _bind_column(self, entity: Entity, name: str) -> Column:
+        column = entity.columns.get(name)
+        if column is None or column.kind != "lookup" or column.read_only:
+            raise bad_request(
+                "Error identified in Payload provided by the user for Entity :"
+                f"'{entity.entity_set}', For more information on this error please follow this "
+                "help link https://go.microsoft.com/fwlink/?linkid=2195293  ---->  "
+                "InnerException : Microsoft.OData.ODataException: An undeclared property "
+                f"'{name}' which only has property annotations in the payload but no property "
+                "value was found in the payload. In OData, only declared navigation properties "
+                "and declared named streams can be represented as properties without values.",
+                errors.PAYLOAD,
+            )
+        return column
+
+    def _bind_target(self, column: Column, value: Any, bindings: dict[str, str]) -> str:
+        if isinstance(value, str) and value in bindings:
+            value = bindings[value]
+        match = _BIND.match(value) if isinstance(value, str) else None
+        target = BY_LOGICAL_NAME.get(column.target or "")
+        expected = target.entity_set if target else f"{column.target}s"
+        if match is None or match.group(1) != expected:
+            raise bad_request(
+                f"The value '{value}' of '{column.name}@odata.bind' is not a valid reference to "
+                f"a {column.target} record.",
+                errors.PAYLOAD,
+            )
+        row_id = match.group(2).lower()
+        exists = (
+            self.store.fetch(target, row_id) is not None
+            if target is not None
+            else row_id in self.user_names
+        )
+        if not exists:
+            raise not_found(column.target or "", row_id)
+        return row_id
+
+    def convert(self, entity: Entity, column: Column, value: Any) -> Any:
+        """One JSON value checked against the column's type and limits, in stored form."""
+        if value is None:
+            if column.required == "SystemRequired":
+                raise bad_request(
+                    f"The '{column.name}' attribute of the '{entity.logical_name}' entity is "
+                    "required and cannot be set to null.",
+                    errors.INVALID_ARGUMENT,
+                )
+            return None
+        if column.kind in ("string", "memo"):
+            if not isinstance(value, str):
+                raise _cannot_convert(value, "Edm.String")
+            if value == "":
+                # Dataverse stores empty strings as null.
+                return None
+            if column.max_length is not None and len(value) > column.max_length:
+                raise bad_request(
+                    f"A validation error occurred.  The length of the '{column.name}' attribute "
+                    f"of the '{entity.logical_name}' entity exceeded the maximum allowed length of "
+                    f"'{column.max_length}'.",
+                    errors.MAX_LENGTH,
+                )
+            return value
+        if column.kind == "uuid":
+            if not isinstance(value, str) or not _GUID.fullmatch(value):
+                raise _cannot_convert(value, "Edm.Guid")
+            return value.lower()
+        if column.kind == "bool":
+            if not isinstance(value, bool):
+                raise _cannot_convert(value, "Edm.Boolean")
+            return int(value)
+        if column.kind in _INT_KINDS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _cannot_convert(value, column.edm_type)
+            if column.kind == "picklist" and value not in column.options:
+                raise bad_request(
+                    f"A validation error occurred. The value {value} of '{column.name}' on record "
+                    f"of type '{entity.logical_name}' is outside the valid range. Accepted Values: "
+                    f"{','.join(str(k) for k in column.options)}",
+                    errors.INVALID_ARGUMENT,
+                )
+            return value
+        raise _cannot_convert(value, column.edm_type)
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def _check_required(self, entity: Entity, row: dict[str, Any], names: list[str]) -> None:
+        if not self.settings.current.strict:
+            return
+        for name in names:
+            column = entity.columns[name]
+            if column.required == "ApplicationRequired" and row.get(name) is None:
+                raise bad_request(
+                    f"A validation error occurred. The '{name}' attribute of the "
+                    f"'{entity.logical_name}' entity is required (strict mode).",
+                    errors.INVALID_ARGUMENT,
+                )
+
+    def _check_email_rules(
+        self,
+        entity: Entity,
+        email: str | None,
+        caller: Caller,
+        row_id: str,
+        pending: set[object] | None = None,
+    ) -> None:
+        if email is None:
+            return
+        settings = self.settings.current
+        folded = casefold(email)
+        clash = (pending is not None and folded in pending) or (
+            self.store.find_by_email(entity, email, exclude_id=row_id) is not None
+        )
+        if not clash:
+            return
+        # The duplicate rule runs before the row is saved; the key's unique index at save time.
+        if caller.detect_duplicates and settings.duplicate_detection.get(entity.entity_set):
+            raise DataverseError(
+                500,
+                errors.DUPLICATE_DETECTED,
+                "A record was not created or updated because a duplicate of the current record "
+                "already exists.",
+            )
+        if settings.alternate_key.get(entity.entity_set):
+            raise duplicate_key()
+
+    def _check_state(
+        self, entity: Entity, values: dict[str, Any], current_state: int | None
+    ) -> tuple[int, int]:
+        creating = current_state is None
+        state = 0 if creating else values.get("statecode", current_state)
+        if state not in entity.states:
+            raise self._state_error()
+        if not creating and entity.logical_name == "lead" and state == 1 and current_state != 1:
+            raise bad_request(
+                "A lead is qualified with the QualifyLead action, not by setting statecode.",
+                errors.INVALID_ARGUMENT,
+            )
+        status = values.get("statuscode")
+        if status is None:
+            return state, entity.states[state][0]
+        if status not in entity.states[state]:
+            raise self._state_error()
+        return state, status
+
+    @staticmethod
+    def _state_error() -> DataverseError:
+        return bad_request(
+            "State code is invalid or state code is valid but status code is invalid for a "
+            "specified state code.",
+            errors.INVALID_STATE_STATUS,
+        )
+
+    @staticmethod
+    def computed(row: dict[str, Any]) -> None:
+        """Set the columns the server derives: fullname ("First Last") and the composite address."""
+        full = " ".join(p for p in (row.get("firstname"), row.get("lastname")) if p).strip()
+        row["fullname"] = full[:160] or None
+        parts = [row.get(name) for name in _ADDRESS_PARTS]
+        row["address1_composite"] = "\n".join(p for p in parts if p)[:1000] or None
+
+    # -- operations --------------------------------------------------------------------------
+
+    def create(
+        self, conn: sqlite3.Connection, entity: Entity, items: list[dict[str, Any]], caller: Caller
+    ) -> list[dict[str, Any]]:
+        """Create rows (all or none) inside the caller's transaction; returns the full rows."""
+        now = int(time.time())
+        first_version = self.store.next_versions(conn, len(items))
+        rows: list[dict[str, Any]] = []
+        seen_ids: set[str] = set()
+        seen_emails: set[object] = set()
+        for offset, values in enumerate(items):
+            row = dict.fromkeys(entity.columns)
+            row.update(values)
+            row_id = values.get(entity.primary_id) or str(uuid.uuid4())
+            if row_id in seen_ids or self.store.fetch(entity, row_id) is not None:
+                raise duplicate_key()
+            seen_ids.add(row_id)
+            self._check_required(entity, row, list(entity.columns))
+            state, status = self._check_state(entity, values, None)
+            self._check_email_rules(entity, row.get("emailaddress1"), caller, row_id, seen_emails)
+            if row.get("emailaddress1") is not None:
+                seen_emails.add(casefold(row["emailaddress1"]))
+            for name in _BOOL_DEFAULTS:
+                if row.get(name) is None:
+                    row[name] = 0
+            row.update(
+                {
+                    entity.primary_id: row_id,
+                    "statecode": state,
+                    "statuscode": status,
+                    "ownerid": values.get("ownerid") or caller.user_id,
+                    "createdby": caller.user_id,
+                    "modifiedby": caller.user_id,
+                    "createdon": now,
+                    "modifiedon": now,
+                    "versionnumber": first_version + offset,
+                }
+            )
+            self.computed(row)
+            rows.append(row)
+        self.store.insert(conn, entity, rows)
+        return rows
+
+    def update(
+        self,
+        conn: sqlite3.Connection,
+        entity: Entity,
+        existing: dict[str, Any],
+        values: dict[str, Any],
+        caller: Caller,
+    ) -> dict[str, Any]:
+        """Update one existing row inside the caller's transaction; returns the new full row."""
+        row = {**existing, **values}
+        row_id = existing[entity.primary_id]
+        self._check_required(entity, row, list(values))
+        state, status = self._check_state(entity, values, existing["statecode"])
+        email = values.get("emailaddress1")
+        if "emailaddress1" in values and casefold(email) != casefold(existing.get("emailaddress1")):
+            self._check_email_rules(entity, email, caller, row_id)
+        row.update(
+            {
+                "statecode": state,
+                "statuscode": status,
+                "modifiedby": caller.user_id,
+                "modifiedon": int(time.time()),
+                "versionnumber": self.store.next_versions(conn),
+            }
+        )
+        self.computed(row)
+        changed = {k: v for k, v in row.items() if k != entity.primary_id}
+        self.store.update(conn, entity, row_id, changed)
+        return row
+
+    def qualify(
+        self, conn: sqlite3.Connection, lead: dict[str, Any], params: Any, caller: Caller
+    ) -> list[tuple[Entity, str]]:
+        """QualifyLead: close the lead as qualified and create the contact it becomes."""
+        if not isinstance(params, dict):
+            raise bad_request("The QualifyLead parameters must be a JSON object.", errors.PAYLOAD)
+        for name in ("CreateAccount", "CreateContact", "CreateOpportunity", "Status"):
+            if name not in params:
+                raise bad_request(
+                    f"The parameter '{name}' of the action 'QualifyLead' is required.",
+                    errors.INVALID_ARGUMENT,
+                )
+        flags = {
+            name: params[name] for name in ("CreateAccount", "CreateContact", "CreateOpportunity")
+        }
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise _cannot_convert(flags, "Edm.Boolean")
+        if flags["CreateAccount"] or flags["CreateOpportunity"]:
+            raise bad_request(
+                "The sandbox emulates leads and contacts only: QualifyLead can create a contact "
+                "but not an account or an opportunity.",
+                errors.INVALID_ARGUMENT,
+            )
+        leads = ENTITIES["leads"]
+        status = params["Status"]
+        if isinstance(status, bool) or not isinstance(status, int) or status not in leads.states[1]:
+            raise self._state_error()
+        if lead["statecode"] != 0:
+            raise DataverseError(
+                400,
+                "0x80040233",
+                "This lead is already closed. You cannot convert or qualify a lead that is "
+                "already closed.",
+            )
+        created: list[tuple[Entity, str]] = []
+        if flags["CreateContact"]:
+            contacts = ENTITIES["contacts"]
+            values = {name: lead.get(name) for name in QUALIFY_COPY}
+            values["originatingleadid"] = lead["leadid"]
+            values["company"] = (lead.get("companyname") or "")[:50] or None
+            (contact,) = self.create(conn, contacts, [values], Caller(caller.user_id))
+            created.append((contacts, contact["contactid"]))
+        self.store.update(
+            conn,
+            leads,
+            lead["leadid"],
+            {
+                "statecode": 1,
+                "statuscode": status,
+                "modifiedby": caller.user_id,
+                "modifiedon": int(time.time()),
+                "versionnumber": self.store.next_versions(conn),
+            },
+        )
+        return created

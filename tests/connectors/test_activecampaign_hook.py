@@ -1,0 +1,235 @@
+"""ActiveCampaignHook against the running AC emulator: paging, bulk import, tags, faults, pacing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from crm_connectors.activecampaign import ActiveCampaignHook
+from crm_connectors.errors import ClientError, ServerError
+from crm_connectors.retry import RetryPolicy
+
+pytestmark = pytest.mark.sandbox
+
+CONTACTS = "/api/3/contacts"
+
+
+@pytest.fixture
+def ac(sandbox_env, fast_retries: RetryPolicy) -> Iterator[ActiveCampaignHook]:
+    """A hook on the sandbox, unpaced (the sandbox's limits are off) unless a test says so."""
+    hook = ActiveCampaignHook(
+        rate_limit=None, retry_policy=fast_retries, import_poll_interval=0.1, import_timeout=120
+    )
+    yield hook
+    hook.close()
+
+
+def test_keyset_paging_reads_ten_thousand_contacts_once_each(sandbox_env, ac, counted) -> None:
+    from sandbox.activecampaign.seed import seed_activecampaign
+
+    seed_activecampaign(sandbox_env.data_dir, seed=11, contacts=10_000)
+    ids = [int(c["id"]) for c in ac.list_contacts()]
+    assert len(ids) == 10_000
+    assert ids == sorted(set(ids))
+    # 100 full pages, then one empty page that ends the loop.
+    assert counted("ac", CONTACTS) == {200: 101}
+
+    tag_id = ac.find_or_create_tags(["VIP"])["VIP"]
+    tagged = list(ac.list_contacts(tag_id=tag_id))
+    assert 0 < len(tagged) < 10_000
+    assert all(any(row["tag"] == tag_id for row in ac.contact_tags(c["id"])) for c in tagged[:5])
+    # Offset paging (tag associations, newest first) sees the same set.
+    by_tag = {row["contact"] for row in ac.contact_tags_by_tag(tag_id)}
+    assert by_tag == {c["id"] for c in tagged}
+
+
+def test_bulk_import_of_5000_contacts_maps_every_row(ac, counted) -> None:
+    contacts = [
+        {"email": f"bulk.{i}@example.com", "first_name": f"Bulk{i}", "tags": ["Imported"]}
+        for i in range(5000)
+    ]
+    bad_format = {1, 777, 4999}  # rejected when the chunk is submitted (failureReasons)
+    bad_domain = {250, 3001}  # accepted, then reported in import/info's failure list
+    for i in bad_format:
+        contacts[i]["email"] = f"not-an-email-{i}"
+    for i in bad_domain:
+        contacts[i]["email"] = f"bulk.{i}@nodomain"
+    contacts[42]["email"] = ""
+
+    results = ac.bulk_import(contacts)
+
+    assert [r.index for r in results] == list(range(5000))
+    failed = {r.index for r in results if not r.ok}
+    assert failed == bad_format | bad_domain | {42}
+    assert "incorrect format" in results[777].error
+    ok = [r for r in results if r.ok]
+    assert len({r.contact_id for r in ok}) == len(ok) == 5000 - 6
+    for result in (ok[0], ok[1234], ok[-1]):
+        contact = ac.get_contact(result.contact_id)
+        assert contact["email"] == contacts[result.index]["email"]
+    imported = ac.find_or_create_tags(["Imported"])["Imported"]
+    assert len(list(ac.list_contacts(tag_id=imported))) == 5000 - 6
+    # 20 chunks of 250 contacts, each re-sent once if it held a row with a bad format.
+    assert counted("ac", "/api/3/import/bulk_import") == {200: 20, 400: 3}
+
+
+def test_tags_are_found_or_created_once_and_tagging_is_idempotent(
+    ac, counted, fast_retries
+) -> None:
+    contact = ac.sync_contact({"email": "tagged@example.com", "firstName": "Tag"})
+    again = ac.sync_contact({"email": "TAGGED@example.com", "lastName": "Ged"})
+    assert again["id"] == contact["id"]
+
+    names = ["D365: Lead", "D365: Pulled from ActiveCampaign"]
+    ids = ac.find_or_create_tags(names)
+    with ActiveCampaignHook(retry_policy=fast_retries) as other:
+        assert other.find_or_create_tags(names) == ids
+    assert counted("ac", "/api/3/tags", "POST") == {201: 2}
+
+    before = datetime.now(UTC) - timedelta(minutes=1)
+    first = ac.add_contact_tag(contact["id"], ids["D365: Lead"])
+    assert ac.add_contact_tag(contact["id"], ids["D365: Lead"]) == first
+    ac.add_contact_tag(contact["id"], ids["D365: Pulled from ActiveCampaign"])
+    assert {row["tag"] for row in ac.contact_tags(contact["id"])} == set(ids.values())
+    recent = list(ac.contact_tags_by_tag(ids["D365: Lead"], since=before))
+    assert [row["contact"] for row in recent] == [contact["id"]]
+    assert (
+        list(
+            ac.contact_tags_by_tag(ids["D365: Lead"], since=datetime.now(UTC) + timedelta(hours=1))
+        )
+        == []
+    )
+
+    assert ac.remove_tag_from_contact(contact["id"], ids["D365: Lead"]) is True
+    assert ac.remove_tag_from_contact(contact["id"], ids["D365: Lead"]) is False
+    assert {row["tag"] for row in ac.contact_tags(contact["id"])} == {
+        ids["D365: Pulled from ActiveCampaign"]
+    }
+
+
+def test_custom_field_values_round_trip(ac) -> None:
+    field = ac.request_json(
+        "POST", "/api/3/fields", json={"field": {"title": "Job Title", "type": "text"}}
+    )["field"]
+    assert any(f["id"] == field["id"] for f in ac.list_fields())
+    contact = ac.sync_contact({"email": "fields@example.com"})
+    ac.set_field_value(contact["id"], field["id"], "CTO")
+    ac.set_field_value(contact["id"], field["id"], "CEO")
+    values = ac.contact_field_values(contact["id"])
+    assert [(v["field"], v["value"]) for v in values] == [(field["id"], "CEO")]
+
+
+def test_filters_by_email_ids_and_update_time(ac) -> None:
+    made = [ac.sync_contact({"email": f"filter.{i}@example.com"}) for i in range(3)]
+    assert [c["id"] for c in ac.list_contacts(email="filter.1@example.com")] == [made[1]["id"]]
+    assert ac.find_contact_by_email("FILTER.2@example.com")["id"] == made[2]["id"]
+    assert ac.find_contact_by_email("nobody@example.com") is None
+    picked = {c["id"] for c in ac.list_contacts(ids=[made[0]["id"], made[2]["id"]])}
+    assert picked == {made[0]["id"], made[2]["id"]}
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    # A new contact has no update date yet (udate null); an update gives it one.
+    ac.sync_contact({"email": "filter.0@example.com", "firstName": "Changed"})
+    assert made[0]["id"] in {c["id"] for c in ac.list_contacts(updated_after=since)}
+    future = datetime.now(UTC) + timedelta(days=1)
+    assert list(ac.list_contacts(updated_after=future)) == []
+
+
+def test_faults_are_retried_boundedly_and_logged(
+    sandbox_env, ac, caplog, counted, inject, fast_retries
+) -> None:
+    caplog.set_level(logging.INFO, logger="crm_connectors")
+    ac.sync_contact({"email": "fault@example.com"})
+    for fault in (
+        {"kind": "status", "status": 429, "retry_after": 1},
+        {"kind": "status", "status": 429},
+        {"kind": "status", "status": 503},
+        {"kind": "status", "status": 500},
+        {"kind": "drop"},
+    ):
+        inject("ac", path_prefix=CONTACTS, **fault)
+    started = time.monotonic()
+    assert [c["email"] for c in ac.list_contacts()] == ["fault@example.com"]
+    assert time.monotonic() - started >= 1.0  # Retry-After was honoured
+    assert ac.stats.retries == 5
+    assert counted("ac", CONTACTS) == {429: 2, 503: 1, 500: 1, 0: 1, 200: 1}
+    assert any("-> 200" in r.getMessage() and "5 retries" in r.getMessage() for r in caplog.records)
+
+    # The bulk import rides out the same faults, on submission and while polling.
+    inject("ac", path_prefix="/api/3/import/bulk_import", status=429, retry_after=1)
+    inject("ac", path_prefix="/api/3/import/bulk_import", kind="drop")
+    inject("ac", path_prefix="/api/3/import/info", status=503)
+    results = ac.bulk_import([{"email": f"bulk.fault.{i}@example.com"} for i in range(12)])
+    assert all(r.ok for r in results)
+    assert counted("ac", "/api/3/import/bulk_import") == {429: 1, 0: 1, 200: 1}
+
+    # A failure that does not go away stops after max_attempts, with the status kept.
+    inject("ac", path_prefix=CONTACTS, status=500, count=50)
+    with pytest.raises(ServerError) as raised:
+        list(ac.list_contacts())
+    assert raised.value.status == 500 and raised.value.endpoint == CONTACTS
+    assert counted("ac", CONTACTS)[500] == 1 + fast_retries.max_attempts
+    sandbox_env.admin("ac", "DELETE", "faults")
+
+    # 4xx other than 429 is never retried.
+    with pytest.raises(ClientError) as duplicate:
+        ac.request_json("POST", CONTACTS, json={"contact": {"email": "fault@example.com"}})
+    assert duplicate.value.status == 422 and duplicate.value.code == "duplicate"
+    assert counted("ac", CONTACTS, "POST") == {422: 1}
+
+
+def test_a_dropped_tagging_request_is_not_applied_twice(ac, inject) -> None:
+    contact = ac.sync_contact({"email": "drop@example.com"})
+    tag = ac.find_or_create_tags(["Dropped"])["Dropped"]
+    inject("ac", kind="drop", path_prefix="/api/3/contactTags", method="POST")
+    association = ac.add_contact_tag(contact["id"], tag)
+    assert [row["id"] for row in ac.contact_tags(contact["id"])] == [association]
+
+
+def test_connection_check_reports_a_bad_token_without_showing_it(
+    sandbox_env, monkeypatch, fast_retries
+) -> None:
+    with ActiveCampaignHook(retry_policy=fast_retries) as hook:
+        assert hook.test_connection() == (True, "Connected to ActiveCampaign")
+        # HttpHook.run (what HttpOperator calls) goes through the same session and token.
+        assert hook.run("/api/3/users/me").json()["user"]
+    bad = "0123456789abcdef-not-the-token"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT",
+        f'{{"conn_type": "http", "host": "{sandbox_env.ac_url}", "password": "{bad}"}}',
+    )
+    with ActiveCampaignHook(retry_policy=fast_retries) as hook:
+        ok, message = hook.test_connection()
+    assert not ok and "403" in message and bad not in message
+
+
+@pytest.mark.slow
+def test_pacer_keeps_200_calls_from_4_threads_under_the_limit(
+    sandbox_env, counted, fast_retries
+) -> None:
+    sandbox_env.set_limits("ac", enabled=True, scale=1.0)
+    hook = ActiveCampaignHook(rate_limit=5.0, retry_policy=fast_retries)
+    errors: list[BaseException] = []
+
+    def burst() -> None:
+        try:
+            for _ in range(50):
+                hook.request("GET", "/api/3/users/me")
+        except BaseException as error:
+            errors.append(error)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=burst) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    hook.close()
+    assert errors == []
+    assert counted("ac", "/api/3/users/me") == {200: 200}
+    assert hook.stats.retries == 0
+    assert elapsed >= 199 / 5.0 - 0.5

@@ -1,0 +1,33 @@
+"""End-to-end fixtures: a migrated Airflow metadata DB and a World wired to the sandbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Sandbox
+from tests.e2e.world import World, migrate_airflow_db
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    migrate_airflow_db()
+
+
+@pytest.fixture
+def world(
+    airflow_db: None,
+    sandbox_env: Sandbox,
+    state_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> World:
+    """Both emulators empty, the connections and a fresh state store (SQLite or PostgreSQL)."""
+    import json
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
+    )
+    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
+    return World(sandbox_env, state_url)

@@ -1,0 +1,111 @@
+"""Mapping: echo suppression and conflict rules decide exactly which fields are written."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from crm_sync.mapping import AC, D365, fields_towards, plan_writes
+from crm_sync.settings import (
+    DEFAULT_SETTINGS_PATH,
+    ConflictRule,
+    Entity,
+    load_settings,
+    parse_settings,
+)
+
+SETTINGS = load_settings(DEFAULT_SETTINGS_PATH)
+T0, T1, T2 = (pd.Timestamp(f"2026-11-0{d}T10:00:00Z") for d in (1, 2, 3))
+
+
+def one(action: str, src: dict, tgt: dict, syn: dict, src_time=T2, tgt_time=T1, settings=SETTINGS):
+    fields = fields_towards(settings, Entity.LEAD, D365)
+    row = {"record_key": "ac:1", "action": action, "src_time": src_time, "tgt_time": tgt_time}
+    for m in fields:
+        row[f"src:{m.key}"] = src.get(m.key, "")
+        row[f"tgt:{m.key}"] = tgt.get(m.key, "")
+        row[f"syn:{m.key}"] = syn.get(m.key, "")
+    out, conflicts = plan_writes(pd.DataFrame([row]), fields, source=AC)
+    return json.loads(out.at[0, "payload"]), bool(out.at[0, "unchanged"]), conflicts, out
+
+
+BASE = {"emailaddress1": "a@x.io", "firstname": "Ann", "lastname": "Lee"}
+
+
+def test_new_record_writes_every_non_empty_field() -> None:
+    payload, unchanged, _, _ = one("new_lead", BASE, {}, {})
+    assert payload == BASE
+    assert not unchanged
+
+
+def test_echo_of_our_own_write_writes_nothing() -> None:
+    payload, unchanged, conflicts, _ = one("update_lead", BASE, BASE, BASE)
+    assert payload == {}
+    assert unchanged
+    assert conflicts.empty
+
+
+def test_only_changed_fields_are_written() -> None:
+    payload, _, _, out = one("update_lead", {**BASE, "firstname": "Anna"}, BASE, BASE)
+    assert payload == {"firstname": "Anna"}
+    assert json.loads(out.at[0, "synced_values"])["firstname"] == "Anna"
+
+
+def test_target_only_change_is_left_for_the_other_direction() -> None:
+    payload, unchanged, conflicts, _ = one("update_lead", BASE, {**BASE, "lastname": "Li"}, BASE)
+    assert payload == {}
+    assert unchanged
+    assert conflicts.empty
+
+
+def test_both_changed_most_recent_wins() -> None:
+    src, tgt = {**BASE, "firstname": "Anna"}, {**BASE, "firstname": "Annie"}
+    payload, _, conflicts, _ = one("update_lead", src, tgt, BASE, src_time=T2, tgt_time=T1)
+    assert payload == {"firstname": "Anna"}
+    assert conflicts.iloc[0].to_dict() == {
+        "record_key": "ac:1",
+        "field": "firstname",
+        "rule": "most_recent",
+        "winner": AC,
+    }
+    payload, unchanged, conflicts, out = one(
+        "update_lead", src, tgt, BASE, src_time=T0, tgt_time=T1
+    )
+    assert payload == {}
+    assert unchanged
+    assert conflicts.iloc[0]["winner"] == "target"
+    # The loser's side keeps the old synced value, so the other direction sees its change.
+    assert json.loads(out.at[0, "synced_values"])["firstname"] == "Ann"
+
+
+@pytest.mark.parametrize(
+    ("rule", "src_name", "tgt_name", "writes"),
+    [
+        (ConflictRule.PREFER_DYNAMICS365, "Anna", "Annie", False),
+        (ConflictRule.PREFER_ACTIVECAMPAIGN, "Anna", "Annie", True),
+        (ConflictRule.PREFER_NON_EMPTY, "Anna", "", True),
+        (ConflictRule.PREFER_NON_EMPTY, "", "Annie", False),
+    ],
+)
+def test_field_rule_overrides(
+    rule: ConflictRule, src_name: str, tgt_name: str, writes: bool
+) -> None:
+    raw = SETTINGS.model_dump(mode="json")
+    raw["field_mapping"]["lead"][1]["conflict"] = rule.value
+    settings = parse_settings(raw)
+    src, tgt = {**BASE, "firstname": src_name}, {**BASE, "firstname": tgt_name}
+    payload, _, conflicts, _ = one(
+        "update_lead", src, tgt, BASE, src_time=T0, tgt_time=T1, settings=settings
+    )
+    assert ("firstname" in payload) is writes
+    assert conflicts.iloc[0]["rule"] == rule.value
+
+
+def test_one_way_field_is_not_mapped_back() -> None:
+    raw = SETTINGS.model_dump(mode="json")
+    raw["field_mapping"]["lead"][3]["direction"] = "to_activecampaign"
+    settings = parse_settings(raw)
+    keys = [m.key for m in fields_towards(settings, Entity.LEAD, D365)]
+    assert "telephone1" not in keys
+    assert "telephone1" in [m.key for m in fields_towards(settings, Entity.LEAD, AC)]

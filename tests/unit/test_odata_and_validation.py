@@ -1,0 +1,79 @@
+"""OData literals cannot change a filter's shape; validation quarantines with named reasons."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pandas as pd
+import pytest
+from crm_sync.odata import ODataFilterError, all_of, any_of, check_filter, eq, literal
+from crm_sync.records import clean_text, mask_email
+from crm_sync.validation import TargetRules, validate_records
+
+
+def test_literals_escape_quotes_and_format_types() -> None:
+    assert literal("x' or 1 eq 1 or 'a") == "'x'' or 1 eq 1 or ''a'"
+    assert literal("O'Brien") == "'O''Brien'"
+    assert literal(None) == "null"
+    assert literal(True) == "true"
+    assert literal(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05Z"
+    with pytest.raises(ODataFilterError):
+        literal("a\x00b")
+
+
+def test_injection_attempt_stays_one_comparison() -> None:
+    built = eq("emailaddress1", "x' or 1 eq 1 or 'a")
+    assert built == "emailaddress1 eq 'x'' or 1 eq 1 or ''a'"
+    check_filter(built)
+    assert any_of("leadid", ["a", "b"]) == "(leadid eq 'a' or leadid eq 'b')"
+    assert all_of("a eq 1", None, "b eq 2") == "(a eq 1) and (b eq 2)"
+
+
+@pytest.mark.parametrize(
+    "bad", ["firstname eq", "eq 'x'", "(a eq 1", "a eq 1 b eq 2", "a equals 1", "contains(a)"]
+)
+def test_bad_filters_are_rejected(bad: str) -> None:
+    with pytest.raises(ODataFilterError):
+        check_filter(bad)
+
+
+def test_column_names_are_checked() -> None:
+    with pytest.raises(ODataFilterError):
+        eq("name eq 'x' or true", "y")
+
+
+def test_clean_and_mask() -> None:
+    assert clean_text("  Ann\x00\tLee \n") == "Ann Lee"
+    assert clean_text("   ") is None
+    assert mask_email("ann.lee@example.com") == "a***@e***.com"
+    assert "ann" not in mask_email("ann@ann.org")
+
+
+RULES = TargetRules(
+    name="lead",
+    email_column="emailaddress1",
+    required=("lastname",),
+    max_length={"firstname": 5, "emailaddress1": 100},
+)
+
+
+def test_validation_reports_each_failing_record_with_reasons() -> None:
+    frame = pd.DataFrame(
+        {
+            "record_key": ["ok", "bad-email", "no-last", "long", "dup1", "dup2"],
+            "emailaddress1": ["a@x.io", "not-an-email", "c@x.io", "d@x.io", "e@x.io", "e@x.io"],
+            "lastname": ["A", "B", None, "D", "E", "F"],
+            "firstname": ["Ann", "Bo", "Cy", "Dorothea", None, None],
+        }
+    )
+    outcome = validate_records(frame, RULES)
+    codes = {key: {code for code, _ in items} for key, items in outcome.failures.items()}
+    assert codes == {
+        "bad-email": {"invalid_email"},
+        "no-last": {"missing_required"},
+        "long": {"too_long"},
+        "dup1": {"duplicate_email_in_batch"},
+        "dup2": {"duplicate_email_in_batch"},
+    }
+    assert "8 characters" in outcome.failures["long"][0][1]
+    assert "d@x.io" not in str(outcome.failures)

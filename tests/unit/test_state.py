@@ -1,0 +1,95 @@
+"""The state store on SQLite and PostgreSQL: links, watermarks, quarantine, runs, schema version."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from crm_sync.state import SCHEMA_VERSION, RecordLink, StateStore, Watermark, content_hash
+
+pytestmark = pytest.mark.postgres
+
+
+def link(
+    entity: str = "lead", dv: str = "D1", ac: str | None = "1", email: str = "a@x.io"
+) -> RecordLink:
+    return RecordLink(
+        entity, dv, ac, email, "activecampaign", "h1", "h2", {"firstname": "A"}, None, None
+    )
+
+
+def test_schema_is_created_versioned_and_idempotent(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert StateStore.from_url(state_url).migrate() == SCHEMA_VERSION
+
+
+def test_links_upsert_and_lookup(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    store.save_links([link(), link("contact", "C1", "2", "b@x.io")])
+    store.save_links([link(email="new@x.io")])
+    assert store.count_links() == 2
+    (found,) = store.links_for(ac_ids=["1"])
+    assert found.email == "new@x.io"
+    assert found.synced_values == {"firstname": "A"}
+    assert {x.dataverse_id for x in store.links_for(emails=["b@x.io"], dataverse_ids=["D1"])} == {
+        "D1",
+        "C1",
+    }
+
+
+def test_an_ac_contact_links_to_one_row_so_a_qualified_lead_moves(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    store.save_links([link("lead", "L1", "7")])
+    store.save_links([link("contact", "C9", "7")])
+    rows = {(x.entity, x.dataverse_id): x.ac_contact_id for x in store.all_links()}
+    assert rows == {("lead", "L1"): None, ("contact", "C9"): "7"}
+
+
+def test_watermark_never_moves_back(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    store.advance_watermark(Watermark("w", now, "x"))
+    store.advance_watermark(Watermark("w", now - timedelta(hours=1)))
+    assert store.watermark("w") == Watermark("w", now, "x")
+    store.advance_watermark(Watermark("w", now + timedelta(seconds=1)))
+    assert store.watermark("w").value == now + timedelta(seconds=1)
+    assert store.watermark("missing") is None
+
+
+def test_quarantine_attempts_and_resolution(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    entry = (
+        "ac:1",
+        "activecampaign_to_dynamics365",
+        "validate",
+        "invalid_email",
+        "email is not valid",
+        "h",
+    )
+    store.quarantine([entry], run_id="r1")
+    store.quarantine([entry], run_id="r1")
+    store.quarantine([entry], run_id="r2")
+    (open_entry,) = store.open_quarantine("activecampaign_to_dynamics365")
+    assert (open_entry.attempts, open_entry.reason_code, open_entry.status) == (
+        2,
+        "invalid_email",
+        "open",
+    )
+    assert store.resolve(["ac:1"], "activecampaign_to_dynamics365") == 1
+    assert store.open_quarantine() == []
+
+
+def test_run_rows(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    store.start_run("dag", "run1", dry_run=True)
+    store.start_run("dag", "run1", dry_run=True)
+    store.finish_run("dag", "run1", status="dry_run", counts={"create": 3}, plan={"samples": {}})
+    report = store.run_report("dag", "run1")
+    assert report["status"] == "dry_run"
+    assert report["counts"] == {"create": 3}
+
+
+def test_content_hash_is_stable_and_treats_none_as_empty() -> None:
+    assert content_hash({"b": 1, "a": None}) == content_hash({"a": "", "b": "1"})
+    assert content_hash({"a": "x"}) != content_hash({"a": "y"})
