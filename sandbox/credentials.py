@@ -74,14 +74,24 @@ class RuntimeInfo:
         return cls(**json.loads((data_dir / RUNTIME_FILE).read_text()))
 
 
-def connection_env(data_dir: Path, state_url: str | None = None) -> dict[str, str]:
-    """The `AIRFLOW_CONN_*` variables that point the DAGs at the running sandbox."""
+def connection_env(
+    data_dir: Path, state_url: str | None = None, ac_rate_limit: float | None = None
+) -> dict[str, str]:
+    """The `AIRFLOW_CONN_*` variables that point the DAGs at the running sandbox.
+
+    `ac_rate_limit` sets the AC connection's `rate_limit` extra (for a sandbox with limits off).
+    """
     creds = load_or_create(data_dir)
     info = RuntimeInfo.load(data_dir)
     state = state_url or f"sqlite:///{(data_dir / 'crm_sync_state.db').resolve()}"
     return {
         "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT": json.dumps(
-            {"conn_type": "http", "host": info.ac_url, "password": creds.ac_api_token}
+            {
+                "conn_type": "http",
+                "host": info.ac_url,
+                "password": creds.ac_api_token,
+                **({"extra": {"rate_limit": ac_rate_limit}} if ac_rate_limit else {}),
+            }
         ),
         "AIRFLOW_CONN_DYNAMICS365_DEFAULT": json.dumps(
             {

@@ -118,10 +118,13 @@ class Sandbox:
     def set_limits(self, service: str, *, enabled: bool, scale: float = 1.0) -> None:
         self.admin(service, "PUT", "limits", json={"enabled": enabled, "scale": scale})
 
-    def connection_env(self, state_url: str | None = None) -> dict[str, str]:
+    def connection_env(
+        self, state_url: str | None = None, ac_rate_limit: float | None = 200.0
+    ) -> dict[str, str]:
+        """Connections to this sandbox; AC paced at `ac_rate_limit`/s (its limits are off)."""
         from sandbox.credentials import connection_env
 
-        return connection_env(self.data_dir, state_url)
+        return connection_env(self.data_dir, state_url, ac_rate_limit)
 
 
 def _listening(port: int) -> bool:

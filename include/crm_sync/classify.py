@@ -121,6 +121,8 @@ def classify_for_activecampaign(records: pd.DataFrame, settings: SyncSettings) -
     )
     # A qualified lead's AC contact carries the lead tag until this run moves it.
     qualified_ok = out["ac_tag_lead"].fillna(False).astype(bool) & origin
+    # A qualified lead (statecode 1) lives on as its contact: the contact row carries it to AC.
+    qualified_lead = is_lead & (pd.to_numeric(out.get("statecode"), errors="coerce") == 1)
     enabled = entity.map(
         lambda e: settings.entities[Entity(e)].moves(Direction.TO_ACTIVECAMPAIGN)
     ).astype(bool)
@@ -128,6 +130,7 @@ def classify_for_activecampaign(records: pd.DataFrame, settings: SyncSettings) -
     new = np.where(is_lead, Action.NEW_LEAD.value, Action.NEW_CONTACT.value)
     conditions = [
         ~enabled,
+        qualified_lead,
         linked & ~exists,
         linked & exists & ~(type_ok & origin),
         linked,
@@ -135,6 +138,7 @@ def classify_for_activecampaign(records: pd.DataFrame, settings: SyncSettings) -
         qualified,
     ]
     actions = [
+        Action.NOT_ELIGIBLE.value,
         Action.NOT_ELIGIBLE.value,
         Action.QUARANTINE.value,
         Action.NOT_ELIGIBLE.value,
@@ -144,6 +148,7 @@ def classify_for_activecampaign(records: pd.DataFrame, settings: SyncSettings) -
     ]
     reasons = [
         Reason.ENTITY_DISABLED,
+        Reason.LEAD_QUALIFIED,
         Reason.LINKED_RECORD_MISSING,
         Reason.AC_TAGS_REMOVED,
         "",

@@ -39,6 +39,7 @@ class Reason(StrEnum):
     PUSHED_WITHOUT_DYNAMICS_RECORD = "pushed_without_dynamics_record"
     LINKED_RECORD_MISSING = "linked_record_missing"
     AC_TAGS_REMOVED = "ac_tags_removed"
+    LEAD_QUALIFIED = "lead_qualified"
     OUTSIDE_CRITERIA = "outside_criteria"
     UNCHANGED = "unchanged"
     ENTITY_DISABLED = "entity_disabled"

@@ -47,7 +47,8 @@ class ActiveCampaignHook(CrmHttpHook):
 
     Connection (conn type `http`): `host` = the account's full API URL (e.g.
     `https://ACCOUNT.api-us1.com`; a trailing `/api/3` is accepted), `password` = the API token
-    (sent as the `Api-Token` header). Optional extra `ca_bundle`: a CA file to trust.
+    (sent as the `Api-Token` header). Optional extras: `ca_bundle`, a CA file to trust;
+    `rate_limit`, the account's requests per second when it is not AC's published 5.
 
     Every request takes a slot of a rate budget shared by all hooks of the process on the same
     account (`rate_limit` requests per second, default 5, AC's published limit). 429 and 503 wait
@@ -93,7 +94,9 @@ class ActiveCampaignHook(CrmHttpHook):
             )
         self.base_url = self.base_url.rstrip("/").removesuffix(API)
         session.headers.update({"Api-Token": connection.password, "Accept": "application/json"})
-        self.budget = shared_budget(self.base_url, self.rate_limit)
+        # Extra `rate_limit`: the account's requests per second, when it differs from AC's 5.
+        rate = connection.extra_dejson.get("rate_limit", self.rate_limit)
+        self.budget = shared_budget(self.base_url, float(rate) if rate else None)
         self.import_budget = shared_budget(f"{self.base_url}#import", IMPORTS_PER_MINUTE / 60)
 
     def _error_details(self, response: requests.Response) -> ErrorDetails:

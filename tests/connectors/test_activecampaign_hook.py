@@ -208,10 +208,13 @@ def test_connection_check_reports_a_bad_token_without_showing_it(
 
 @pytest.mark.slow
 def test_pacer_keeps_200_calls_from_4_threads_under_the_limit(
-    sandbox_env, counted, fast_retries
+    sandbox_env, counted, fast_retries, monkeypatch
 ) -> None:
     sandbox_env.set_limits("ac", enabled=True, scale=1.0)
-    hook = ActiveCampaignHook(rate_limit=5.0, retry_policy=fast_retries)
+    # The account's own limit: no `rate_limit` extra on the connection.
+    env = sandbox_env.connection_env(ac_rate_limit=None)["AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT"]
+    monkeypatch.setenv("AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT", env)
+    hook = ActiveCampaignHook(retry_policy=fast_retries)
     errors: list[BaseException] = []
 
     def burst() -> None:

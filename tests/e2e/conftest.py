@@ -30,4 +30,6 @@ def world(
         "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
     )
     monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    return World(sandbox_env, state_url)
+    world = World(sandbox_env, state_url)
+    assert world.field_ids  # the mapped AC custom fields exist, as in a configured account
+    return world
