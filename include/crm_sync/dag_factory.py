@@ -30,6 +30,10 @@ DEFAULT_ARGS: dict[str, Any] = {
     "max_retry_delay": timedelta(minutes=15),
 }
 
+# Shared rate budgets across workers (config/pools.json): AC calls run one task at a time.
+AC_POOL = "activecampaign_api"
+DATAVERSE_POOL = "dynamics365_api"
+
 DATAVERSE_ASSETS = [
     Asset(name="dynamics365_leads", uri="dataverse://dynamics365_default/leads"),
     Asset(name="dynamics365_contacts", uri="dataverse://dynamics365_default/contacts"),
@@ -104,7 +108,7 @@ def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
         tags=["crm-sync", "activecampaign", "dynamics365", flow.value],
     ) as dag:
 
-        @task(task_id="extract")
+        @task(task_id="extract", pool=AC_POOL)
         def extract(**context: Any) -> dict[str, Any]:
             """Read what changed since the watermark; stage it as Parquet."""
             from crm_sync.runner import run_step
@@ -134,6 +138,7 @@ def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
 
         @task(
             task_id="load",
+            pool=DATAVERSE_POOL if writes_dynamics else AC_POOL,
             outlets=DATAVERSE_ASSETS if writes_dynamics else [ACTIVECAMPAIGN_ASSET],
         )
         def load(summary: dict[str, Any], **context: Any) -> dict[str, Any]:

@@ -175,6 +175,13 @@ class Demo:
             ).first()
         return dict(row._mapping) if row else None
 
+    def quarantine(self, direction: str) -> dict[str, str]:
+        """Open quarantine entries of one direction: record key -> reason."""
+        from crm_sync.state import StateStore
+
+        store = StateStore.from_url(json.loads(self.env["AIRFLOW_CONN_CRM_SYNC_STATE"])["host"])
+        return {e.record_key: e.reason_code for e in store.open_quarantine(direction)}
+
     def check(self, what: str, condition: bool) -> None:
         print(f"    {'✓' if condition else '✗'} {what}")
         if not condition:
@@ -218,12 +225,34 @@ class Demo:
             "ac", "POST", "automation", json={"contact_ids": [both["id"]], "type": "contact"}
         )
         print("• one contact gets both type tags (must be quarantined)")
-        changed_leads = rng.sample(self.dv_rows("leads"), 3)
+        too_long = plain[11]
+        self.ac_api("PUT", f"contacts/{too_long['id']}", json={"contact": {"firstName": "X" * 60}})
+        self.admin(
+            "ac", "POST", "automation", json={"contact_ids": [too_long["id"]], "type": "lead"}
+        )
+        print(
+            "• one queued contact has a 60-character first name (Dynamics allows 50: quarantined)"
+        )
+        synced = [c for c in self.ac_contacts() if "D365: Pushed from Dynamics" in c["tags"]]
+        edited = rng.sample(synced, 2)
+        for contact in edited:
+            self.ac_api(
+                "PUT", f"contacts/{contact['id']}", json={"contact": {"lastName": "Edited-in-AC"}}
+            )
+        print("• 2 synced contacts change their last name in ActiveCampaign")
+        leads_now = [r for r in self.dv_rows("leads") if r["statecode"] == 0]
+        changed_leads, broken = rng.sample(leads_now, 3), leads_now[-1]
         for row in changed_leads:
             self.admin(
                 "d365", "PATCH", f"rows/leads/{row['leadid']}", json={"jobtitle": "Head of Demo"}
             )
-        print("• 3 Dynamics leads change their job title")
+        self.admin(
+            "d365",
+            "PATCH",
+            f"rows/leads/{broken['leadid']}",
+            json={"emailaddress1": "not-an-email"},
+        )
+        print("• 3 Dynamics leads change their job title; 1 gets an invalid email (quarantined)")
 
         before = {s: len(self.dv_rows(s)) for s in ("leads", "contacts")}
         self.run_dag("activecampaign_to_dynamics365", "2. ActiveCampaign → Dynamics 365")
@@ -239,14 +268,20 @@ class Demo:
             "each queued AC contact exists in Dynamics (a new record, or linked by email)",
             all(c["email"].lower() in dv_by_email for c, _ in queued),
         )
-        both_email = both["email"].lower()
         self.check(
-            "the contact with both type tags was quarantined, not created",
-            both_email in dv_emails or both_email not in dv_by_email,
+            "the 2 last names edited in ActiveCampaign reached Dynamics",
+            all(dv_by_email[c["email"].lower()]["lastname"] == "Edited-in-AC" for c in edited),
+        )
+        quarantine = self.quarantine("activecampaign_to_dynamics365")
+        self.check(
+            "both-type-tags and too-long contacts are quarantined with their reasons",
+            quarantine
+            == {f"ac:{both['id']}": "both_type_tags", f"ac:{too_long['id']}": "too_long"},
         )
         self.check(
-            "Dynamics grew by at most the 10 queued records",
-            0 <= sum(after.values()) - sum(before.values()) <= 10,
+            "Dynamics grew by the queued records that did not exist there yet",
+            sum(after.values()) - sum(before.values())
+            == len([c for c, _ in queued if c["email"].lower() not in dv_emails]),
         )
 
         report = self.run_dag("dynamics365_to_activecampaign", "3. Dynamics 365 → ActiveCampaign")
@@ -256,8 +291,13 @@ class Demo:
             all(
                 ac[r["emailaddress1"].lower()]["fields"].get("JOB_TITLE") == "Head of Demo"
                 for r in changed_leads
-                if r["emailaddress1"].lower() in ac
             ),
+        )
+        self.check(
+            "the lead with an invalid email is quarantined, its AC contact untouched",
+            self.quarantine("dynamics365_to_activecampaign")
+            == {f"lead:{broken['leadid']}": "invalid_email"}
+            and "not-an-email" not in ac,
         )
         self.check(
             "records created from AC are not echoed back as changes",

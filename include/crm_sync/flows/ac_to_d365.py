@@ -342,7 +342,10 @@ def load(ctx: StepContext) -> dict[str, Any]:
     ctx.store.resolve(synced_keys, DIRECTION)
     for name, value in meta["watermarks"].items():
         ctx.store.advance_watermark(Watermark(name=name, value=pd.Timestamp(value).to_pydatetime()))
-    totals = {**previous, **counts, "unchanged": len(unchanged)}
+    validated = {
+        k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
+    }
+    totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
     ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
     common.log_step("load: run totals", totals)
     return {"counts": totals}

@@ -382,7 +382,10 @@ def load(ctx: StepContext) -> dict[str, Any]:
             ctx.store.advance_watermark(
                 Watermark(name=name, value=datetime.fromisoformat(meta["started"]))
             )
-    totals = {**previous, **counts, "unchanged": len(unchanged)}
+    validated = {
+        k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
+    }
+    totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
     ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
     common.log_step("load: run totals", totals)
     return {"counts": totals}
