@@ -94,7 +94,8 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     rules: dict[str, Any] = {}
     for entity in Entity:
         columns = [f.dynamics365 for f in ctx.settings.mapping(entity)]
-        if not columns:
+        # Nothing to write, nothing to check: a quiet run costs Dataverse no metadata reads.
+        if not columns or contacts.empty:
             continue
         rule = target_rules(dv_hook, entity, columns)
         rules[entity.value] = {"required": rule.required, "max_length": rule.max_length}
@@ -244,24 +245,7 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
     decided = pd.concat(conflicts, ignore_index=True) if conflicts else pd.DataFrame()
     staging.write_frame("map_fields", "mapped", mapped)
     staging.write_frame("map_fields", "conflicts", decided)
-    creates, updates = common.count_writes(mapped)
-    counts = {
-        "to create": creates,
-        "to update": updates,
-        "unchanged (no write)": int(mapped["unchanged"].sum()) if not mapped.empty else 0,
-        "linked record missing": len(missing_reasons),
-        **{
-            f"conflict on {r.field}: {r.rule} -> {r.winner}": int(r.n)
-            for r in (
-                decided.groupby(["field", "rule", "winner"])
-                .size()
-                .reset_index(name="n")
-                .itertuples()
-                if not decided.empty
-                else []
-            )
-        },
-    }
+    counts = common.plan_counts(mapped, decided, **{"linked record missing": len(missing_reasons)})
     common.log_step("map_fields: plan", counts)
     return {"counts": counts}
 
@@ -292,18 +276,7 @@ def validate(ctx: StepContext) -> dict[str, Any]:
             max_length={k: int(v) for k, v in rule["max_length"].items()},
         )
         failures.update(validate_records(frame, rules).failures)
-    common.check_quarantine_share(ctx, len(failures), len(to_write))
-    common.quarantine_rows(ctx, mapped, "validate", failures)
-    valid = to_write[~to_write["record_key"].isin(failures)] if not to_write.empty else to_write
-    creates, updates = common.count_writes(valid)
-    common.check_mass_change(ctx, creates + updates)
-    staging.write_frame("validate", "valid", valid)
-    reasons = common.merge_counts(
-        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
-    )
-    counts = {"valid": len(valid), "quarantined": len(failures), **reasons}
-    common.log_step("validate: Great Expectations", counts)
-    return {"counts": counts}
+    return common.accept_valid(ctx, mapped, to_write, failures)
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -311,41 +284,14 @@ def load(ctx: StepContext) -> dict[str, Any]:
     """Create and update in bulk, link as results arrive, then advance the watermarks."""
     from crm_sync.flows.dataverse_load import DataverseLoader
 
-    staging = ctx.staging
-    valid = staging.read_frame("validate", "valid")
-    classified = staging.read_frame("tag_classify", "classified")
-    mapped = staging.read_frame("map_fields", "mapped")
-    meta = staging.read_json("extract", "meta")
-    previous = {
-        k: v
-        for k, v in (common.action_summary(classified) or {}).items()
-        if not k.startswith(("new_", "update_"))
-    }
-    if ctx.dry_run:
-        plan = {
-            "counts": {
-                **previous,
-                **dict(zip(("create", "update"), common.count_writes(valid), strict=True)),
-            },
-            "samples": common.plan_samples(valid),
-            "conflicts": staging.read_frame("map_fields", "conflicts").shape[0],
-        }
-        ctx.store.finish_run(
-            ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
-        )
-        common.log_step("load (dry run): nothing written; the plan", plan["counts"])
-        return {"counts": plan["counts"], "dry_run": True}
-    loader = DataverseLoader(ctx, _dv_hook())
-    counts = loader.load(valid)
-    unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
-    synced_keys = set(loader.synced_keys) | set(unchanged.get("record_key", []))
-    ctx.store.resolve(synced_keys, DIRECTION)
-    for name, value in meta["watermarks"].items():
-        ctx.store.advance_watermark(Watermark(name=name, value=pd.Timestamp(value).to_pydatetime()))
-    validated = {
-        k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
-    }
-    totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
-    ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
-    common.log_step("load: run totals", totals)
-    return {"counts": totals}
+    def write(valid: pd.DataFrame, _meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+        loader = DataverseLoader(ctx, _dv_hook())
+        return loader.load(valid), loader.synced_keys
+
+    def advance(meta: dict[str, Any]) -> None:
+        for name, value in meta["watermarks"].items():
+            ctx.store.advance_watermark(
+                Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
+            )
+
+    return common.run_load(ctx, write, advance)

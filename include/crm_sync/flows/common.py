@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -126,3 +126,96 @@ def merge_counts(*parts: Mapping[str, int] | Iterable[tuple[str, int]]) -> dict[
 
 
 NOT_WRITTEN = (Action.NOT_ELIGIBLE.value, Action.QUARANTINE.value)
+
+
+def plan_counts(mapped: pd.DataFrame, decided: pd.DataFrame, **extra: int) -> dict[str, int]:
+    """The `map_fields` summary: creates, updates, unchanged, and conflicts by field and winner."""
+    creates, updates = count_writes(mapped)
+    conflicts = (
+        decided.groupby(["field", "rule", "winner"]).size().reset_index(name="n")
+        if not decided.empty
+        else pd.DataFrame(columns=["field", "rule", "winner", "n"])
+    )
+    return {
+        "to create": creates,
+        "to update": updates,
+        "unchanged (no write)": int(mapped["unchanged"].sum()) if not mapped.empty else 0,
+        **extra,
+        **{
+            f"conflict on {r.field}: {r.rule} -> {r.winner}": int(r.n)
+            for r in conflicts.itertuples()
+        },
+    }
+
+
+def accept_valid(
+    ctx: StepContext,
+    mapped: pd.DataFrame,
+    to_write: pd.DataFrame,
+    failures: Mapping[str, list[tuple[str, str]]],
+    *,
+    count_creates: bool = True,
+) -> dict[str, Any]:
+    """After validation: trip the breakers, quarantine failures, stage the valid rows, report.
+
+    `count_creates=False` leaves creates out of the mass-change share (the initial sync creates
+    by design).
+    """
+    check_quarantine_share(ctx, len(failures), len(to_write))
+    quarantine_rows(ctx, mapped, "validate", failures)
+    valid = (
+        to_write[~to_write["record_key"].isin(list(failures))] if not to_write.empty else to_write
+    )
+    creates, updates = count_writes(valid)
+    check_mass_change(ctx, updates + (creates if count_creates else 0))
+    ctx.staging.write_frame("validate", "valid", valid)
+    reasons = merge_counts(
+        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
+    )
+    counts = {"valid": len(valid), "quarantined": len(failures), **reasons}
+    log_step("validate: Great Expectations", counts)
+    return {"counts": counts}
+
+
+def run_load(
+    ctx: StepContext,
+    write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
+    advance_watermarks: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
+
+    `write(valid, meta)` returns its counts and the record keys it synced; watermarks move only
+    after it returned, so a failed load is read again by the next run.
+    """
+    staging = ctx.staging
+    valid = staging.read_frame("validate", "valid")
+    mapped = staging.read_frame("map_fields", "mapped")
+    meta = staging.read_json("extract", "meta")
+    previous = {
+        k: v
+        for k, v in action_summary(staging.read_frame("tag_classify", "classified")).items()
+        if not k.startswith(("new_", "update_"))
+    }
+    if ctx.dry_run:
+        creates, updates = count_writes(valid)
+        plan = {
+            "counts": {**previous, "create": creates, "update": updates},
+            "samples": plan_samples(valid),
+            "conflicts": staging.read_frame("map_fields", "conflicts").shape[0],
+        }
+        ctx.store.finish_run(
+            ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
+        )
+        log_step("load (dry run): nothing written; the plan", plan["counts"])
+        return {"counts": plan["counts"], "dry_run": True}
+    counts, synced = write(valid, meta)
+    unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
+    ctx.store.resolve(set(synced) | set(unchanged.get("record_key", [])), ctx.flow_direction)
+    advance_watermarks(meta)
+    validated = {
+        k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
+    }
+    totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
+    ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
+    log_step("load: run totals", totals)
+    return {"counts": totals}

@@ -114,9 +114,10 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         for link in store.links_for(dataverse_ids=lead_of_contact)
         if link.entity == Entity.LEAD.value
     ]
-    reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx))
+    # Nothing changed in Dynamics: ActiveCampaign is not asked anything.
+    reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx)) if not dv.empty else None
     unresolved = [link.email for link in links if not link.ac_contact_id]
-    resolved = reader.contacts_by_email(unresolved) if unresolved else {}
+    resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
     link_rows = [
         {
             "entity": link.entity,
@@ -131,7 +132,7 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         link_rows, columns=["entity", "dataverse_id", "ac_contact_id", "email", "synced_values"]
     )
     ac_ids = links_frame["ac_contact_id"].dropna().unique().tolist()
-    ac_current = reader.contacts(ac_ids) if ac_ids else pd.DataFrame()
+    ac_current = reader.contacts(ac_ids) if reader and ac_ids else pd.DataFrame()
     if not ac_current.empty:
         ac_current = clean_frame(
             ac_current, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
@@ -143,7 +144,11 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     staging.write_json(
         "extract",
         "meta",
-        {"started": started.isoformat(), "watermarks": marks, "field_ids": reader.field_ids},
+        {
+            "started": started.isoformat(),
+            "watermarks": marks,
+            "field_ids": reader.field_ids if reader else {},
+        },
     )
     counts.update({"linked": len(links_frame), "AC contacts read": len(ac_current)})
     common.log_step("extract: Dynamics 365 rows", counts)
@@ -283,23 +288,7 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
     decided = pd.concat(conflicts, ignore_index=True) if conflicts else pd.DataFrame()
     staging.write_frame("map_fields", "mapped", mapped)
     staging.write_frame("map_fields", "conflicts", decided)
-    creates, updates = common.count_writes(mapped)
-    counts = {
-        "to create": creates,
-        "to update": updates,
-        "unchanged (no write)": int(mapped["unchanged"].sum()) if not mapped.empty else 0,
-        **{
-            f"conflict on {r.field}: {r.rule} -> {r.winner}": int(r.n)
-            for r in (
-                decided.groupby(["field", "rule", "winner"])
-                .size()
-                .reset_index(name="n")
-                .itertuples()
-                if not decided.empty
-                else []
-            )
-        },
-    }
+    counts = common.plan_counts(mapped, decided)
     common.log_step("map_fields: plan", counts)
     return {"counts": counts}
 
@@ -327,18 +316,7 @@ def validate(ctx: StepContext) -> dict[str, Any]:
             max_length={k: AC_MAX_LENGTH for k in keys},
         )
         failures = validate_records(frame, rules).failures
-    common.check_quarantine_share(ctx, len(failures), len(to_write))
-    common.quarantine_rows(ctx, mapped, "validate", failures)
-    valid = to_write[~to_write["record_key"].isin(failures)] if not to_write.empty else to_write
-    creates, updates = common.count_writes(valid)
-    common.check_mass_change(ctx, updates + (0 if _is_backfill(ctx) else creates))
-    staging.write_frame("validate", "valid", valid)
-    reasons = common.merge_counts(
-        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
-    )
-    counts = {"valid": len(valid), "quarantined": len(failures), **reasons}
-    common.log_step("validate: Great Expectations", counts)
-    return {"counts": counts}
+    return common.accept_valid(ctx, mapped, to_write, failures, count_creates=not _is_backfill(ctx))
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -346,46 +324,18 @@ def load(ctx: StepContext) -> dict[str, Any]:
     """Bulk-import into AC (tags included), link as results arrive, advance the watermarks."""
     from crm_sync.flows.activecampaign_load import ActiveCampaignLoader
 
-    staging = ctx.staging
-    valid = staging.read_frame("validate", "valid")
-    classified = staging.read_frame("tag_classify", "classified")
-    mapped = staging.read_frame("map_fields", "mapped")
-    meta = staging.read_json("extract", "meta")
-    previous = {
-        k: v
-        for k, v in common.action_summary(classified).items()
-        if not k.startswith(("new_", "update_"))
-    }
-    if ctx.dry_run:
-        creates, updates = common.count_writes(valid)
-        plan = {
-            "counts": {**previous, "create": creates, "update": updates},
-            "samples": common.plan_samples(valid),
-            "conflicts": staging.read_frame("map_fields", "conflicts").shape[0],
-        }
-        ctx.store.finish_run(
-            ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
-        )
-        common.log_step("load (dry run): nothing written; the plan", plan["counts"])
-        return {"counts": plan["counts"], "dry_run": True}
-    batch_size = int(ctx.params.get("batch_size") or 250)
-    loader = ActiveCampaignLoader(ctx, _ac_hook(), meta["field_ids"], batch_size=batch_size)
-    counts = loader.load(valid)
-    unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
-    ctx.store.resolve(set(loader.synced_keys) | set(unchanged.get("record_key", [])), DIRECTION)
-    for name, value in meta["watermarks"].items():
-        if value:
-            ctx.store.advance_watermark(
-                Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
-            )
-        elif not _is_backfill(ctx) and ctx.store.watermark(name) is None:
-            ctx.store.advance_watermark(
-                Watermark(name=name, value=datetime.fromisoformat(meta["started"]))
-            )
-    validated = {
-        k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
-    }
-    totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
-    ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
-    common.log_step("load: run totals", totals)
-    return {"counts": totals}
+    def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+        batch_size = int(ctx.params.get("batch_size") or 250)
+        loader = ActiveCampaignLoader(ctx, _ac_hook(), meta["field_ids"], batch_size=batch_size)
+        return loader.load(valid), loader.synced_keys
+
+    def advance(meta: dict[str, Any]) -> None:
+        for name, value in meta["watermarks"].items():
+            if value:
+                mark = Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
+                ctx.store.advance_watermark(mark)
+            elif not _is_backfill(ctx) and ctx.store.watermark(name) is None:
+                started = datetime.fromisoformat(meta["started"])
+                ctx.store.advance_watermark(Watermark(name=name, value=started))
+
+    return common.run_load(ctx, write, advance)
