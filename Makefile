@@ -15,7 +15,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := True
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help install demo test up bench lint format soak lock clean
+.PHONY: help install demo test up bench lint format soak lock clean screenshots
 
 help:
 	@echo "make demo   - install, start the sandbox, run the sync end to end, print a summary"
@@ -23,6 +23,7 @@ help:
 	@echo "make up     - the sandbox plus 'airflow standalone' with the project's DAGs"
 	@echo "make bench  - the benchmarks; writes docs/benchmarks.md"
 	@echo "make lint   - ruff check and ruff format --check"
+	@echo "make screenshots - optional: retake the UI screenshots in docs/img (needs: apt-get install -y chromium)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -49,6 +50,9 @@ up: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+screenshots: $(STAMP)
+	$(PY) scripts/screenshots.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,12 +22,21 @@ class Flow(StrEnum):
 TASK_IDS = ("extract", "tag_classify", "map_fields", "validate", "load")
 START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 
+
+def _record_failed_run(context: dict[str, Any]) -> None:
+    """Mark the run failed in the sync state store (imported lazily: parse time stays light)."""
+    from crm_sync.runner import record_failed_run
+
+    record_failed_run(context)
+
+
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "crm-sync",
     "retries": 3,
     "retry_delay": timedelta(minutes=1),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=15),
+    "on_failure_callback": _record_failed_run,
 }
 
 # Shared rate budgets across workers (config/pools.json): AC calls run one task at a time.

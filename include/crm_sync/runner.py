@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from crm_sync.settings import SyncSettings, current_settings
 
 if TYPE_CHECKING:
@@ -17,8 +19,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("crm_sync")
 
 
-class CircuitBreakerTripped(RuntimeError):
-    """A safety limit stopped the run before any write; the message says how to proceed."""
+class CircuitBreakerTripped(AirflowFailException):
+    """A safety limit stopped the run before any write; the message says how to proceed.
+
+    It fails the task at once: retrying cannot change the data that tripped it.
+    """
 
 
 @dataclass
@@ -73,6 +78,26 @@ def context_from_airflow(
         settings=current_settings(),
         upstream=dict(upstream or {}),
     )
+
+
+def record_failed_run(context: dict[str, Any]) -> None:
+    """Task failure callback: the run's row in the state store says `failed`, with the step."""
+    dag_run = context["dag_run"]
+    task_id = context["task_instance"].task_id
+    try:
+        from crm_sync.state import StateStore, state_url_from_connection
+
+        store = StateStore.from_url(state_url_from_connection())
+        store.start_run(dag_run.dag_id, dag_run.run_id, dry_run=False)
+        store.finish_run(
+            dag_run.dag_id,
+            dag_run.run_id,
+            status="failed",
+            counts={},
+            plan={"failed_step": task_id},
+        )
+    except Exception:  # the callback must never hide the task's own error
+        log.exception("could not record the failed run in the state store")
 
 
 def run_step(

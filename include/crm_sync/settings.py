@@ -153,10 +153,9 @@ class Safety(_Strict):
 
 
 class Incremental(_Strict):
-    """How incremental reads overlap and what deletions do."""
+    """How incremental reads overlap the stored watermarks."""
 
     overlap_minutes: Annotated[int, Field(ge=0, le=1440)] = 10
-    deletions: Literal["record"] = "record"
 
 
 class SyncSettings(_Strict):
