@@ -27,15 +27,18 @@ def attach_links(records: pd.DataFrame, links: pd.DataFrame, *, by: str) -> pd.D
         columns={"entity": "link_entity", "origin": "link_origin", "ac_contact_id": by}
     )[[by, "email", *LINK_COLUMNS]].astype("string")
     by_id = linked.dropna(subset=[by]).drop_duplicates(by).set_index(by)
-    matched = out[by].astype("string").map(by_id["dataverse_id"])
+    # One index look-up per key column, shared by the link columns taken from it.
+    position = by_id.index.get_indexer(out[by].astype("string"))
     for column in LINK_COLUMNS:
-        out[column] = out[by].astype("string").map(by_id[column]).astype("string")
+        taken = by_id[column].array.take(position, allow_fill=True)
+        out[column] = pd.Series(taken, index=out.index, dtype="string")
     by_email = linked[linked[by].isna()].drop_duplicates("email").set_index("email")
-    missing = matched.isna() & out["email_key"].notna()
+    missing = out["dataverse_id"].isna() & out["email_key"].notna()
     if missing.any() and not by_email.empty:
+        position = by_email.index.get_indexer(out.loc[missing, "email_key"].astype("string"))
         for column in LINK_COLUMNS:
-            found = out.loc[missing, "email_key"].map(by_email[column]).astype("string")
-            out.loc[missing, column] = found
+            taken = by_email[column].array.take(position, allow_fill=True)
+            out.loc[missing, column] = pd.Series(taken, index=out.index[missing], dtype="string")
     return out
 
 
@@ -54,11 +57,8 @@ def classify_for_dynamics(records: pd.DataFrame, settings: SyncSettings) -> pd.D
     entity = np.where(lead, Entity.LEAD.value, Entity.CONTACT.value)
     linked = out["dataverse_id"].notna()
     mismatch = linked & (out["link_entity"].astype("string") != pd.Series(entity, index=out.index))
-    enabled = pd.Series(
-        [settings.entities[Entity(e)].moves(Direction.TO_DYNAMICS365) for e in entity],
-        index=out.index,
-        dtype=bool,
-    )
+    moves = {e.value: settings.entities[e].moves(Direction.TO_DYNAMICS365) for e in Entity}
+    enabled = pd.Series(entity, index=out.index).map(moves).astype(bool)
     conditions = [
         lead & contact,
         ~lead & ~contact & ~origin,

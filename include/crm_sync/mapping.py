@@ -10,12 +10,17 @@ the values both sides held at the last sync (`synced_values` of the link):
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS
 from crm_sync.settings import (
@@ -25,7 +30,6 @@ from crm_sync.settings import (
     FieldMap,
     SyncSettings,
 )
-from crm_sync.state import content_hash
 
 AC = "activecampaign"
 D365 = "dynamics365"
@@ -113,21 +117,30 @@ def plan_writes(
                 )
             )
     keys = [m.key for m in fields]
-    src_values = {k: _text(out[f"src:{k}"]) for k in keys}
-    payloads, synced_json, hashes = [], [], []
-    for i in range(len(out)):
-        payload = {k: (src_values[k].iat[i] or None) for k in keys if bool(write_masks[k].iat[i])}
-        payloads.append(json.dumps(payload, ensure_ascii=False))
-        synced_json.append(
-            json.dumps({k: synced_after[k].iat[i] for k in keys}, ensure_ascii=False)
-        )
-        hashes.append(content_hash({k: src_values[k].iat[i] for k in keys}))
-    out["payload"] = payloads
+    unique = list(dict.fromkeys(keys))
+    src_values = {k: _text(out[f"src:{k}"]) for k in unique}
+    # Built column by column, as json.dumps(..., ensure_ascii=False) writes them row by row:
+    # the payload (fields to write, '' as null), the synced values, and the source's hash.
+    src_members = {k: _json_members(k, v) for k, v in src_values.items()}
+    payload = _json_object(
+        [
+            _where(
+                write_masks[k],
+                _where(src_values[k] != "", src_members[k], f", {_json_key(k)}: null"),
+                "",
+            )
+            for k in unique
+        ],
+        out.index,
+    )
+    synced = _json_object([_json_members(k, synced_after[k]) for k in unique], out.index)
+    canonical = _json_object([src_members[k] for k in sorted(unique)], out.index)
+    out["payload"] = payload
     out["n_fields"] = (
         np.sum([write_masks[k].to_numpy() for k in keys], axis=0) if keys else np.zeros(len(out))
     ).astype(int)
-    out["synced_values"] = synced_json
-    out["src_hash"] = hashes
+    out["synced_values"] = synced
+    out["src_hash"] = [hashlib.sha256(text.encode()).hexdigest() for text in canonical.tolist()]
     is_update = out["action"].isin([a.value for a in UPDATE_ACTIONS])
     out["unchanged"] = is_update & (out["n_fields"] == 0)
     conflicts = (
@@ -138,9 +151,73 @@ def plan_writes(
     return out, conflicts
 
 
+def _json_key(key: str) -> str:
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _json_members(key: str, values: pd.Series) -> pa.Array:
+    """`, "key": "value"` per row, for (non-null) string values."""
+    text = _arrow(values)
+    member = pc.binary_join_element_wise(
+        _scalar(f', {_json_key(key)}: "'), text, _scalar('"'), _scalar("")
+    )
+    # Quotes, backslashes and control characters need escapes: rare, so done one by one.
+    special = pc.match_substring_regex(text, r'["\\\x00-\x1f]')
+    if pc.any(special).as_py():
+        escaped = [
+            f", {_json_key(key)}: {json.dumps(value, ensure_ascii=False)}"
+            for value in pc.filter(text, special).to_pylist()
+        ]
+        member = pc.replace_with_mask(member, special, pa.array(escaped, pa.large_string()))
+    return member
+
+
+def _json_object(members: Sequence[pa.Array], index: pd.Index) -> pd.Series:
+    """Per row, `{...}` of the members (each `, "key": value`, or '' to leave it out)."""
+    if not members:
+        return pd.Series("{}", index=index, dtype="str")
+    joined = pc.binary_join_element_wise(*members, _scalar(""))
+    body = pc.utf8_slice_codeunits(joined, 2)
+    wrapped = pc.binary_join_element_wise(_scalar("{"), body, _scalar("}"), _scalar(""))
+    return pd.Series(pd.array(wrapped, dtype="str"), index=index)
+
+
+def _where(mask: pd.Series | np.ndarray, values: pa.Array | str, other: pa.Array | str) -> pa.Array:
+    """`values` where `mask`, else `other` (arrays or one string)."""
+    choose = pa.array(np.asarray(mask, dtype=bool))
+    pick = [_scalar(v) if isinstance(v, str) else v for v in (values, other)]
+    return pc.if_else(choose, *pick)
+
+
+def _arrow(values: pd.Series) -> pa.Array:
+    array = pa.array(values.astype("str"))
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    return array.cast(pa.large_string())
+
+
+def _scalar(text: str) -> pa.Scalar:
+    return pa.scalar(text, pa.large_string())
+
+
 def expand_synced(links_json: pd.Series, keys: Sequence[str]) -> pd.DataFrame:
     """Turn the links' `synced_values` JSON into `syn:<key>` columns ('' where unknown)."""
-    parsed = [json.loads(v) if isinstance(v, str) and v else {} for v in links_json]
+    texts = [v if isinstance(v, str) and v else "{}" for v in links_json.tolist()]
+    unique = list(dict.fromkeys(keys))
+    if texts and unique:
+        # Parsed as JSON lines by Arrow in one go; values are the strings the sync wrote.
+        schema = pa.schema([(k, pa.large_string()) for k in unique])
+        options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        try:
+            table = pa_json.read_json(io.BytesIO("\n".join(texts).encode()), parse_options=options)
+        except pa.ArrowInvalid:
+            table = None
+        if table is not None and table.num_rows == len(texts):
+            return pd.DataFrame(
+                {f"syn:{k}": pd.array(table.column(k), dtype="str").fillna("") for k in keys},
+                index=links_json.index,
+            )
+    parsed = [json.loads(v) for v in texts]
     return pd.DataFrame(
         {f"syn:{k}": [p.get(k) or "" for p in parsed] for k in keys}, index=links_json.index
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,9 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
 STAGING_ENV = "CRM_SYNC_STAGING"
+# A failed run keeps its folder for its task retries; a later successful run of the same DAG
+# deletes it once nothing in it has changed for this long.
+STALE_AFTER = timedelta(days=1)
 
 
 def staging_root(configured: str) -> str:
@@ -26,6 +31,11 @@ def staging_root(configured: str) -> str:
     return "file://" + str(path.resolve())
 
 
+def _last_change(folder: ObjectStoragePath) -> float:
+    """When a file under `folder` last changed (epoch seconds; now when it holds none yet)."""
+    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=time.time())
+
+
 def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", part)
 
@@ -37,6 +47,21 @@ class RunStaging:
         from airflow.sdk import ObjectStoragePath
 
         self.base: ObjectStoragePath = ObjectStoragePath(root) / _safe(dag_id) / _safe(run_id)
+
+    def clean_up(self, stale_after: timedelta = STALE_AFTER) -> int:
+        """Delete this run's folder and the folders of this DAG's runs untouched for
+        `stale_after` (failed runs nobody retried): staged files hold personal data. Call it
+        once the run's load has finished. Returns how many run folders were deleted."""
+        runs = self.base.parent
+        if not runs.exists():
+            return 0
+        cutoff = time.time() - stale_after.total_seconds()
+        removed = 0
+        for run in list(runs.iterdir()):
+            if run.name == self.base.name or _last_change(run) < cutoff:
+                run.rmdir(recursive=True)
+                removed += 1
+        return removed
 
     def path(self, step: str, name: str, suffix: str = ".parquet") -> ObjectStoragePath:
         """Where `name` of `step` lives."""

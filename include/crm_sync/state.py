@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -28,12 +33,18 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
 
 SCHEMA_VERSION = 1
 STATE_CONN_ID = "crm_sync_state"
+# How long a load waits for another run's load in the same direction, and how often it looks.
+LOCK_WAIT_SECONDS = 2 * 3600
+LOCK_POLL_SECONDS = 0.5
+
+log = logging.getLogger("crm_sync")
 
 metadata = MetaData()
 
@@ -198,6 +209,31 @@ class StateStore:
         with self.engine.begin() as connection:
             yield connection
 
+    @contextmanager
+    def direction_lock(self, direction: str, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+        """Hold the write lock of one direction for the block: two runs (a manual and a
+        scheduled one, the initial sync and the scheduled DAG, a task and its zombie) never load
+        the same direction at once. A PostgreSQL advisory lock, or a lock file next to a SQLite
+        database; the lock goes with the process that holds it, so a killed worker leaves none.
+        Raises `TimeoutError` after `wait` seconds."""
+        lock: contextlib.AbstractContextManager[Any]
+        if self.engine.dialect.name == "postgresql":
+            lock = _advisory_lock(self.engine, direction, wait)
+        elif self.engine.dialect.name == "sqlite" and self.engine.url.database not in (
+            None,
+            "",
+            ":memory:",
+        ):
+            path = Path(f"{self.engine.url.database}.{direction}.lock")
+            lock = _file_lock(path, direction, wait)
+        else:
+            log.warning(
+                "no write lock on %s: overlapping runs are not kept apart", self.engine.dialect.name
+            )
+            lock = contextlib.nullcontext()
+        with lock:
+            yield
+
     # -- schema -------------------------------------------------------------------------------
     def migrate(self) -> int:
         """Create missing tables and apply upgrade steps up to `SCHEMA_VERSION`."""
@@ -317,6 +353,21 @@ class StateStore:
                             **values,
                         )
                     )
+
+    def refresh_synced_values(self, entries: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Store what both sides now hold for existing links `(entity, dataverse_id, values)`,
+        in one transaction; nothing is written to either system."""
+        if not entries:
+            return
+        now = utcnow()
+        with self.begin() as connection:
+            for entity, dataverse_id, values in entries:
+                digest = content_hash(values)
+                connection.execute(
+                    update(links)
+                    .where(links.c.entity == entity, links.c.dataverse_id == dataverse_id)
+                    .values(synced_values=values, ac_hash=digest, dv_hash=digest, updated_at=now)
+                )
 
     def delete_link(self, entity: str, dataverse_id: str) -> None:
         """Forget one link."""
@@ -485,6 +536,54 @@ class StateStore:
                 select(runs).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
             ).first()
         return None if row is None else dict(row._mapping)
+
+
+def _waiting(direction: str, started: float, wait: float) -> None:
+    """Between two tries of a busy lock: log at first and every minute, give up after `wait`."""
+    waited = time.monotonic() - started
+    if waited > wait:
+        raise TimeoutError(
+            f"another run held the {direction} write lock for {wait:.0f} s; is one stuck? "
+            "Clear or fail it, then retry this task"
+        )
+    if waited < LOCK_POLL_SECONDS or waited // 60 != (waited - LOCK_POLL_SECONDS) // 60:
+        log.info("waiting for another run's load in %s to finish", direction)
+    time.sleep(LOCK_POLL_SECONDS)
+
+
+@contextmanager
+def _advisory_lock(engine: Engine, direction: str, wait: float) -> Iterator[None]:
+    key = int.from_bytes(
+        hashlib.sha256(f"crm_sync:{direction}".encode()).digest()[:8], "big", signed=True
+    )
+    started = time.monotonic()
+    with engine.connect() as connection:
+        while not connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+            connection.commit()
+            _waiting(direction, started, wait)
+        # A session lock: it outlives this transaction and ends with the connection at the latest.
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            connection.commit()
+
+
+@contextmanager
+def _file_lock(path: Path, direction: str, wait: float) -> Iterator[None]:
+    started = time.monotonic()
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                _waiting(direction, started, wait)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def state_url_from_connection(conn_id: str = STATE_CONN_ID) -> str:

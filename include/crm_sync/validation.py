@@ -75,7 +75,7 @@ def _suite(rules: TargetRules, columns: set[str]) -> Any:
 def _reason(expectation: str, column: str, rules: TargetRules, value: Any) -> tuple[str, str]:
     if column == rules.email_column and expectation.endswith("to_be_unique"):
         return Reason.DUPLICATE_EMAIL_IN_BATCH, "another record in this batch has the same email"
-    if column == rules.email_column:
+    if column == rules.email_column and "lengths" not in expectation:
         what = "missing" if value is None or value != value else "not a valid address"
         return Reason.INVALID_EMAIL, f"email is {what} ({expectation})"
     if expectation.endswith("to_not_be_null"):
@@ -103,25 +103,29 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
     if frame.empty:
         return ValidationOutcome(failures={}, expectations=0)
     import great_expectations as gx
+    import pandas as pd
 
     # GX logs every registration and metric at INFO: keep the task log to our own summary.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False, "metric_calculations": False}
-    batch = (
+    definition = (
         context.data_sources.add_pandas(name="crm_sync")
         .add_dataframe_asset(name=rules.name)
         .add_batch_definition_whole_dataframe("run")
-        .get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)})
     )
-    suite = _suite(rules, set(frame.columns))
-    result = batch.validate(
-        suite,
-        result_format={
-            "result_format": "COMPLETE",
-            "unexpected_index_column_names": ["record_key"],
-            "return_unexpected_index_query": False,
-        },
+    # Failures come back as row positions, mapped to record keys here: GX reports named index
+    # columns row by row, and fingerprints every column of each batch it builds (so: one batch,
+    # without the key column).
+    data = frame.drop(columns="record_key").reset_index(drop=True)
+    keys = frame["record_key"].astype(str).tolist()
+    suite = context.suites.add(_suite(rules, set(data.columns)))
+    validation = context.validation_definitions.add(
+        gx.ValidationDefinition(name=f"crm_sync_{rules.name}", data=definition, suite=suite)
+    )
+    result = validation.run(
+        batch_parameters={"dataframe": data},
+        result_format={"result_format": "COMPLETE", "return_unexpected_index_query": False},
     )
     failures: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for item in result.results:
@@ -132,9 +136,10 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
                 f"validation could not run {config.type} on '{column}': "
                 f"{item.exception_info.get('exception_message')}"
             )
-        for unexpected in item.result.get("unexpected_index_list") or []:
-            key = str(unexpected["record_key"])
-            reason = _reason(config.type, column, rules, unexpected.get(column))
-            if reason not in failures[key]:
-                failures[key].append(reason)
+        values = data.get(column)
+        for position in item.result.get("unexpected_index_list") or []:
+            value = values.iat[position] if values is not None else None
+            reason = _reason(config.type, column, rules, None if pd.isna(value) else value)
+            if reason not in failures[keys[position]]:
+                failures[keys[position]].append(reason)
     return ValidationOutcome(failures=dict(failures), expectations=len(result.results))

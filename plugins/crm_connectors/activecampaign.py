@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from crm_connectors.errors import (
     ClientError,
     NotFoundError,
 )
-from crm_connectors.pacing import RateBudget, shared_budget
+from crm_connectors.pacing import WindowBudget, shared_budget, shared_window
 from crm_connectors.paging import KeysetPaginator, OffsetPaginator, Paginator, iterate_pages
 from crm_connectors.redact import mask_emails
 from crm_connectors.retry import RetryPolicy
@@ -59,8 +60,9 @@ class ActiveCampaignHook(CrmHttpHook):
     :param rate_limit: requests per second for the whole account (None: unpaced).
     :param retry_policy: attempts and backoff (see `RetryPolicy`).
     :param timeout: seconds to wait for one response.
-    :param import_poll_interval: seconds between two `import/info` polls of a bulk import.
-    :param import_timeout: seconds a bulk import may take before `BulkImportError`.
+    :param import_poll_interval: seconds between a bulk import batch's submission (or last
+        `import/info` poll) and its next poll.
+    :param import_timeout: seconds one bulk import batch may take before `BulkImportError`.
     """
 
     conn_name_attr = "activecampaign_conn_id"
@@ -76,7 +78,7 @@ class ActiveCampaignHook(CrmHttpHook):
         rate_limit: float | None = 5.0,
         retry_policy: RetryPolicy | None = None,
         timeout: float = 60.0,
-        import_poll_interval: float = 2.0,
+        import_poll_interval: float = 1.0,
         import_timeout: float = 900.0,
     ) -> None:
         super().__init__(activecampaign_conn_id, retry_policy=retry_policy, timeout=timeout)
@@ -84,7 +86,7 @@ class ActiveCampaignHook(CrmHttpHook):
         self.rate_limit = rate_limit
         self.import_poll_interval = import_poll_interval
         self.import_timeout = import_timeout
-        self.import_budget = RateBudget(IMPORTS_PER_MINUTE / 60)
+        self.import_budget = WindowBudget(IMPORTS_PER_MINUTE, 60.0)
         self._tag_ids: dict[str, str] = {}
 
     def _configure(self, session: requests.Session, connection: Any) -> None:
@@ -97,7 +99,7 @@ class ActiveCampaignHook(CrmHttpHook):
         # Extra `rate_limit`: the account's requests per second, when it differs from AC's 5.
         rate = connection.extra_dejson.get("rate_limit", self.rate_limit)
         self.budget = shared_budget(self.base_url, float(rate) if rate else None)
-        self.import_budget = shared_budget(f"{self.base_url}#import", IMPORTS_PER_MINUTE / 60)
+        self.import_budget = shared_window(f"{self.base_url}#import", IMPORTS_PER_MINUTE, 60.0)
 
     def _error_details(self, response: requests.Response) -> ErrorDetails:
         try:
@@ -173,17 +175,18 @@ class ActiveCampaignHook(CrmHttpHook):
             params.append(("filters[updated_after]", _iso(updated_after)))
         if email is not None:
             params.append(("email", email))
-        queries = [params]
-        if ids is not None:
-            wanted = [str(i) for i in ids]
-            queries = [
-                params + [("ids[]", i) for i in wanted[start : start + MAX_PAGE]]
-                for start in range(0, len(wanted), MAX_PAGE)
-            ]
-        for query in queries:
+        if ids is None:
             yield from self.iter_items(
-                "contacts", "contacts", params=query, keyset=True, page_size=page_size
+                "contacts", "contacts", params=params, keyset=True, page_size=page_size
             )
+            return
+        wanted = [str(i) for i in ids]
+        for start in range(0, len(wanted), MAX_PAGE):
+            chunk = wanted[start : start + MAX_PAGE]
+            # One page of 100 holds every match of at most 100 ids: no request for a next page.
+            query = [*params, *(("ids[]", i) for i in chunk), ("limit", MAX_PAGE)]
+            body = self.request_json("GET", f"{API}/contacts", params=query) or {}
+            yield from body.get("contacts") or []
 
     def get_contact(self, contact_id: str | int) -> dict[str, Any] | None:
         """One contact (the `contact` object of the side-loaded envelope), None if missing."""
@@ -235,8 +238,22 @@ class ActiveCampaignHook(CrmHttpHook):
         return self.request_json("POST", f"{API}/tags", json=body)["tag"]
 
     def find_or_create_tags(self, names: Iterable[str]) -> dict[str, str]:
-        """Tag ids by exact name, creating the tags that do not exist yet (cached per hook)."""
+        """Tag ids by exact name, creating the tags that do not exist yet (cached per hook).
+
+        Several names with a common prefix (such as the four `D365: ` tags) are looked up in one
+        request (`filters[search][starts_with]`) instead of one each.
+        """
         wanted = list(names)
+        unknown = [name for name in dict.fromkeys(wanted) if name not in self._tag_ids]
+        prefix = _common_prefix(unknown) if len(unknown) > 1 else ""
+        if len(prefix.strip()) >= 3:
+            params = {"filters[search][starts_with]": prefix}
+            for tag in self.iter_items("tags", "tags", params=params):
+                if tag.get("tag") in unknown and tag.get("tagType", "contact") == "contact":
+                    self._tag_ids.setdefault(tag["tag"], str(tag["id"]))
+            for name in unknown:
+                if name not in self._tag_ids:
+                    self._tag_ids[name] = str(self._create_missing_tag(name)["id"])
         for name in wanted:
             if name not in self._tag_ids:
                 tag = self.find_tag(name) or self._create_missing_tag(name)
@@ -310,59 +327,102 @@ class ActiveCampaignHook(CrmHttpHook):
     # -- bulk import ---------------------------------------------------------------------------
 
     def bulk_import(
-        self, contacts: list[dict[str, Any]], *, chunk_size: int = MAX_IMPORT_CHUNK
+        self,
+        contacts: list[dict[str, Any]],
+        *,
+        chunk_size: int = MAX_IMPORT_CHUNK,
+        resolve_ids: bool = True,
     ) -> list[ImportResult]:
         """Import contacts (bulk_import shape: `email`, `first_name`, `tags`, `fields`...).
 
-        Sends chunks of at most 250 contacts, polls `import/info` until every batch is
-        completed, and returns one `ImportResult` per input row, in input order. Rows the API
-        rejects at submission are left out of their chunk and reported; the rest are sent again.
+        Returns one `ImportResult` per input row, in input order (see `iter_bulk_import`).
+        """
+        results: dict[int, ImportResult] = {}
+        for batch in self.iter_bulk_import(
+            contacts, chunk_size=chunk_size, resolve_ids=resolve_ids
+        ):
+            results.update((result.index, result) for result in batch)
+        return [results[i] for i in range(len(contacts))]
+
+    def iter_bulk_import(
+        self,
+        contacts: list[dict[str, Any]],
+        *,
+        chunk_size: int = MAX_IMPORT_CHUNK,
+        resolve_ids: bool = True,
+    ) -> Iterator[list[ImportResult]]:
+        """Import contacts in chunks of at most 250, yielding each chunk's results once AC has
+        applied it, while later chunks are still being sent.
+
+        Chunks go out at the account's import limit (100 per minute, never 101 in any minute)
+        with several in flight; `import/info` is asked about the oldest one in flight each
+        `import_poll_interval` seconds (AC applies batches in order). Rows without an email or
+        rejected at submission are yielded as failures at once; the rest of their chunk is sent
+        again. With `resolve_ids` each successful row gets its contact id from
+        `GET /contacts?ids[]=` (about three more requests per chunk, which at 5 requests/s keeps
+        imports well under 100 per minute); without, a row is successful unless `import/info`
+        lists its email as failed, and `contact_id` stays None.
         """
         if not 1 <= chunk_size <= MAX_IMPORT_CHUNK:
             raise ValueError(f"chunk_size must be between 1 and {MAX_IMPORT_CHUNK}")
+        # The connection names the account, whose import budget every hook on it shares: it
+        # must be in place before the first import counts against it.
+        self.get_conn()
         started = time.monotonic()
-        results: dict[int, ImportResult] = {}
+        totals = {"ok": 0, "failed": 0, "batches": 0}
+
+        def counted(batch: list[ImportResult]) -> list[ImportResult]:
+            totals["ok"] += sum(r.ok for r in batch)
+            totals["failed"] += sum(not r.ok for r in batch)
+            return batch
+
         valid: list[int] = []
+        missing: list[ImportResult] = []
         for index, contact in enumerate(contacts):
-            if not str(contact.get("email") or "").strip():
-                results[index] = ImportResult(index, "", False, error="missing email")
-            else:
+            if str(contact.get("email") or "").strip():
                 valid.append(index)
-        batches: list[tuple[str, list[int]]] = []
+            else:
+                missing.append(ImportResult(index, "", False, error="missing email"))
+        if missing:
+            yield counted(missing)
+        in_flight: deque[_ImportBatch] = deque()
         for start in range(0, len(valid), chunk_size):
-            chunk = valid[start : start + chunk_size]
-            batch_id, accepted = self._submit_import(contacts, chunk, results)
-            if batch_id is not None:
-                batches.append((batch_id, accepted))
-        for batch_id, accepted in batches:
-            info = self._wait_for_import(batch_id, started)
-            self._map_import(contacts, accepted, info, results)
-        ordered = [results[i] for i in range(len(contacts))]
+            batch, rejected = self._submit_import(contacts, valid[start : start + chunk_size])
+            if rejected:
+                yield counted(rejected)
+            if batch is not None:
+                totals["batches"] += 1
+                in_flight.append(batch)
+            for done in self._completed_imports(contacts, in_flight, resolve_ids, wait=False):
+                yield counted(done)
+        for done in self._completed_imports(contacts, in_flight, resolve_ids, wait=True):
+            yield counted(done)
         log.info(
             "bulk_import: %d contacts in %d batches, %d ok, %d failed, %.1f s",
             len(contacts),
-            len(batches),
-            sum(r.ok for r in ordered),
-            sum(not r.ok for r in ordered),
+            totals["batches"],
+            totals["ok"],
+            totals["failed"],
             time.monotonic() - started,
         )
-        return ordered
 
     def _submit_import(
-        self, contacts: list[dict[str, Any]], chunk: list[int], results: dict[int, ImportResult]
-    ) -> tuple[str | None, list[int]]:
+        self, contacts: list[dict[str, Any]], chunk: list[int]
+    ) -> tuple[_ImportBatch | None, list[ImportResult]]:
         """Queue one chunk; rows named in `failureReasons` are reported and the rest re-sent."""
         attempts = 0
+        rejected: list[ImportResult] = []
         while chunk:
-            self.import_budget.acquire()
             try:
-                body = self.request_json(
-                    "POST",
-                    f"{API}/import/bulk_import",
-                    json={"contacts": [contacts[i] for i in chunk]},
-                    replay_safe=True,
-                )
-                return str(body["batchId"]), chunk
+                with self.import_budget.call():
+                    body = self.request_json(
+                        "POST",
+                        f"{API}/import/bulk_import",
+                        json={"contacts": [contacts[i] for i in chunk]},
+                        replay_safe=True,
+                    )
+                sent = time.monotonic()
+                return _ImportBatch(str(body["batchId"]), chunk, sent, sent), rejected
             except ClientError as error:
                 if error.status != 400:
                     raise
@@ -374,68 +434,122 @@ class ActiveCampaignHook(CrmHttpHook):
                 ):
                     self.import_budget.pause(60.0)
                     continue
-                rejected = {chunk[p]: r for p, r in reasons.items() if 0 <= p < len(chunk)}
-                if not rejected:
+                bad = {chunk[p]: r for p, r in reasons.items() if 0 <= p < len(chunk)}
+                if not bad:
                     raise
-                for index, reason in rejected.items():
-                    results[index] = ImportResult(
-                        index, contacts[index]["email"], False, error=mask_emails(reason)
-                    )
-                chunk = [i for i in chunk if i not in rejected]
-        return None, []
+                rejected += [
+                    ImportResult(index, contacts[index]["email"], False, error=mask_emails(reason))
+                    for index, reason in bad.items()
+                ]
+                chunk = [i for i in chunk if i not in bad]
+        return None, rejected
 
-    def _wait_for_import(self, batch_id: str, started: float) -> dict[str, Any]:
-        while True:
-            info = self.request_json("GET", f"{API}/import/info", params={"batchId": batch_id})
-            status = str(info.get("status", "")).lower()
-            if status == "completed":
-                return info
-            if "fail" in status or "error" in status:
-                raise BulkImportError(
-                    f"import batch ended with status {status!r}",
-                    service=self.service,
-                    method="GET",
-                    endpoint=f"{API}/import/info",
-                )
-            if time.monotonic() - started > self.import_timeout:
-                raise BulkImportError(
-                    f"import batch not completed after {self.import_timeout:.0f} s",
-                    service=self.service,
-                    method="GET",
-                    endpoint=f"{API}/import/info",
-                )
-            time.sleep(self.import_poll_interval)
+    def _completed_imports(
+        self,
+        contacts: list[dict[str, Any]],
+        in_flight: deque[_ImportBatch],
+        resolve_ids: bool,
+        *,
+        wait: bool,
+    ) -> Iterator[list[ImportResult]]:
+        """Results of the batches that completed, oldest first. Without `wait`, stop at the
+        first batch not due for a poll or still processing (the caller has more to send)."""
+        while in_flight:
+            batch = in_flight[0]
+            delay = batch.last_asked + self.import_poll_interval - time.monotonic()
+            if delay > 0:
+                if not wait:
+                    return
+                time.sleep(delay)
+            info = self._import_info(batch)
+            if info is None:
+                batch.last_asked = time.monotonic()
+                if not wait:
+                    return
+                continue
+            in_flight.popleft()
+            yield self._map_import(contacts, batch.indices, info, resolve_ids)
+
+    def _import_info(self, batch: _ImportBatch) -> dict[str, Any] | None:
+        """`import/info` of one batch: its answer once completed, None while processing."""
+        info = self.request_json("GET", f"{API}/import/info", params={"batchId": batch.batch_id})
+        status = str(info.get("status", "")).lower()
+        if status == "completed":
+            return info
+        if "fail" in status or "error" in status:
+            raise BulkImportError(
+                f"import batch ended with status {status!r}",
+                service=self.service,
+                method="GET",
+                endpoint=f"{API}/import/info",
+            )
+        if time.monotonic() - batch.sent > self.import_timeout:
+            raise BulkImportError(
+                f"import batch not completed after {self.import_timeout:.0f} s",
+                service=self.service,
+                method="GET",
+                endpoint=f"{API}/import/info",
+            )
+        return None
 
     def _map_import(
         self,
         contacts: list[dict[str, Any]],
         accepted: list[int],
         info: dict[str, Any],
-        results: dict[int, ImportResult],
-    ) -> None:
+        resolve_ids: bool,
+    ) -> list[ImportResult]:
         """Per-row results from `import/info`: failures come back as emails, successes as ids."""
         failed = {str(e).strip().lower() for e in info.get("failure") or []}
         success_ids = [str(i) for i in info.get("success") or []]
+        emails = [str(contacts[i]["email"]) for i in accepted]
+        succeeded = sum(e.strip().lower() not in failed for e in emails)
+        # Ids are needed when asked for, or when the counts disagree: then the ids say who made it.
+        resolve = resolve_ids or len(success_ids) != succeeded
         by_email = {
             str(c.get("email", "")).strip().lower(): str(c["id"])
             for c in self.list_contacts(ids=success_ids)
-        } if success_ids else {}  # fmt: skip
-        for index in accepted:
-            email = str(contacts[index]["email"])
+        } if resolve and success_ids else {}  # fmt: skip
+        results = []
+        for index, email in zip(accepted, emails, strict=True):
             key = email.strip().lower()
             if key in failed:
-                results[index] = ImportResult(index, email, False, error="rejected by the import")
+                results.append(ImportResult(index, email, False, error="rejected by the import"))
+                continue
+            if not resolve:
+                results.append(ImportResult(index, email, True))
                 continue
             contact_id = by_email.get(key)
             if contact_id is None:
                 found = self.find_contact_by_email(email)
                 contact_id = str(found["id"]) if found else None
             if contact_id is None:
-                results[index] = ImportResult(
-                    index, email, False, error="not found after the import completed"
+                results.append(
+                    ImportResult(index, email, False, error="not found after the import completed")
                 )
             else:
-                results[index] = ImportResult(index, email, True, contact_id=contact_id)
+                results.append(ImportResult(index, email, True, contact_id=contact_id))
+        return results
+
+
+@dataclass
+class _ImportBatch:
+    """A submitted import batch: its rows, when it was sent, and when it was last asked about."""
+
+    batch_id: str
+    indices: list[int]
+    sent: float
+    last_asked: float
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest string every one of `names` starts with."""
+    first, last = min(names), max(names)
+    size = next(
+        (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
+        min(len(first), len(last)),
+    )
+    return first[:size]
 
 
 def _failure_reasons(error: ClientError) -> dict[int, str]:

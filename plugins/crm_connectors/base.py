@@ -105,6 +105,9 @@ class CrmHttpHook(HttpHook):
             if self._session is None:
                 connection = self.get_connection(self.http_conn_id)
                 self._set_base_url(connection)
+                # Extra `timeout`: seconds to wait for one response, for a slow network or API.
+                if connection.extra_dejson.get("timeout"):
+                    self.timeout = float(connection.extra_dejson["timeout"])
                 session = PinnedSession(self._verify_setting(connection))
                 self._configure_session_from_mount_adapters(session)
                 self._configure(session, connection)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from crm_sync.odata import all_of, any_of, check_filter, column, compare, literal
@@ -41,6 +41,9 @@ from crm_connectors.redact import mask_emails
 from crm_connectors.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+_Chunk = TypeVar("_Chunk")
+_Result = TypeVar("_Result")
 
 API = "/api/data/v9.2"
 NS = "Microsoft.Dynamics.CRM"
@@ -348,12 +351,16 @@ class Dynamics365Hook(CrmHttpHook):
         select: Sequence[str] | None = None,
         batch: int = 50,
     ) -> Iterator[dict[str, Any]]:
-        """Rows whose `column_name` equals one of `values` (queried `batch` values at a time)."""
+        """Rows whose `column_name` equals one of `values` (queried `batch` values at a time,
+        several queries at once like the bulk writes)."""
         wanted = list(dict.fromkeys(values))
-        for start in range(0, len(wanted), batch):
-            yield from self.query(
-                entity_set, select=select, filter=any_of(column_name, wanted[start : start + batch])
-            )
+        chunks = [wanted[start : start + batch] for start in range(0, len(wanted), batch)]
+
+        def read(chunk: list[object]) -> list[dict[str, Any]]:
+            return list(self.query(entity_set, select=select, filter=any_of(column_name, chunk)))
+
+        for rows in self._parallel(read, chunks):
+            yield from rows
 
     def get_record(
         self, entity_set: str, record_id: str, *, select: Sequence[str] | None = None
@@ -375,12 +382,14 @@ class Dynamics365Hook(CrmHttpHook):
         select: Sequence[str] | None = None,
         filter: str | None = None,
         page_size: int = MAX_PAGE_SIZE,
+        primary_id: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Rows with `modifiedon ge since` (and `filter`), ordered `modifiedon asc, <key> asc`.
 
         `modifiedon` has whole-second precision: overlap the watermark and de-duplicate by id.
+        `primary_id` names the table's key when the caller knows it (else read from metadata).
         """
-        primary = self.table(entity_set).primary_id
+        primary = primary_id or self.table(entity_set).primary_id
         columns = list(dict.fromkeys([*(select or []), "modifiedon", primary])) if select else None
         yield from self.query(
             entity_set,
@@ -578,9 +587,7 @@ class Dynamics365Hook(CrmHttpHook):
         )
         return done
 
-    def _parallel(
-        self, work: Callable[[list[int]], list[WriteResult]], chunks: list[list[int]]
-    ) -> list[list[WriteResult]]:
+    def _parallel(self, work: Callable[[_Chunk], _Result], chunks: list[_Chunk]) -> list[_Result]:
         """Run `work` over the chunks, at most `min(max_parallel, x-ms-dop-hint)` at a time."""
         workers = max(1, min(self.max_parallel, self.dop_hint or self.max_parallel, len(chunks)))
         if workers == 1:

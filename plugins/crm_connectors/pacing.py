@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class RateBudget:
@@ -41,7 +44,70 @@ class RateBudget:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
 
+class WindowBudget(RateBudget):
+    """A `RateBudget` of `limit / window` per second that also keeps at most `limit` calls in any
+    `window`-second span, as a server counting arrivals in a sliding window sees them.
+
+    Even spacing alone is not enough at the limit: a call that leaves late (it waited for another
+    budget, or the network was slow) and one that leaves on time `limit` calls later can land in
+    one window. So a call may start only once the call `limit` places before it has *finished*
+    at least `window` seconds ago (its arrival lies between its start and its finish).
+    Use `with budget.call(): ...` around each call.
+
+    A caller that comes late for its slot (its own work between two calls took longer) keeps
+    its place on the schedule, up to `catch_up` slots back, instead of pushing every later slot
+    back: at the limit, such slips would add up to a rate well under it. The window check
+    keeps the catching up within what the server counts. After a longer pause the schedule
+    starts afresh (no burst).
+    """
+
+    def __init__(self, limit: int, window: float, catch_up: int = 10) -> None:
+        super().__init__(limit / window)
+        self.limit = limit
+        self.window = window
+        self.catch_up = catch_up
+        self._finished: deque[float] = deque()
+        self._open = 0
+
+    def acquire(self) -> float:
+        """Block until this caller's slot on the schedule; return the seconds it waited."""
+        interval = self.window / self.limit
+        with self._lock:
+            now = time.monotonic()
+            slot = max(self._next_slot, self._paused_until)
+            if slot < now - self.catch_up * interval:
+                slot = now
+            self._next_slot = slot + interval
+        wait = slot - now
+        if wait > 0:
+            time.sleep(wait)
+        return max(wait, 0.0)
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """Hold one call's place in the window while it runs."""
+        self.acquire()
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._finished and self._finished[0] <= now - self.window:
+                    self._finished.popleft()
+                if self._open + len(self._finished) < self.limit:
+                    self._open += 1
+                    break
+                # The oldest finished call leaves the window then; an open one soon finishes.
+                wait = self._finished[0] + self.window - now if self._finished else 0.05
+            time.sleep(max(wait, 0.001))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
+                self._finished.append(time.monotonic())
+
+
 _shared: dict[tuple[str, float | None], RateBudget] = {}
+_shared_windows: dict[tuple[str, int, float], WindowBudget] = {}
 _shared_lock = threading.Lock()
 
 
@@ -51,4 +117,13 @@ def shared_budget(key: str, rate: float | None) -> RateBudget:
         budget = _shared.get((key, rate))
         if budget is None:
             budget = _shared[(key, rate)] = RateBudget(rate)
+        return budget
+
+
+def shared_window(key: str, limit: int, window: float) -> WindowBudget:
+    """The process-wide window budget for `key` (e.g. an account's bulk imports)."""
+    with _shared_lock:
+        budget = _shared_windows.get((key, limit, window))
+        if budget is None:
+            budget = _shared_windows[(key, limit, window)] = WindowBudget(limit, window)
         return budget

@@ -50,6 +50,9 @@ class ActiveCampaignReader:
                     + ", ".join(f"field:{m}" for m in missing)
                 )
             self.field_ids = {tag: by_tag[tag] for tag in self.custom}
+        # Who `tagged_since` saw carrying each tag; `complete` when it read every association.
+        self.seen: dict[Tag, set[str]] = {tag: set() for tag in ALL_TAGS}
+        self.complete = False
 
     def tag_id(self, tag: Tag) -> str:
         """The id of one of the four D365 tags."""
@@ -62,9 +65,11 @@ class ActiveCampaignReader:
         for tag in ALL_TAGS:
             for row in self.hook.contact_tags_by_tag(self.tag_id(tag), since=since):
                 ids.add(str(row["contact"]))
+                self.seen[tag].add(str(row["contact"]))
                 moment = parse_ac_time(row.get("cdate"))
                 if moment is not None and (newest is None or moment > newest):
                     newest = moment.to_pydatetime()
+        self.complete = since is None
         return ids, newest
 
     def updated_since(self, since: datetime) -> tuple[list[dict[str, Any]], datetime | None]:
@@ -80,7 +85,7 @@ class ActiveCampaignReader:
         """One row per contact: standard fields, custom fields, tag flags, times.
 
         `known` are contact objects already read (e.g. by `updated_since`); the rest are fetched
-        by id, 100 per request. Tag flags cost four requests per 100 contacts.
+        by id, 100 per request. Tag flags cost up to four requests per 100 contacts.
         """
         wanted = sorted({str(i) for i in ids}, key=lambda x: (len(x), x))
         objects = {str(c["id"]): c for c in known if str(c["id"]) in set(wanted)}
@@ -90,7 +95,8 @@ class ActiveCampaignReader:
         present = [i for i in wanted if i in objects]
         frame = pd.DataFrame(
             {
-                "ac_id": present,
+                # Typed even when empty: a run with nothing queued has no ids to infer it from.
+                "ac_id": pd.Series(present, dtype="str"),
                 **{f: [objects[i].get(f) for i in present] for f in STANDARD_FIELDS},
                 "ac_created_at": [parse_ac_time(objects[i].get("cdate")) for i in present],
                 "ac_updated_at": [
@@ -111,12 +117,17 @@ class ActiveCampaignReader:
         return frame
 
     def tag_flags(self, ids: Sequence[str]) -> dict[Tag, set[str]]:
-        """For each D365 tag, which of `ids` carry it."""
-        flags: dict[Tag, set[str]] = {tag: set() for tag in ALL_TAGS}
-        if not ids:
+        """For each D365 tag, which of `ids` carry it.
+
+        Contacts `tagged_since` saw with a tag are not asked about it again, and after a full
+        read of the associations nobody is: one request per 100 contacts per tag still unknown.
+        """
+        flags: dict[Tag, set[str]] = {tag: self.seen[tag] & set(ids) for tag in ALL_TAGS}
+        if not ids or self.complete:
             return flags
         for tag in ALL_TAGS:
-            for contact in self.hook.list_contacts(ids=ids, tag_id=self.tag_id(tag)):
+            unknown = [i for i in ids if i not in flags[tag]]
+            for contact in self.hook.list_contacts(ids=unknown, tag_id=self.tag_id(tag)):
                 flags[tag].add(str(contact["id"]))
         return flags
 

@@ -17,8 +17,6 @@ from crm_sync.tags import Tag
 
 # AC asks for at least 10 contacts per bulk import; fewer go through contact/sync one by one.
 MIN_IMPORT = 10
-# Rows per bulk_import call (several 250-contact batches): links are saved after each slice.
-SLICE = 2500
 IMPORT_KEYS = {
     "email": "email",
     "firstName": "first_name",
@@ -79,8 +77,7 @@ class ActiveCampaignLoader:
         if len(valid) < MIN_IMPORT:
             self._sync_one_by_one(valid)
         else:
-            for start in range(0, len(valid), SLICE):
-                self._import(valid.iloc[start : start + SLICE])
+            self._import(valid)
         self._finish_qualifications(valid)
         return dict(self.counts)
 
@@ -98,6 +95,10 @@ class ActiveCampaignLoader:
             self.counts["email changed"] += 1
 
     def _import(self, rows: pd.DataFrame) -> None:
+        """Bulk-import every row at AC's import limit; each batch's links are saved as soon as it
+        completes, while later batches are still being sent. The new contacts' ids are not read
+        back (that would take more requests than the import limit leaves): their links hold the
+        email, and the next run that needs an id finds it by email and keeps it."""
         contacts = []
         for row in rows.itertuples():
             contact = self._contact(row, keys=IMPORT_KEYS)
@@ -105,8 +106,12 @@ class ActiveCampaignLoader:
             if tags:
                 contact["tags"] = tags
             contacts.append(contact)
-        results = self.hook.bulk_import(contacts, chunk_size=self.batch_size)
-        self._record(rows, [(r.ok, r.contact_id, r.error) for r in results])
+        for batch in self.hook.iter_bulk_import(
+            contacts, chunk_size=self.batch_size, resolve_ids=False
+        ):
+            self._record(
+                rows.iloc[[r.index for r in batch]], [(r.ok, r.contact_id, r.error) for r in batch]
+            )
 
     def _sync_one_by_one(self, rows: pd.DataFrame) -> None:
         outcomes = []
@@ -135,7 +140,7 @@ class ActiveCampaignLoader:
                 RecordLink(
                     entity=row.entity,
                     dataverse_id=str(row.dataverse_id),
-                    ac_contact_id=contact_id,
+                    ac_contact_id=contact_id or _known_contact_id(row),
                     email=str(row.email_key),
                     origin="dynamics365"
                     if row.action in [a.value for a in NEW_ACTIONS]
@@ -168,3 +173,12 @@ class ActiveCampaignLoader:
             if row.record_key in self.synced_keys and pd.notna(contact_id):
                 self.hook.remove_tag_from_contact(contact_id, lead_tag)
                 self.counts["lead qualified: tag moved to D365: Contact"] += 1
+
+
+def _known_contact_id(row: Any) -> str | None:
+    """The AC contact a row was already known to write to (its link, or the lead it qualified
+    from), for a write whose answer carries no id."""
+    for value in (row.ac_contact_id, row.qualified_from_ac_id if bool(row.qualified) else None):
+        if value is not None and not pd.isna(value):
+            return str(value)
+    return None

@@ -50,30 +50,51 @@ def still_quarantined(ctx: StepContext, frame: pd.DataFrame) -> pd.Series:
     return known.notna() & (known == frame["source_hash"])
 
 
-def check_quarantine_share(ctx: StepContext, failed: int, total: int) -> None:
-    """Stop before writing when too large a share of the batch failed validation."""
+def _reason_counts(failures: Mapping[str, list[tuple[str, str]]]) -> dict[str, int]:
+    return merge_counts(
+        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
+    )
+
+
+def check_quarantine_share(
+    ctx: StepContext, failures: Mapping[str, list[tuple[str, str]]], total: int
+) -> None:
+    """Stop before writing when too large a share of the batch failed validation.
+
+    The reasons are logged first, so the operator sees what to fix.
+    """
     limit = ctx.settings.safety.max_quarantine_share
+    failed = len(failures)
     if total >= max(1, ctx.settings.safety.quarantine_share_min_batch) and failed / total > limit:
+        log_step("validate: failures by reason (circuit breaker)", _reason_counts(failures))
         raise CircuitBreakerTripped(
             f"{failed} of {total} records ({failed / total:.0%}) failed validation, above the "
-            f"limit of {limit:.0%} (safety.max_quarantine_share). Nothing was written. Read the "
-            "quarantine reasons in the validate task log, fix the source data or the mapping, "
-            "and trigger the DAG again (or raise the limit in sync.yaml)."
+            f"limit of {limit:.0%} (safety.max_quarantine_share). Nothing was written. The "
+            "failures by reason are in the table above: fix the source data or the mapping and "
+            "trigger the DAG again (or raise the limit in sync.yaml)."
         )
 
 
 def check_mass_change(ctx: StepContext, changes: int) -> None:
-    """Stop before writing when a run would change too large a share of the linked records."""
+    """Stop before writing when a run would change too large a share of the linked records.
+
+    A dry run is never stopped: it writes nothing, and its plan is what the operator checks.
+    """
     safety = ctx.settings.safety
     linked = ctx.store.count_links()
     if linked < safety.mass_change_min_linked or ctx.params.get("confirm_mass_change"):
         return
     if changes / linked > safety.max_change_share:
-        raise CircuitBreakerTripped(
+        message = (
             f"this run would change {changes} records, {changes / linked:.0%} of the {linked} "
-            f"linked records, above safety.max_change_share ({safety.max_change_share:.0%}). "
-            "Nothing was written. Check the plan (trigger with dry_run=true), then trigger the DAG "
-            "with confirm_mass_change=true to let it through."
+            f"linked records, above safety.max_change_share ({safety.max_change_share:.0%})."
+        )
+        if ctx.dry_run:
+            log.warning("%s A real run stops here unless confirm_mass_change=true.", message)
+            return
+        raise CircuitBreakerTripped(
+            f"{message} Nothing was written. Check the plan (trigger with dry_run=true), then "
+            "trigger the DAG with confirm_mass_change=true to let it through."
         )
 
 
@@ -161,7 +182,7 @@ def accept_valid(
     `count_creates=False` leaves creates out of the mass-change share (the initial sync creates
     by design).
     """
-    check_quarantine_share(ctx, len(failures), len(to_write))
+    check_quarantine_share(ctx, failures, len(to_write))
     quarantine_rows(ctx, mapped, "validate", failures)
     valid = (
         to_write[~to_write["record_key"].isin(list(failures))] if not to_write.empty else to_write
@@ -169,12 +190,49 @@ def accept_valid(
     creates, updates = count_writes(valid)
     check_mass_change(ctx, updates + (creates if count_creates else 0))
     ctx.staging.write_frame("validate", "valid", valid)
-    reasons = merge_counts(
-        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
-    )
-    counts = {"valid": len(valid), "quarantined": len(failures), **reasons}
+    counts = {"valid": len(valid), "quarantined": len(failures), **_reason_counts(failures)}
     log_step("validate: Great Expectations", counts)
     return {"counts": counts}
+
+
+def skip_written_meanwhile(ctx: StepContext, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Leave out the rows another run wrote after this one planned them: their link already
+    holds exactly the values this write would leave. Called under the direction's write lock, so
+    overlapping runs never write one change twice. Returns the rows left and the keys left out."""
+    if valid.empty:
+        return valid, []
+    ac_column = "ac_id" if "ac_id" in valid else "ac_contact_id"
+    ids = {
+        c: [str(v) for v in valid[c].dropna()] for c in ("dataverse_id", ac_column) if c in valid
+    }
+    links = ctx.store.links_for(
+        dataverse_ids=ids.get("dataverse_id", []), ac_ids=ids.get(ac_column, [])
+    )
+    by_row = {(link.entity, link.dataverse_id): link for link in links}
+    by_contact = {(link.entity, link.ac_contact_id): link for link in links if link.ac_contact_id}
+    done = []
+    for row in valid.to_dict("records"):
+        dataverse_id, contact_id = row.get("dataverse_id"), row.get(ac_column)
+        link = by_row.get((row["entity"], str(dataverse_id))) if not pd.isna(dataverse_id) else None
+        if link is None and not pd.isna(contact_id):
+            link = by_contact.get((row["entity"], str(contact_id)))
+        if link is not None and link.synced_values == json.loads(row["synced_values"]):
+            done.append(row["record_key"])
+    return valid[~valid["record_key"].isin(done)], done
+
+
+def refresh_agreed_links(ctx: StepContext, unchanged: pd.DataFrame) -> int:
+    """Store the values both sides already agree on in the links of `unchanged` records whose
+    links lag behind: a run that died after writing but before linking, or the same edit made on
+    both sides. Otherwise a later change there would be taken for a conflict. Returns how many."""
+    stale = []
+    for row in unchanged.to_dict("records"):
+        values = json.loads(row["synced_values"])
+        stored = {k: row.get(f"syn:{k}") for k in values}
+        if any(values[k] != ("" if pd.isna(v) else v) for k, v in stored.items()):
+            stale.append((row["entity"], str(row["dataverse_id"]), values))
+    ctx.store.refresh_synced_values(stale)
+    return len(stale)
 
 
 def run_load(
@@ -185,9 +243,16 @@ def run_load(
     """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
 
     `write(valid, meta)` returns its counts and the record keys it synced; watermarks move only
-    after it returned, so a failed load is read again by the next run.
+    after it returned, so a failed load is read again by the next run. The run's staging folder
+    (personal data) is deleted once the load has finished.
     """
     staging = ctx.staging
+    report = ctx.store.run_report(ctx.dag_id, ctx.run_id)
+    if report is not None and report["status"] in ("success", "dry_run"):
+        # A retry of a load whose worker died after it finished: it is done, staging may be gone.
+        staging.clean_up()
+        log.info("load: this run's load already finished; nothing left to do")
+        return {"counts": report["counts"], "dry_run": report["status"] == "dry_run"}
     valid = staging.read_frame("validate", "valid")
     mapped = staging.read_frame("map_fields", "mapped")
     meta = staging.read_json("extract", "meta")
@@ -207,15 +272,25 @@ def run_load(
             ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
         )
         log_step("load (dry run): nothing written; the plan", plan["counts"])
+        staging.clean_up()
         return {"counts": plan["counts"], "dry_run": True}
-    counts, synced = write(valid, meta)
-    unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
-    ctx.store.resolve(set(synced) | set(unchanged.get("record_key", [])), ctx.flow_direction)
-    advance_watermarks(meta)
+    with ctx.store.direction_lock(ctx.flow_direction):
+        valid, done = skip_written_meanwhile(ctx, valid)
+        counts, synced = write(valid, meta)
+        unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
+        refreshed = refresh_agreed_links(ctx, unchanged)
+        keys = set(synced) | set(done) | set(unchanged.get("record_key", []))
+        ctx.store.resolve(keys, ctx.flow_direction)
+        advance_watermarks(meta)
     validated = {
         k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
     }
     totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
+    if refreshed:
+        totals["unchanged: link caught up"] = refreshed
+    if done:
+        totals["already written by another run"] = len(done)
     ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
     log_step("load: run totals", totals)
+    staging.clean_up()
     return {"counts": totals}

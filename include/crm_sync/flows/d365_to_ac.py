@@ -4,6 +4,7 @@ initial sync (`initial_sync_backfill`), which reads every matching record instea
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -118,6 +119,15 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx)) if not dv.empty else None
     unresolved = [link.email for link in links if not link.ac_contact_id]
     resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
+    if resolved and not ctx.dry_run:
+        # Remember the ids: the next run need not look these emails up again.
+        store.save_links(
+            [
+                replace(link, ac_contact_id=resolved[link.email])
+                for link in links
+                if not link.ac_contact_id and link.email in resolved
+            ]
+        )
     link_rows = [
         {
             "entity": link.entity,

@@ -77,7 +77,9 @@ def changed_rows(
             orderby=f"modifiedon asc,{entity.primary_id} asc",
         )
     else:
-        rows = hook.modified_since(entity.entity_set, since, select=select, filter=criteria)
+        rows = hook.modified_since(
+            entity.entity_set, since, select=select, filter=criteria, primary_id=entity.primary_id
+        )
     return rows_frame(entity, rows, select)
 
 
