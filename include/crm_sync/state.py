@@ -495,12 +495,19 @@ class StateStore:
 
     # -- runs ---------------------------------------------------------------------------------
     def start_run(self, dag_id: str, run_id: str, *, dry_run: bool) -> None:
-        """Record that a run started (a retried run keeps its row)."""
+        """Record that a run started. A run extracting again (retried, or cleared to sync again)
+        keeps its row and is running again, so that its load writes anew."""
         with self.begin() as connection:
             exists = connection.execute(
                 select(runs.c.id).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
             ).first()
-            if exists is None:
+            if exists is not None:
+                connection.execute(
+                    update(runs)
+                    .where(runs.c.id == exists.id)
+                    .values(status="running", dry_run=dry_run, finished_at=None)
+                )
+            else:
                 connection.execute(
                     insert(runs).values(
                         dag_id=dag_id,

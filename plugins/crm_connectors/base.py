@@ -24,6 +24,8 @@ from crm_connectors.errors import (
     NotFoundError,
     RateLimitError,
     ServerError,
+    TlsError,
+    tls_failure,
 )
 from crm_connectors.pacing import RateBudget
 from crm_connectors.redact import install_library_log_masking, loggable_url
@@ -273,6 +275,10 @@ class CrmHttpHook(HttpHook):
                 timeout=self.timeout,
                 **kwargs,
             )
+        except requests.exceptions.SSLError as exc:
+            raise TlsError(
+                tls_failure(url, exc), service=self.service, method=method, endpoint=_endpoint(url)
+            ) from None
         except (
             requests.ConnectionError,
             requests.Timeout,

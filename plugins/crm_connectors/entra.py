@@ -8,7 +8,12 @@ from typing import Any
 import msal
 import requests
 
-from crm_connectors.errors import ApiConnectionError, AuthenticationError
+from crm_connectors.errors import (
+    ApiConnectionError,
+    AuthenticationError,
+    TlsError,
+    tls_failure,
+)
 
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 
@@ -51,6 +56,13 @@ class TokenSource:
                     str(error),
                     service="entra-id",
                     method="GET",
+                    endpoint=self._authority,
+                ) from None
+            except requests.exceptions.SSLError as error:
+                raise TlsError(
+                    tls_failure(self._authority, error),
+                    service="entra-id",
+                    method="POST",
                     endpoint=self._authority,
                 ) from None
             except requests.RequestException as error:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit
+
 from crm_connectors.redact import mask_emails
 
 
@@ -93,6 +96,29 @@ class ApiConnectionError(CrmApiError):
     @property
     def retryable(self) -> bool:
         return True
+
+
+class TlsError(CrmApiError):
+    """The server's TLS certificate could not be verified. Never retried, and verification is
+    never switched off: trust the right certificate authority (the connection's `ca_bundle`)."""
+
+
+_TLS_REASON = re.compile(
+    r"(certificate verify failed[^'\")\]]*|hostname [^,)]+ doesn't match [^,)]+)"
+)
+
+
+def tls_failure(url: str, exc: Exception) -> str:
+    """A clear message for a certificate that failed verification (the reason, never the URL's
+    query, which may hold personal data)."""
+    found = _TLS_REASON.search(str(exc))
+    reason = found.group(1).strip() if found else "the server's certificate was refused"
+    host = urlsplit(url).netloc or url
+    return (
+        f"TLS certificate verification failed for {host}: {reason}. Trust the certificate "
+        "authority that signed it with the connection's ca_bundle extra (a PEM file); "
+        "verification cannot be switched off"
+    )
 
 
 class PagingError(CrmApiError):

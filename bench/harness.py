@@ -1,0 +1,271 @@
+"""The benchmarks' world: a sandbox process with limits on, the connections, and the flows' steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+AC_REQUESTS_PER_SECOND = 5.0
+AC_IMPORTS_PER_MINUTE = 100
+AC_IMPORT_SIZE = 250
+AC_IMPORT_CEILING = AC_IMPORTS_PER_MINUTE * AC_IMPORT_SIZE / 60  # contacts per second
+DATAVERSE_REQUESTS_PER_WINDOW = 6000
+DATAVERSE_WINDOW_SECONDS = 300
+# Multiplies the sandbox's limits and the AC pacing: 1 for every published figure; the smoke
+# test runs faster with more.
+LIMIT_SCALE = {"value": 1.0}
+
+
+def prepare_process(work_dir: Path) -> None:
+    """Point Airflow and the staging folder at throw-away places, before anything imports Airflow."""
+    os.environ.setdefault("AIRFLOW_HOME", str(work_dir / "airflow"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ["CRM_SYNC_STAGING"] = str(work_dir / "staging")
+    # The task logs (a line per request) would drown the benchmark's own output.
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("crm_sync", "crm_connectors", "great_expectations", "airflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = int(line.split()[1]) // (1024 * 1024)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory,
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+@dataclass
+class Sandbox:
+    """One `python -m sandbox serve` process (limits on) with its own data folder."""
+
+    data_dir: Path
+    ac_port: int = field(default_factory=free_port)
+    d365_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ac_url(self) -> str:
+        return f"http://127.0.0.1:{self.ac_port}"
+
+    @property
+    def d365_url(self) -> str:
+        return f"https://127.0.0.1:{self.d365_port}"
+
+    def start(self) -> Sandbox:
+        """Start the server and wait until both emulators answer."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.data_dir / "serve.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "sandbox", "serve",
+                "--data-dir", str(self.data_dir),
+                "--ac-port", str(self.ac_port),
+                "--d365-port", str(self.d365_port),
+                "--limit-scale", str(LIMIT_SCALE["value"]),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError((self.data_dir / "serve.log").read_text()[-2000:])
+            if _listening(self.ac_port) and _listening(self.d365_port):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the sandbox did not start within 60 s")
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def admin(self, service: str, method: str, path: str, **kwargs: Any) -> Any:
+        """Call `/_sandbox/<path>` of the `ac` or `d365` emulator (never rate limited)."""
+        from sandbox.credentials import RuntimeInfo
+
+        base = self.ac_url if service == "ac" else self.d365_url
+        response = requests.request(
+            method,
+            f"{base}/_sandbox/{path}",
+            verify=RuntimeInfo.load(self.data_dir).ca_path,
+            timeout=120,
+            **kwargs,
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def connect(self, state_url: str) -> None:
+        """Set the three Airflow connections (AC paced at its published 5 requests/s)."""
+        from sandbox.credentials import connection_env
+
+        scale = LIMIT_SCALE["value"]
+        rate = AC_REQUESTS_PER_SECOND * scale if scale != 1.0 else None
+        os.environ.update(connection_env(self.data_dir, state_url, rate))
+
+    def clear_counters(self) -> None:
+        """Zero both emulators' request counters."""
+        for service in ("ac", "d365"):
+            self.admin(service, "DELETE", "counters")
+
+    def requests_made(self) -> dict[str, Counter[str]]:
+        """API requests answered since the counters were cleared, per service and route."""
+        out: dict[str, Counter[str]] = {}
+        for service in ("ac", "d365"):
+            counts: Counter[str] = Counter()
+            for row in self.admin(service, "GET", "counters")["requests"]:
+                # Dataverse's token endpoint is Entra ID's, outside the Web API's limits.
+                if row["path"].startswith("/api/"):
+                    counts[f"{row['method']} {row['path']}"] += row["count"]
+            out[service] = counts
+        return out
+
+    def ac_db(self) -> sqlite3.Connection:
+        """The AC emulator's SQLite (for counts the API would take many requests to give)."""
+        return sqlite3.connect(self.data_dir / "activecampaign.db", timeout=60)
+
+    def age(self, seconds: int) -> None:
+        """Move every stored time of both emulators `seconds` back, the sync's watermarks staying:
+        as if the data had last changed that long before the sync's last run (so the watermarks'
+        overlap holds none of it)."""
+        with self.ac_db() as db:
+            for table, columns in (
+                ("contacts", ("cdate", "udate")),
+                ("contact_tags", ("cdate",)),
+                ("field_values", ("cdate", "udate")),
+            ):
+                sets = ", ".join(f"{c} = {c} - ?" for c in columns)
+                db.execute(f"UPDATE {table} SET {sets}", (seconds,) * len(columns))  # noqa: S608
+        with sqlite3.connect(self.data_dir / "dataverse.db", timeout=60) as db:
+            for table in ("leads", "contacts"):
+                db.execute(
+                    f"UPDATE {table} SET createdon = createdon - ?, modifiedon = modifiedon - ?",  # noqa: S608
+                    (seconds, seconds),
+                )
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class FlowRun:
+    """One run of a flow's five steps: seconds per step, the steps' counts, requests made."""
+
+    seconds: dict[str, float]
+    counts: dict[str, dict[str, Any]]
+    requests: dict[str, Counter[str]]
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def api_requests(self, service: str) -> int:
+        return sum(self.requests[service].values())
+
+    def load_count(self, prefix: str) -> int:
+        """Sum of the load step's counts whose label starts with `prefix`."""
+        return sum(v for k, v in self.counts["load"].items() if k.startswith(prefix))
+
+
+def run_flow(
+    flow_name: str, sandbox: Sandbox, state_url: str, params: dict[str, Any] | None = None
+) -> FlowRun:
+    """Run the five steps of a flow in this process, as its DAG's tasks call them."""
+    from crm_sync.dag_factory import Flow
+    from crm_sync.flows import STEPS, step_function
+    from crm_sync.runner import StepContext
+    from crm_sync.settings import current_settings
+
+    flow = Flow(flow_name)
+    sandbox.clear_counters()
+    seconds: dict[str, float] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    run_id = f"bench__{uuid.uuid4().hex[:12]}"
+    for step in STEPS:
+        # A fresh context per step, as each Airflow task builds its own.
+        ctx = StepContext(
+            flow=flow,
+            dag_id=flow.value,
+            run_id=run_id,
+            params=dict(params or {}),
+            settings=current_settings(),
+            state_url=state_url,
+        )
+        started = time.perf_counter()
+        summary = step_function(flow, step)(ctx)
+        seconds[step] = time.perf_counter() - started
+        counts[step] = summary.get("counts", {})
+        if "store" in ctx.__dict__:
+            ctx.store.engine.dispose()
+    return FlowRun(seconds, counts, sandbox.requests_made())
+
+
+@contextmanager
+def run_folder(root: Path | None, name: str) -> Iterator[Path]:
+    """A fresh folder for one benchmark run, removed afterwards (a sandbox of 100k records
+    takes a few hundred MB)."""
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

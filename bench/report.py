@@ -1,0 +1,396 @@
+"""Writes docs/benchmarks.md and docs/benchmarks-scaling.png from the benchmarks' JSON results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.harness import AC_IMPORT_CEILING
+
+PAGE = "benchmarks.md"
+PLOT = "benchmarks-scaling.png"
+DIRECTIONS = ("dynamics365_to_activecampaign", "activecampaign_to_dynamics365")
+
+
+def _load(results: Path) -> dict[str, dict[str, Any]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def plot_scaling(backfill: dict[str, Any], path: Path) -> None:
+    """Seconds against records for the backfill, with the import ceiling's line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = backfill["sizes"]
+    created = [row["created"] for row in sizes]
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for row in sizes:
+        axis.scatter(
+            [row["created"]] * len(row["runs"]),
+            [r["seconds"] for r in row["runs"]],
+            color="#9ecae1",
+            s=14,
+            zorder=2,
+        )
+    axis.plot(
+        created,
+        [row["median_seconds"] for row in sizes],
+        "o-",
+        color="#08519c",
+        label="initial sync, whole DAG (median)",
+        zorder=3,
+    )
+    axis.plot(
+        created,
+        [row["median_load_seconds"] for row in sizes],
+        "s--",
+        color="#6baed6",
+        label="load step alone (median)",
+        zorder=3,
+    )
+    axis.plot(
+        [0, max(created)],
+        [0, max(created) / AC_IMPORT_CEILING],
+        ":",
+        color="#a50f15",
+        label=f"AC bulk-import ceiling ({AC_IMPORT_CEILING:.0f} contacts/s)",
+    )
+    axis.set_xlabel("contacts written to ActiveCampaign")
+    axis.set_ylabel("seconds")
+    axis.set_title("Initial sync (Dynamics 365 -> ActiveCampaign): time against size")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _machine(results: dict[str, dict[str, Any]]) -> str:
+    first = next(iter(results.values()))["machine"]
+    return (
+        f"{first['cpu']}, {first['cores']} cores, {first['memory_gib']} GiB, "
+        f"{first['system']}, Python {first['python']}"
+    )
+
+
+def _backfill(data: dict[str, Any]) -> list[str]:
+    top = data["sizes"][-1]
+    lines = [
+        "## 1. Initial sync into ActiveCampaign, and 6. scaling",
+        "",
+        f"`{data['command']}` (sizes: Dynamics records seeded, half leads and half contacts; "
+        f"{data['repeats']} runs each, median). The whole `initial_sync_backfill` flow runs: "
+        "extract from Dataverse, classify, map, validate with Great Expectations, and load "
+        "by bulk import.",
+        "",
+        "| Dynamics records | contacts written | seconds (median) | s per 1,000 | load step (s) "
+        "| contacts/s | ceiling contacts/s | ratio (whole run) | ratio (load step) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in data["sizes"]:
+        lines.append(
+            f"| {_n(row['records'])} | {_n(row['created'])} | {row['median_seconds']:.1f} | "
+            f"{1000 * row['median_seconds'] / row['created']:.2f} | "
+            f"{row['median_load_seconds']:.1f} | {row['contacts_per_second']:.1f} | "
+            f"{AC_IMPORT_CEILING:.1f} | {row['ratio']:.3f} | {row['load_ratio']:.3f} |"
+        )
+    steps = top["runs"][0]["step_seconds"]
+    requests = top["runs"][0]["ac_requests"]
+    lines += [
+        "",
+        f"![scaling curve]({PLOT})",
+        "",
+        f"At {_n(top['records'])} records (first run): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+        + ". ActiveCampaign requests: "
+        + ", ".join(f"`{k}` {v}" for k, v in sorted(requests.items()))
+        + ". The records not written are qualified leads (they live on as their contact).",
+        "",
+        "The ceiling is AC's bulk-import limit: 100 imports a minute of at most 250 contacts, "
+        f"{AC_IMPORT_CEILING:.1f} contacts/s. The load sends imports at that pace (never 101 "
+        "in any minute, measured from the answers) with several in flight, asks "
+        "`import/info` about the oldest one each second, and saves each batch's links as it "
+        "completes; it does not read the new contacts' ids back (that costs ~3 requests per "
+        "batch, more than the 5 requests/s leave beside 100 imports/min): the links keep the "
+        "email and a later run finds the id by email when it needs it.",
+        "",
+    ]
+    seconds = [row["median_seconds"] for row in data["sizes"]]
+    created = [row["created"] for row in data["sizes"]]
+    if len(seconds) >= 2:
+        slope = (seconds[-1] - seconds[0]) / (created[-1] - created[0])
+        intercept = seconds[0] - slope * created[0]
+        lines += [
+            f"Scaling: time grows linearly, about {intercept:.1f} s + {slope * 1000:.2f} s per "
+            f"1,000 contacts (the ceiling's slope is {1000 / AC_IMPORT_CEILING:.2f} s per "
+            "1,000). The constant part (process start-up costs such as the first Great "
+            "Expectations context, the Dataverse reads, the last batch's processing and poll) "
+            "is why small syncs sit further below the ceiling.",
+            "",
+        ]
+    return lines
+
+
+def _creation(data: dict[str, Any]) -> list[str]:
+    ceiling = data["ceiling"]
+    run = data["runs"][0]
+    parts = ", ".join(f"{k} {v}" for k, v in ceiling["ac_parts"].items())
+    return [
+        "## 2. ActiveCampaign -> Dynamics 365 creation",
+        "",
+        f"`{data['command']}`: {_n(data['records'])} AC contacts, all queued by the automation "
+        f"step ({_n(run['leads'])} as leads, {_n(run['contacts'])} as contacts), created in "
+        f"Dataverse by one `activecampaign_to_dynamics365` run (the sync had run before, so its "
+        f"watermarks exist); {data['repeats']} runs, median.",
+        "",
+        "| records created | seconds (median) | records/s | binding ceiling | "
+        "ceiling records/s | ratio |",
+        "|---:|---:|---:|---|---:|---:|",
+        f"| {_n(run['created'])} | {data['median_seconds']:.1f} | "
+        f"{data['records_per_second']:.1f} | {ceiling['binding']} | "
+        f"{ceiling['records_per_second']:.1f} | {data['ratio']:.3f} |",
+        "",
+        "The binding ceiling, computed: ActiveCampaign returns neither tags nor custom fields "
+        "with a contact (no `include`), so reading N queued contacts takes at least "
+        f"{ceiling['ac_requests']} requests ({parts}), {ceiling['ac_seconds']:.0f} s at 5 "
+        f"requests/s. Dataverse needs {ceiling['d365_requests']} requests (email look-ups, 50 "
+        "per request, CreateMultiple of 1,000, metadata), "
+        f"{ceiling['d365_seconds']:.0f} s at its 6,000 requests per 5 minutes; its execution-"
+        "time limit (1,200 s per 5 minutes) is far off (a CreateMultiple of 1,000 takes well "
+        "under a second here). So AC's read budget binds. Requests the run made to AC "
+        f"(median): {data['ac_requests_made']:.0f}. Per step (first run): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in run["step_seconds"].items())
+        + ".",
+        "",
+    ]
+
+
+def _incremental(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 3. Incremental cost",
+        "",
+        f"`{data['command']}`: after an initial sync of {_n(data['records'])} records "
+        f"({_n(data['linked'])} linked), each row changes N records in the source system and "
+        "runs that direction once. Counts are API requests (the emulators' counters; "
+        "Dataverse's token endpoint excluded), from one run each: they do not vary between "
+        "runs.",
+        "",
+        "| changes | direction | AC requests | Dataverse requests | total | seconds | written |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for row in data["rows"]:
+        for direction in (*DIRECTIONS, *(f"{d} (echo)" for d in reversed(DIRECTIONS))):
+            item = row[direction]
+            written = ", ".join(f"{k} {v}" for k, v in item["written"].items()) or "nothing"
+            lines.append(
+                f"| {row['changes']} | `{direction}` | {item['ac']} | {item['d365']} | "
+                f"{item['total']} | {item['seconds']:.1f} | {written} |"
+            )
+    lines += [
+        "",
+        "How the world is set up: before each measured run the harness moves every stored time "
+        "of both emulators one day back (the watermarks stay), as if the data had last changed "
+        "a day before the sync's last run, so the watermarks' 10-minute overlap holds only the "
+        "new changes. Changes: a Dynamics user edits job titles (UpdateMultiple), a marketer "
+        "edits first names (one bulk import); leads and contacts alike, a different set each "
+        "time. Straight after each measured run the other direction runs once (the `(echo)` "
+        "rows): it reads the records the sync itself just wrote and writes nothing back "
+        "(loop-proof). The first "
+        "`activecampaign_to_dynamics365` run after an initial sync reads every D365 tag "
+        "association once (about 2 requests per 100 linked contacts, plus their contacts and "
+        "fields); here its watermarks are set instead, as that run would leave them.",
+        "",
+        "Where the requests go with changes: Dynamics -> AC pays one `GET /contacts?email=` per "
+        "changed record the first time it changes after the initial sync (the import does not "
+        "read ids back; the id found is kept), and one `GET /contacts/{id}/fieldValues` per "
+        "changed record for the custom fields (AC has no bulk read of field values other than "
+        "scanning every value of a field). AC -> Dynamics reads the changed contacts (100 per "
+        "request), their tags (up to 4 requests per 100) and their custom fields the same way.",
+        "",
+    ]
+    return lines
+
+
+def _pipeline(data: dict[str, Any]) -> list[str]:
+    best = data["median"]
+    runs = ", ".join(f"{r['rows_per_second']:,.0f}" for r in data["runs"])
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in best["step_seconds"].items())
+    return [
+        "## 4. Pipeline CPU cost",
+        "",
+        f"`{data['command']}`: `classify_for_dynamics` (with `attach_links`), `plan_writes` and "
+        f"`validate_records` (Great Expectations) on {_n(best['rows'])} synthetic AC contacts "
+        "in one process (about 40 % linked, 1 % invalid emails, 0.5 % too-long names), each "
+        "run in a fresh process; median of the runs.",
+        "",
+        "| rows | chunk | seconds (busy) | rows/s | peak RSS (MiB) | memory measured by |",
+        "|---:|---:|---:|---:|---:|---|",
+        f"| {_n(best['rows'])} | {_n(best['chunk'])} | {best['seconds']:.1f} | "
+        f"{best['rows_per_second']:,.0f} | {best['peak_rss_mib']:,.0f} | {best['memory_by']} |",
+        "",
+        f"Per function: {steps}; rows/s of each run: {runs}. Records to write: "
+        f"{_n(best['to_write'])}, quarantined by validation: {_n(best['quarantined'])}. Not "
+        f"counted: making the synthetic rows ({best['generating_seconds']:.1f} s) and the "
+        f"process's first call ({best['warm_up_seconds']:.1f} s: imports and Great "
+        "Expectations' first context).",
+        "",
+        f"Share of the time in Great Expectations: "
+        f"{best['step_seconds']['validate'] / best['seconds']:.0%}.",
+        "",
+        "How: the rows are made and processed a chunk at a time (the chunk is classified, "
+        "mapped and validated, then dropped), which keeps memory flat. Whole-frame processing "
+        "of 1,000,000 rows is slower per row, not faster: Arrow string kernels and Great "
+        "Expectations' per-batch fingerprint of every column get slower than linear past a few "
+        "hundred thousand rows on this machine.",
+        "",
+        *_pipeline_gap(best),
+    ]
+
+
+def _pipeline_gap(best: dict[str, Any]) -> list[str]:
+    if best["rows_per_second"] >= 100_000:
+        return []
+    return [
+        f"**Gap:** {best['rows_per_second']:,.0f} rows/s against the 100,000 target. Cause: "
+        "Great Expectations costs about 0.13 s per validation call whatever its size, and for "
+        "each batch it builds it hashes every column of the frame (its batch fingerprint: 60 % "
+        "of its time in a profile of 1,000,000 rows; it has no switch to skip it below 1 GB "
+        "of data); "
+        "`plan_writes` is vectorised over Arrow strings and is no longer the largest part. "
+        "What would close it: check the per-row expectations (not null, email pattern, "
+        "lengths, uniqueness) with vectorised pandas first and hand Great Expectations only "
+        "the suite summary, or validate chunks on the machine's second core.",
+        "",
+    ]
+
+
+def _side_by_side(data: dict[str, Any]) -> list[str]:
+    project, naive = data["project"], data["naive"]
+    return [
+        "## 5. Load path against a naive per-record path",
+        "",
+        f"`{data['command']}`: the same {_n(data['records'])} validated Dynamics records "
+        "(one backfill's `validate` output) written to a fresh ActiveCampaign account by the "
+        "project's `load` step, and by a baseline written only in the benchmark: "
+        "`contact/sync` plus one `POST /contactTags` per tag, per record. One run each.",
+        "",
+        "| path | AC requests | seconds | contacts/s |",
+        "|---|---:|---:|---:|",
+        f"| project (bulk import) | {project['requests']} | {project['seconds']:.1f} | "
+        f"{project['records'] / project['seconds']:.1f} |",
+        f"| naive (per record) | {naive['requests']} | {naive['seconds']:.1f} | "
+        f"{data['naive_records_per_second']:.2f} |",
+        f"| **ratio naive / project** | **{data['request_ratio']:.0f}x** | "
+        f"**{data['time_ratio']:.0f}x** | |",
+        "",
+    ]
+
+
+def _summary(results: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    if "backfill" in results:
+        top = results["backfill"]["sizes"][-1]
+        rows.append(
+            f"| 1 | initial sync, {_n(top['records'])} records | "
+            f"{top['contacts_per_second']:.1f} contacts/s | {AC_IMPORT_CEILING:.1f} | "
+            f"{top['ratio']:.3f} | >= 0.90 | {_met(top['ratio'] >= 0.9)} |"
+        )
+    if "creation" in results:
+        data = results["creation"]
+        rows.append(
+            f"| 2 | AC -> Dynamics creation, {_n(data['records'])} | "
+            f"{data['records_per_second']:.1f} records/s | "
+            f"{data['ceiling']['records_per_second']:.1f} | {data['ratio']:.3f} | >= 0.85 | "
+            f"{_met(data['ratio'] >= 0.85)} |"
+        )
+    if "incremental" in results:
+        data = results["incremental"]
+        quiet = next((r for r in data["rows"] if r["changes"] == 0), None)
+        if quiet:
+            worst = max(quiet[d]["total"] for d in DIRECTIONS)
+            rows.append(
+                f"| 3 | requests per direction, 0 changes, {_n(data['linked'])} linked | "
+                f"at most {worst} | - | - | <= 10 | {_met(worst <= 10)} |"
+            )
+        for row in data["rows"]:
+            if row["changes"]:
+                per = max(row[d]["total"] / row["changes"] for d in DIRECTIONS)
+                rows.append(
+                    f"| 3 | requests per direction, {row['changes']} changes | at most "
+                    f"{per:.1f} per change | - | - | proportional to changes | see section 3 |"
+                )
+    if "pipeline" in results:
+        best = results["pipeline"]["median"]
+        ok = best["rows_per_second"] >= 100_000 and best["peak_rss_mib"] <= 2048
+        rows.append(
+            f"| 4 | pipeline CPU, {_n(best['rows'])} rows | {best['rows_per_second']:,.0f} rows/s,"
+            f" {best['peak_rss_mib']:,.0f} MiB | - | - | >= 100,000 rows/s, <= 2 GB | "
+            f"{_met(ok)} |"
+        )
+    if "side_by_side" in results:
+        data = results["side_by_side"]
+        rows.append(
+            f"| 5 | naive / project, {_n(data['records'])} records | "
+            f"{data['request_ratio']:.0f}x requests, {data['time_ratio']:.0f}x time | - | - | "
+            "measured | - |"
+        )
+    return [
+        "| # | figure | result | ceiling | ratio | target | met |",
+        "|---|---|---|---:|---:|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def write_report(results_dir: Path, docs: Path) -> Path:
+    """Build the page (and the plot) from every result in `results_dir`; returns the page."""
+    results = _load(results_dir)
+    if not results:
+        raise SystemExit(f"no benchmark results in {results_dir}")
+    docs.mkdir(parents=True, exist_ok=True)
+    quick = any(r.get("quick") for r in results.values())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m bench`), which runs every figure below against "
+        "the sandbox emulators with the services' published limits on: ActiveCampaign 5 "
+        "requests/s per account and 100 bulk imports (of at most 250 contacts) per sliding "
+        "minute; Dataverse 6,000 requests, 1,200 s of execution time and 52 concurrent "
+        "requests per user per 5 minutes. The sync runs in-process, each step called as its "
+        "Airflow task calls it (`crm_sync.flows.step_function` with a `StepContext`), against "
+        "`python -m sandbox serve` in its own process, with a SQLite state store.",
+        "",
+        f"Machine: {_machine(results)} (shared with other work while measured, so seconds "
+        "vary by a few percent between runs). Finished: "
+        + ", ".join(f"{name} {r['finished']}" for name, r in results.items())
+        + ".",
+        "",
+    ]
+    if quick:
+        lines += ["**Quick run (`--quick`): small sizes, for checking the harness only.**", ""]
+    lines += ["## Summary", "", *_summary(results)]
+    if "backfill" in results:
+        plot_scaling(results["backfill"], docs / PLOT)
+        lines += _backfill(results["backfill"])
+    for name, render in (
+        ("creation", _creation),
+        ("incremental", _incremental),
+        ("pipeline", _pipeline),
+        ("side_by_side", _side_by_side),
+    ):
+        if name in results:
+            lines += render(results[name])
+    page = docs / PAGE
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    return page

@@ -1,0 +1,402 @@
+"""The API-bound benchmarks: backfill, creation, incremental cost, and the naive baseline."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.harness import (
+    AC_IMPORT_CEILING,
+    AC_REQUESTS_PER_SECOND,
+    DATAVERSE_REQUESTS_PER_WINDOW,
+    DATAVERSE_WINDOW_SECONDS,
+    FlowRun,
+    Sandbox,
+    run_flow,
+    run_folder,
+)
+
+BACKFILL = "initial_sync_backfill"
+AC_TO_D365 = "activecampaign_to_dynamics365"
+D365_TO_AC = "dynamics365_to_activecampaign"
+SEED = 8
+
+
+def _state_url(folder: Path) -> str:
+    return f"sqlite:///{folder / 'state.db'}"
+
+
+def _seed_dataverse(sandbox: Sandbox, records: int) -> None:
+    from sandbox.activecampaign.seed import seed_activecampaign
+    from sandbox.dataverse.seed import seed_dataverse
+
+    seed_dataverse(sandbox.data_dir, seed=SEED, leads=records // 2, contacts=records - records // 2)
+    # An account configured for the sync: the mapped custom fields exist, no contacts yet.
+    seed_activecampaign(sandbox.data_dir, seed=SEED, contacts=0)
+
+
+def _ac_contacts(sandbox: Sandbox) -> int:
+    with sandbox.ac_db() as db:
+        return int(db.execute("SELECT count(*) FROM contacts").fetchone()[0])
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+# -- 1 and 6: the initial sync into ActiveCampaign ---------------------------------------------
+def backfill_once(records: int, root: Path | None, keep: Callable[..., Any] | None = None) -> dict:
+    """Seed `records` Dataverse rows, run the backfill once; `keep(sandbox, state_url)` may go
+    on using the world before it is torn down."""
+    with run_folder(root, f"backfill-{records}") as folder, Sandbox(folder / "sandbox") as sandbox:
+        _seed_dataverse(sandbox, records)
+        state = _state_url(folder)
+        sandbox.connect(state)
+        run = run_flow(BACKFILL, sandbox, state)
+        created = run.load_count("created in ActiveCampaign")
+        result = {
+            "records": records,
+            "created": created,
+            "ac_contacts_after": _ac_contacts(sandbox),
+            "seconds": run.total_seconds,
+            "step_seconds": run.seconds,
+            "load_seconds": run.seconds["load"],
+            "contacts_per_second": created / run.total_seconds,
+            "load_contacts_per_second": created / run.seconds["load"],
+            "ac_requests": dict(run.requests["ac"]),
+            "d365_requests": dict(run.requests["d365"]),
+            "not_eligible": {
+                k: v for k, v in run.counts["tag_classify"].items() if k.startswith("not_")
+            },
+            "quarantined": run.counts["validate"].get("quarantined", 0),
+        }
+        if keep is not None:
+            result["kept"] = keep(sandbox, state)
+    return result
+
+
+def backfill(sizes: list[int], repeats: int, root: Path | None) -> dict:
+    """Benchmarks 1 and 6: the backfill at each size, `repeats` times."""
+    rows = []
+    for records in sizes:
+        runs = [backfill_once(records, root) for _ in range(repeats)]
+        seconds = _median([r["seconds"] for r in runs])
+        created = runs[0]["created"]
+        rows.append(
+            {
+                "records": records,
+                "created": created,
+                "runs": runs,
+                "median_seconds": seconds,
+                "median_load_seconds": _median([r["load_seconds"] for r in runs]),
+                "contacts_per_second": created / seconds,
+                "ratio": created / seconds / AC_IMPORT_CEILING,
+                "load_ratio": _median([r["load_contacts_per_second"] for r in runs])
+                / AC_IMPORT_CEILING,
+                "ceiling_seconds": created / AC_IMPORT_CEILING,
+            }
+        )
+    return {"ceiling": AC_IMPORT_CEILING, "repeats": repeats, "sizes": rows}
+
+
+# -- 2: AC -> Dynamics creation ------------------------------------------------------------------
+def _queue(sandbox: Sandbox, ids: list[int]) -> tuple[int, int]:
+    """The automation step on every contact: half become leads, half contacts."""
+    leads, contacts = ids[: len(ids) // 2], ids[len(ids) // 2 :]
+    for kind, chunk in (("lead", leads), ("contact", contacts)):
+        for start in range(0, len(chunk), 5000):
+            sandbox.admin(
+                "ac",
+                "POST",
+                "automation",
+                json={"contact_ids": chunk[start : start + 5000], "type": kind},
+            )
+    return len(leads), len(contacts)
+
+
+def creation_ceiling(leads: int, contacts: int, field_values: dict[str, int]) -> dict[str, Any]:
+    """The fewest requests AC's API allows for reading newly queued contacts, and the Dataverse
+    requests for creating them; the binding one gives the ceiling in records per second.
+
+    AC has no endpoint that returns a contact with its tags or custom fields (reference §4,
+    "N+1 reads"), so a run must: page the D365 tags' associations newest first (100 per
+    request), read the contacts by id (100 per request), ask for each D365 tag the queue scan
+    did not show on a contact (`GET /contacts?ids[]=&tagid=`, 100 per request), and read the
+    custom fields (per contact, or by scanning each field's values: whichever is fewer).
+    """
+    queued = leads + contacts
+    pages = math.ceil
+    scan = pages(leads / 100) + pages(contacts / 100) + pages(queued / 100) + 1
+    by_id = pages(queued / 100)
+    # Lead-queued contacts still need the Contact and Pushed tags checked; contact-queued ones
+    # the Lead and Pushed tags.
+    flags = pages(contacts / 100) + pages(leads / 100) + pages(queued / 100)
+    fields = min(queued, sum(1 + pages(v / 100) for v in field_values.values()))
+    fixed = 3  # the D365 tags' ids, the custom fields' ids, the updated-contacts read
+    ac_requests = scan + by_id + flags + fields + fixed
+    ac_seconds = ac_requests / AC_REQUESTS_PER_SECOND
+    # Dataverse: an email look-up per 50, CreateMultiple per 1,000, and each of the two tasks
+    # that talk to it (extract, load) reads both tables' metadata once (4 requests a table).
+    d365_requests = pages(queued / 50) + pages(leads / 1000) + pages(contacts / 1000) + 16
+    d365_seconds = d365_requests / (DATAVERSE_REQUESTS_PER_WINDOW / DATAVERSE_WINDOW_SECONDS)
+    binding = "ActiveCampaign reads" if ac_seconds >= d365_seconds else "Dataverse requests"
+    return {
+        "ac_requests": ac_requests,
+        "ac_parts": {
+            "D365 tag associations": scan,
+            "contacts by id": by_id,
+            "tags not seen in the scan": flags,
+            "custom field values": fields,
+            "fixed": fixed,
+        },
+        "ac_seconds": ac_seconds,
+        "d365_requests": d365_requests,
+        "d365_seconds": d365_seconds,
+        "binding": binding,
+        "records_per_second": queued / max(ac_seconds, d365_seconds),
+    }
+
+
+def creation_once(records: int, root: Path | None) -> dict:
+    """`records` AC contacts queued by the automation step, created in Dynamics by one run."""
+    from sandbox.activecampaign.seed import seed_activecampaign
+
+    with run_folder(root, f"creation-{records}") as folder, Sandbox(folder / "sandbox") as sandbox:
+        seed_activecampaign(sandbox.data_dir, seed=SEED, contacts=records)
+        state = _state_url(folder)
+        sandbox.connect(state)
+        # The sync already runs on its schedule: its watermarks exist.
+        run_flow(AC_TO_D365, sandbox, state)
+        with sandbox.ac_db() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM contacts ORDER BY id")]
+            field_values = dict(
+                db.execute(
+                    "SELECT f.perstag, count(*) FROM field_values v JOIN fields f"
+                    " ON f.id = v.field_id GROUP BY f.perstag"
+                ).fetchall()
+            )
+        leads, contacts = _queue(sandbox, ids)
+        run = run_flow(AC_TO_D365, sandbox, state)
+        created = run.load_count("created (")
+        rows = {}
+        for entity in ("leads", "contacts"):
+            body = sandbox.admin("d365", "GET", f"export/{entity}?columns=emailaddress1")
+            rows[entity] = len(body["value"] if isinstance(body, dict) else body)
+    mapped = {k: v for k, v in field_values.items() if k in ("COMPANY", "JOB_TITLE")}
+    return {
+        "records": records,
+        "leads": leads,
+        "contacts": contacts,
+        "created": created,
+        "dataverse_rows_after": rows,
+        "seconds": run.total_seconds,
+        "step_seconds": run.seconds,
+        "records_per_second": created / run.total_seconds,
+        "ac_requests": dict(run.requests["ac"]),
+        "d365_requests": dict(run.requests["d365"]),
+        "ceiling": creation_ceiling(leads, contacts, mapped),
+        "field_values": mapped,
+    }
+
+
+def creation(records: int, repeats: int, root: Path | None) -> dict:
+    """Benchmark 2: AC -> Dynamics creation, `repeats` times."""
+    runs = [creation_once(records, root) for _ in range(repeats)]
+    seconds = _median([r["seconds"] for r in runs])
+    ceiling = runs[0]["ceiling"]
+    created = runs[0]["created"]
+    return {
+        "records": records,
+        "repeats": repeats,
+        "runs": runs,
+        "median_seconds": seconds,
+        "records_per_second": created / seconds,
+        "ceiling": ceiling,
+        "ratio": created / seconds / ceiling["records_per_second"],
+        "ac_requests_made": _median([sum(r["ac_requests"].values()) for r in runs]),
+    }
+
+
+# -- 3: incremental cost -------------------------------------------------------------------------
+DAY = 86_400
+
+
+def _linked(state: str) -> pd.DataFrame:
+    from crm_sync.state import StateStore
+
+    store = StateStore.from_url(state)
+    links = store.all_links()
+    store.engine.dispose()
+    return pd.DataFrame(
+        {"entity": [link.entity for link in links], "dataverse_id": [link.dataverse_id for link in links], "email": [link.email for link in links]}
+    ).sort_values(["entity", "dataverse_id"], ignore_index=True)  # fmt: skip
+
+
+def _change_dynamics(links: pd.DataFrame, label: str) -> None:
+    """A Dynamics user edits these rows' job title."""
+    from crm_connectors.dynamics365 import Dynamics365Hook
+
+    with Dynamics365Hook() as hook:
+        for entity, rows in links.groupby("entity"):
+            hook.update_multiple(
+                f"{entity}s",
+                [
+                    {f"{entity}id": i, "jobtitle": f"{label} {n}"}
+                    for n, i in enumerate(rows["dataverse_id"])
+                ],
+            )
+
+
+def _change_activecampaign(links: pd.DataFrame, label: str) -> None:
+    """A marketer edits these contacts' first name (one bulk import)."""
+    from crm_connectors.activecampaign import ActiveCampaignHook
+
+    with ActiveCampaignHook() as hook:
+        hook.bulk_import(
+            [{"email": e, "first_name": f"{label} {n}"} for n, e in enumerate(links["email"])],
+            resolve_ids=False,
+        )
+
+
+def _summary(run: FlowRun) -> dict[str, Any]:
+    return {
+        "ac": run.api_requests("ac"),
+        "d365": run.api_requests("d365"),
+        "total": run.api_requests("ac") + run.api_requests("d365"),
+        "seconds": run.total_seconds,
+        "ac_by_route": dict(run.requests["ac"]),
+        "d365_by_route": dict(run.requests["d365"]),
+        "written": {
+            k: v
+            for k, v in run.counts["load"].items()
+            if k.startswith(("created", "updated", "linked"))
+        },
+    }
+
+
+def incremental(records: int, changes: list[int], root: Path | None) -> dict:
+    """Benchmark 3: requests per direction per run with `records` linked, after 0..N changes."""
+
+    def measure(sandbox: Sandbox, state: str) -> dict[str, Any]:
+        from crm_sync.flows.ac_to_d365 import WM_TAGGED, WM_UPDATED
+        from crm_sync.state import StateStore, Watermark
+
+        # The first AC -> Dynamics run after a backfill reads every D365 tag association once;
+        # its watermarks stand in for it here (it changes nothing else).
+        store = StateStore.from_url(state)
+        now = datetime.now(UTC)
+        for name in (WM_TAGGED, WM_UPDATED):
+            store.advance_watermark(Watermark(name, now))
+        store.engine.dispose()
+        # Leads and contacts alike, a different set for each change.
+        links = _linked(state).sample(frac=1.0, random_state=SEED, ignore_index=True)
+        rows: list[dict[str, Any]] = []
+        offset = 0
+        for count in changes:
+            in_dynamics = links.iloc[offset : offset + count]
+            in_ac = links.iloc[offset + count : offset + 2 * count]
+            offset += 2 * count
+            sandbox.age(DAY)
+            if count:
+                _change_dynamics(in_dynamics, f"Bench {count}")
+            measured = run_flow(D365_TO_AC, sandbox, state)
+            # Straight after: the other direction sees the sync's own writes come back.
+            echo = run_flow(AC_TO_D365, sandbox, state)
+            sandbox.age(DAY)
+            if count:
+                _change_activecampaign(in_ac, f"Bench {count}")
+            measured_back = run_flow(AC_TO_D365, sandbox, state)
+            echo_back = run_flow(D365_TO_AC, sandbox, state)
+            rows.append(
+                {
+                    "changes": count,
+                    D365_TO_AC: _summary(measured),
+                    AC_TO_D365: _summary(measured_back),
+                    f"{AC_TO_D365} (echo)": _summary(echo),
+                    f"{D365_TO_AC} (echo)": _summary(echo_back),
+                }
+            )
+        return {"linked": len(links), "rows": rows}
+
+    setup = backfill_once(records, root, keep=measure)
+    kept = setup.pop("kept")
+    return {"records": records, "changes": changes, "setup": setup, **kept}
+
+
+# -- 5: the load path against a naive per-record path --------------------------------------------
+def _naive_loader() -> type:
+    from crm_sync.flows.activecampaign_load import ActiveCampaignLoader
+
+    class NaiveLoader(ActiveCampaignLoader):
+        """The baseline: `contact/sync` plus one `POST /contactTags` per tag, per record."""
+
+        def load(self, valid: pd.DataFrame) -> dict[str, int]:
+            self._sync_one_by_one(valid)
+            return dict(self.counts)
+
+    return NaiveLoader
+
+
+def _load_with(records: int, root: Path | None, naive: bool) -> dict[str, Any]:
+    from crm_connectors.activecampaign import ActiveCampaignHook
+    from crm_sync.dag_factory import Flow
+    from crm_sync.flows import step_function
+    from crm_sync.runner import StepContext
+    from crm_sync.settings import current_settings
+
+    name = f"{'naive' if naive else 'project'}-{records}"
+    with run_folder(root, name) as folder, Sandbox(folder / "sandbox") as sandbox:
+        _seed_dataverse(sandbox, records)
+        state = _state_url(folder)
+        sandbox.connect(state)
+        ctx = StepContext(
+            flow=Flow.BACKFILL,
+            dag_id=BACKFILL,
+            run_id="bench__side_by_side",
+            params={},
+            settings=current_settings(),
+            state_url=state,
+        )
+        for step in ("extract", "tag_classify", "map_fields", "validate"):
+            step_function(Flow.BACKFILL, step)(ctx)
+        valid = ctx.staging.read_frame("validate", "valid")
+        sandbox.clear_counters()
+        started = time.perf_counter()
+        if naive:
+            meta = ctx.staging.read_json("extract", "meta")
+            with ActiveCampaignHook() as hook:
+                _naive_loader()(ctx, hook, meta["field_ids"]).load(valid)
+        else:
+            step_function(Flow.BACKFILL, "load")(ctx)
+        seconds = time.perf_counter() - started
+        requests_made = sandbox.requests_made()["ac"]
+        after = _ac_contacts(sandbox)
+        ctx.store.engine.dispose()
+    return {
+        "records": len(valid),
+        "seconds": seconds,
+        "requests": sum(requests_made.values()),
+        "by_route": dict(requests_made),
+        "ac_contacts_after": after,
+    }
+
+
+def side_by_side(records: int, root: Path | None) -> dict:
+    """Benchmark 5: the same validated records written by the project's load and the baseline."""
+    project = _load_with(records, root, naive=False)
+    naive = _load_with(records, root, naive=True)
+    return {
+        "records": records,
+        "project": project,
+        "naive": naive,
+        "request_ratio": naive["requests"] / project["requests"],
+        "time_ratio": naive["seconds"] / project["seconds"],
+        "naive_records_per_second": naive["records"] / naive["seconds"],
+    }

@@ -1,0 +1,31 @@
+"""Fixtures of the security suite: a migrated Airflow metadata DB and a world on the sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Sandbox
+from tests.e2e.world import World, migrate_airflow_db
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    migrate_airflow_db()
+
+
+@pytest.fixture
+def world(
+    airflow_db: None, sandbox_env: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> World:
+    """Both emulators empty, the connections, a fresh SQLite state store and staging folder."""
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
+    )
+    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
+    world = World(sandbox_env, state_url)
+    assert world.field_ids
+    return world
