@@ -177,9 +177,11 @@ class Sandbox:
             out[service] = counts
         return out
 
-    def ac_db(self) -> sqlite3.Connection:
+    @contextmanager
+    def ac_db(self) -> Iterator[sqlite3.Connection]:
         """The AC emulator's SQLite (for counts the API would take many requests to give)."""
-        return sqlite3.connect(self.data_dir / "activecampaign.db", timeout=60)
+        with _sqlite(self.data_dir / "activecampaign.db") as db:
+            yield db
 
     def age(self, seconds: int) -> None:
         """Move every stored time of both emulators `seconds` back, the sync's watermarks staying:
@@ -193,12 +195,23 @@ class Sandbox:
             ):
                 sets = ", ".join(f"{c} = {c} - ?" for c in columns)
                 db.execute(f"UPDATE {table} SET {sets}", (seconds,) * len(columns))  # noqa: S608
-        with sqlite3.connect(self.data_dir / "dataverse.db", timeout=60) as db:
+        with _sqlite(self.data_dir / "dataverse.db") as db:
             for table in ("leads", "contacts"):
                 db.execute(
                     f"UPDATE {table} SET createdon = createdon - ?, modifiedon = modifiedon - ?",  # noqa: S608
                     (seconds, seconds),
                 )
+
+
+@contextmanager
+def _sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to an emulator's database, committed and closed at the end."""
+    db = sqlite3.connect(path, timeout=60)
+    try:
+        with db:
+            yield db
+    finally:
+        db.close()
 
 
 def _listening(port: int) -> bool:

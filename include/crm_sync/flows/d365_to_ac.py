@@ -18,7 +18,7 @@ from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_write
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Action, Reason, clean_frame
 from crm_sync.runner import StepContext
 from crm_sync.settings import Direction, Entity
-from crm_sync.state import Watermark, content_hash, utcnow
+from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
 from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_records
 
 DIRECTION = "dynamics365_to_activecampaign"
@@ -120,14 +120,15 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     unresolved = [link.email for link in links if not link.ac_contact_id]
     resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
     if resolved and not ctx.dry_run:
-        # Remember the ids: the next run need not look these emails up again.
-        store.save_links(
-            [
-                replace(link, ac_contact_id=resolved[link.email])
-                for link in links
-                if not link.ac_contact_id and link.email in resolved
-            ]
-        )
+        # Remember the ids: the next run need not look these emails up again. An id that a link
+        # holds already stays with it, and one shared by a lead's and a contact's link goes to
+        # the contact's (a qualified lead's AC contact belongs to the contact it became).
+        held = {link.ac_contact_id for link in store.links_for(ac_ids=list(resolved.values()))}
+        remembered: dict[str, RecordLink] = {}
+        for link in sorted(links, key=lambda link: link.entity == Entity.CONTACT.value):
+            if not link.ac_contact_id and resolved.get(link.email) not in held | {None}:
+                remembered[resolved[link.email]] = replace(link, ac_contact_id=resolved[link.email])
+        store.save_links(list(remembered.values()))
     link_rows = [
         {
             "entity": link.entity,
