@@ -23,6 +23,7 @@ help:
 	@echo "make up     - the sandbox plus 'airflow standalone' with the project's DAGs"
 	@echo "make bench  - the benchmarks; writes docs/benchmarks.md"
 	@echo "make lint   - ruff check and ruff format --check"
+	@echo "make soak   - the reliability and security suites with larger batches and more kill points"
 	@echo "make screenshots - optional: retake the UI screenshots in docs/img (needs: apt-get install -y chromium)"
 
 $(VENV)/bin/python:
@@ -43,7 +44,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 soak: $(STAMP)
-	CRM_SYNC_SOAK=1 $(PY) -m pytest -m "soak or not soak"
+	CRM_SYNC_SOAK=1 $(PY) -m pytest -m "soak or not soak" tests/reliability tests/security
 
 up: $(STAMP)
 	$(PY) -m crm_sync.devserver

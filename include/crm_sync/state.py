@@ -8,12 +8,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -37,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 SCHEMA_VERSION = 1
 STATE_CONN_ID = "crm_sync_state"
@@ -45,6 +46,7 @@ LOCK_WAIT_SECONDS = 2 * 3600
 LOCK_POLL_SECONDS = 0.5
 
 log = logging.getLogger("crm_sync")
+T = TypeVar("T")
 
 metadata = MetaData()
 
@@ -209,6 +211,16 @@ class StateStore:
         with self.engine.begin() as connection:
             yield connection
 
+    def _upsert(self, write: Callable[[Connection], T]) -> T:
+        """Run `write` in a transaction. Its reads-then-inserts race with an overlapping run's:
+        when the other inserted the same key first, it runs once more and updates that row."""
+        try:
+            with self.begin() as connection:
+                return write(connection)
+        except IntegrityError:
+            with self.begin() as connection:
+                return write(connection)
+
     @contextmanager
     def direction_lock(self, direction: str, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
         """Hold the write lock of one direction for the block: two runs (a manual and a
@@ -310,7 +322,8 @@ class StateStore:
         if not records:
             return
         now = utcnow()
-        with self.begin() as connection:
+
+        def write(connection: Connection) -> None:
             for record in records:
                 values = {
                     "ac_contact_id": record.ac_contact_id,
@@ -353,6 +366,8 @@ class StateStore:
                             **values,
                         )
                     )
+
+        self._upsert(write)
 
     def refresh_synced_values(self, entries: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         """Store what both sides now hold for existing links `(entity, dataverse_id, values)`,
@@ -412,10 +427,10 @@ class StateStore:
     ) -> int:
         """Open or refresh entries `(record_key, direction, step, reason_code, message, source_hash)`."""
         now = utcnow()
-        count = 0
-        with self.begin() as connection:
-            for record_key, direction, step, reason, message, source_hash in entries:
-                count += 1
+        rows = list(entries)
+
+        def write(connection: Connection) -> int:
+            for record_key, direction, step, reason, message, source_hash in rows:
                 where = (quarantine.c.record_key == record_key) & (
                     quarantine.c.direction == direction
                 )
@@ -453,7 +468,9 @@ class StateStore:
                             last_run_id=run_id,
                         )
                     )
-        return count
+            return len(rows)
+
+        return self._upsert(write)
 
     def resolve(self, record_keys: Iterable[str], direction: str) -> int:
         """Mark open entries of these records resolved (they synced)."""

@@ -35,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if SOAK:
+        # Ten times the records and three times the kill points: give each case an hour.
+        for item in items:
+            item.add_marker(pytest.mark.timeout(3600))
         return
     skip = pytest.mark.skip(reason="soak only: run with `make soak` (CRM_SYNC_SOAK=1)")
     for item in items:

@@ -98,9 +98,6 @@ class Attempt:
         what, _, task = lines[-1].partition(" ")
         return what, task
 
-    def finished(self) -> bool:
-        return ("done", self.tasks[-1]) == self.current()
-
     def alive(self) -> bool:
         """Whether the worker still runs."""
         return bool(self.host.call(op="wait", pid=self.pid, timeout=0).get("timeout"))
@@ -142,6 +139,26 @@ def start_attempt(
         gap=gap,
     )
     return Attempt(host, dag_id, run_id, run_dir, int(answer["pid"]), chosen)
+
+
+def finish(attempt: Attempt, retries: int = 1, params: dict[str, Any] | None = None) -> int:
+    """Wait for `attempt`; when a task failed, retry it in the same run as Airflow does (the
+    DAGs have `retries`), at most `retries` times. Returns the task retries it took."""
+    for used in range(retries + 1):
+        try:
+            attempt.wait()
+            return used
+        except AssertionError:
+            where = attempt.current()
+            if used == retries or where is None:
+                raise
+            state, task = where
+            failed = task if state == "start" else TASKS[TASKS.index(task) + 1]
+            attempt = start_attempt(
+                attempt.host, attempt.dag_id, attempt.run_id, attempt.run_dir,
+                tasks=list(TASKS[TASKS.index(failed) :]), params=params,
+            )  # fmt: skip
+    return retries
 
 
 def run_dag(world: World, dag_id: str, **conf: Any) -> None:
@@ -244,7 +261,7 @@ class Scenario:
             self._prepare_ac(world)
         else:
             self._prepare_dv(world)
-        run_dag(world, self.direction)
+        run_dag(world, self.direction, **CONFIRMED)
 
     def change(self, world: World, round_no: int = 0) -> None:
         """One round of changes that the next run of the direction moves."""

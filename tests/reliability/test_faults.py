@@ -28,6 +28,7 @@ from tests.reliability.harness import (
     WorkerHost,
     assert_converged,
     faults_pending,
+    finish,
     snapshot,
     start_attempt,
 )
@@ -48,6 +49,7 @@ class Round:
 
     world: World
     direction: str
+    patch: pytest.MonkeyPatch
     attempt: Attempt | None = None
     seen: dict[str, Any] = field(default_factory=dict)
 
@@ -116,14 +118,15 @@ def _concurrency_before(r: Round) -> None:
     r.seen["stop"] = stop
 
     def neighbour() -> None:
-        # Another integration of the same app registration, one request in flight half the time.
-        while not stop.is_set() and _limited(r) < 3:
+        # Another integration of the same app registration: a request always in flight until
+        # the sync has been refused once, then in flight half the time.
+        while not stop.is_set() and (limited := _limited(r)) < 3:
             r.world.dv.get(
                 f"{r.world.sandbox.d365_url}/api/data/v9.2/WhoAmI",
                 headers={"Authorization": f"Bearer {r.world._token}"},
                 timeout=30,
             )
-            time.sleep(0.15)
+            time.sleep(0.15 if limited else 0)
 
     thread = threading.Thread(target=neighbour, daemon=True)
     thread.start()
@@ -175,11 +178,10 @@ TIMEOUT = 1
 
 def _slow_before(r: Round) -> None:
     # Both connections wait TIMEOUT s for an answer; one read per API and one write are slower.
-    monkeypatch: pytest.MonkeyPatch = r.seen["monkeypatch"]
     for name in ("AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT", "AIRFLOW_CONN_DYNAMICS365_DEFAULT"):
         connection = json.loads(os.environ[name])
         connection["extra"] = {**connection.get("extra", {}), "timeout": TIMEOUT}
-        monkeypatch.setenv(name, json.dumps(connection))
+        r.patch.setenv(name, json.dumps(connection))
     for service, prefix in API.items():
         r.inject(service, kind="latency", seconds=TIMEOUT + 1.5, count=1, path_prefix=prefix)
     r.inject_writes(kind="latency", seconds=TIMEOUT + 1.5, count=1)
@@ -309,9 +311,8 @@ def test_every_fault_ends_as_the_undisturbed_run(
         scenario.change(world, round_no)
         for service in API:
             world.sandbox.admin(service, "DELETE", "counters")
-        r = Round(world, direction)
         with monkeypatch.context() as patch:
-            r.seen["monkeypatch"] = patch
+            r = Round(world, direction, patch)
             started = time.monotonic()
             try:
                 fault.before(r)
@@ -324,7 +325,7 @@ def test_every_fault_ends_as_the_undisturbed_run(
                     if fault.during:
                         fault.during(r)
                     time.sleep(0.02)
-                r.attempt.wait()
+                r.seen["task retries"] = finish(r.attempt, params=CONFIRMED)
                 fault.check(r)
             finally:
                 if fault.after:
