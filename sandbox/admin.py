@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI
@@ -191,7 +191,9 @@ def install_admin(
     async def list_faults() -> dict[str, Any]:
         with controls.lock:
             return {
-                "faults": [{**asdict(f)["spec"], "remaining": f.remaining} for f in controls.faults]
+                "faults": [
+                    {**f.spec.model_dump(), "remaining": f.remaining} for f in controls.faults
+                ]
             }
 
     @router.delete("/faults")

@@ -184,10 +184,6 @@ def faults_pending(world: World, service: str) -> bool:
         verify=world.sandbox.ca_path,
         timeout=30,
     )
-    # GET /_sandbox/faults answers 500 while a fault is queued (sandbox/admin.py serialises the
-    # queued spec with `asdict`, which cannot copy its pydantic model): that also means pending.
-    if response.status_code == 500:
-        return True
     response.raise_for_status()
     return bool(response.json()["faults"])
 

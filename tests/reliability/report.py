@@ -93,7 +93,7 @@ def _section(title: str, rows: list[dict[str, Any]]) -> list[str]:
     ]
     other = []
     for row in kinds["state-loss"]:
-        other.append(["5", f"state store ({row['backend']}) lost, then AC → D365 and the initial sync", f"{row['links_rebuilt']} of {row['links_before']} links rebuilt, no value changed ({row['writes_during_rebuild']} write requests); {row['seconds']} s", row["duplicates"], row["lost"]])  # fmt: skip
+        other.append(["5", f"state store ({row['backend']}) lost, then AC → D365 and the initial sync", f"{row['links_rebuilt']} of {row['links_before']} links rebuilt, no value changed; write requests during the rebuild: {row['writes_during_rebuild']}; {row['seconds']} s", row["duplicates"], row["lost"]])  # fmt: skip
     for row in kinds["overlap"]:
         runs = {"manual during scheduled": "two AC → D365 runs at once (a manual one during a scheduled one)", "initial sync during scheduled": "the initial sync during the scheduled D365 → AC run"}.get(row["runs"], row["runs"])  # fmt: skip
         other.append(["6", f"{runs} ({row['backend']})", f"{row['writes']} write requests in all, as for one run; the second left {row['skipped_as_already_written']} rows to the first; {row['seconds']} s", row["duplicates"], row["lost"]])  # fmt: skip

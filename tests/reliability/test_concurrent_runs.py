@@ -36,7 +36,9 @@ pytestmark = [pytest.mark.sandbox, pytest.mark.e2e]
 HOLD = 5
 
 
-@pytest.mark.parametrize("state_backend", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize(
+    "state_backend", [pytest.param("sqlite", marks=pytest.mark.soak), "postgres"], indirect=True
+)
 @pytest.mark.parametrize(
     ("direction", "first", "second"),
     [

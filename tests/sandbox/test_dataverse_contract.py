@@ -1000,12 +1000,15 @@ def test_injected_fault_answers_before_the_emulator(dv: DV) -> None:
         "faults",
         json={"count": 1, "status": 429, "retry_after": 7, "path_prefix": "/api/data"},
     )
+    (queued,) = dv.sandbox.admin("d365", "GET", "faults")["faults"]
+    assert (queued["status"], queued["remaining"]) == (429, 1)
     response = dv.get("WhoAmI")
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "7"
     assert dv.get("WhoAmI").status_code == 200
     counters = dv.sandbox.admin("d365", "GET", "counters")
     assert counters["by_status"]["429"] == 1
+    assert dv.sandbox.admin("d365", "GET", "faults")["faults"] == []
 
 
 # -- persistence, seeding and the admin API ----------------------------------------------------
