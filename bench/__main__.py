@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import PROJECT_ROOT, machine, prepare_process
+from bench.harness import machine, prepare_process
+from sandbox.process import PROJECT_ROOT
 
 BENCHMARKS = ("backfill", "creation", "incremental", "pipeline", "side_by_side")
 QUICK = {

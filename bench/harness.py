@@ -6,23 +6,19 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
+from sandbox.process import SandboxProcess
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 AC_REQUESTS_PER_SECOND = 5.0
 AC_IMPORTS_PER_MINUTE = 100
 AC_IMPORT_SIZE = 250
@@ -44,13 +40,6 @@ def prepare_process(work_dir: Path) -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in ("crm_sync", "crm_connectors", "great_expectations", "airflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def machine() -> dict[str, Any]:
@@ -79,78 +68,21 @@ def machine() -> dict[str, Any]:
     }
 
 
-@dataclass
-class Sandbox:
-    """One `python -m sandbox serve` process (limits on) with its own data folder."""
+class Sandbox(SandboxProcess):
+    """One `python -m sandbox serve` process (limits on, scaled by LIMIT_SCALE) with its own data
+    folder; a context manager."""
 
-    data_dir: Path
-    ac_port: int = field(default_factory=free_port)
-    d365_port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def ac_url(self) -> str:
-        return f"http://127.0.0.1:{self.ac_port}"
-
-    @property
-    def d365_url(self) -> str:
-        return f"https://127.0.0.1:{self.d365_port}"
-
-    def start(self) -> Sandbox:
-        """Start the server and wait until both emulators answer."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.data_dir / "serve.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "sandbox", "serve",
-                "--data-dir", str(self.data_dir),
-                "--ac-port", str(self.ac_port),
-                "--d365-port", str(self.d365_port),
-                "--limit-scale", str(LIMIT_SCALE["value"]),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=PROJECT_ROOT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError((self.data_dir / "serve.log").read_text()[-2000:])
-            if _listening(self.ac_port) and _listening(self.d365_port):
-                return self
-            time.sleep(0.1)
-        raise RuntimeError("the sandbox did not start within 60 s")
-
-    def stop(self) -> None:
-        """Stop the server."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(
+            data_dir, extra_args=["--limit-scale", str(LIMIT_SCALE["value"])], admin_timeout=120
+        )
 
     def __enter__(self) -> Sandbox:
-        return self.start()
+        self.start()
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-    def admin(self, service: str, method: str, path: str, **kwargs: Any) -> Any:
-        """Call `/_sandbox/<path>` of the `ac` or `d365` emulator (never rate limited)."""
-        from sandbox.credentials import RuntimeInfo
-
-        base = self.ac_url if service == "ac" else self.d365_url
-        response = requests.request(
-            method,
-            f"{base}/_sandbox/{path}",
-            verify=RuntimeInfo.load(self.data_dir).ca_path,
-            timeout=120,
-            **kwargs,
-        )
-        response.raise_for_status()
-        return response.json()
 
     def connect(self, state_url: str) -> None:
         """Set the three Airflow connections (AC paced at its published 5 requests/s)."""
@@ -212,12 +144,6 @@ def _sqlite(path: Path) -> Iterator[sqlite3.Connection]:
             yield db
     finally:
         db.close()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,93 +16,18 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
-import requests  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from sandbox.process import PROJECT_ROOT, SandboxProcess, free_port  # noqa: E402, F401
 
 
-@dataclass
-class Sandbox:
-    """A running `python -m sandbox serve` process and the ways to talk to it."""
-
-    data_dir: Path
-    ac_port: int
-    d365_port: int
-    extra_args: list[str] = field(default_factory=list)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def ac_url(self) -> str:
-        return f"http://127.0.0.1:{self.ac_port}"
-
-    @property
-    def d365_url(self) -> str:
-        return f"https://127.0.0.1:{self.d365_port}"
-
-    @property
-    def ca_path(self) -> str:
-        from sandbox.credentials import RuntimeInfo
-
-        return RuntimeInfo.load(self.data_dir).ca_path
+class Sandbox(SandboxProcess):
+    """The session's sandbox server and the ways the tests talk to it."""
 
     @property
     def credentials(self) -> Any:
         from sandbox.credentials import load_or_create
 
         return load_or_create(self.data_dir)
-
-    def start(self) -> None:
-        log = (self.data_dir / "serve.log").open("ab")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "sandbox", "serve",
-                "--data-dir", str(self.data_dir),
-                "--ac-port", str(self.ac_port),
-                "--d365-port", str(self.d365_port),
-                *self.extra_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=PROJECT_ROOT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"sandbox exited: {(self.data_dir / 'serve.log').read_text()}")
-            if _listening(self.ac_port) and _listening(self.d365_port):
-                return
-            time.sleep(0.1)
-        raise RuntimeError("sandbox did not start within 60 s")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def admin(self, service: str, method: str, path: str, **kwargs: Any) -> Any:
-        """Call `/_sandbox/<path>` on the `ac` or `d365` emulator and return its JSON."""
-        base = self.ac_url if service == "ac" else self.d365_url
-        response = requests.request(
-            method, f"{base}/_sandbox/{path.lstrip('/')}", verify=self.ca_path, timeout=60, **kwargs
-        )
-        response.raise_for_status()
-        return response.json()
 
     def reset(self) -> None:
         """Empty both emulators, their counters, faults, and switch limits off."""
@@ -127,21 +47,10 @@ class Sandbox:
         return connection_env(self.data_dir, state_url, ac_rate_limit)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture(scope="session")
 def sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """One sandbox process for the session (limits off unless a test turns them on)."""
-    server = Sandbox(
-        data_dir=tmp_path_factory.mktemp("sandbox"),
-        ac_port=free_port(),
-        d365_port=free_port(),
-        extra_args=["--no-limits"],
-    )
+    server = Sandbox(tmp_path_factory.mktemp("sandbox"), extra_args=["--no-limits"])
     server.start()
     yield server
     server.stop()

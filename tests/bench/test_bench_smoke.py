@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import harness, scenarios
-from bench.harness import PROJECT_ROOT
+from sandbox.process import PROJECT_ROOT
 
 pytestmark = pytest.mark.sandbox
 

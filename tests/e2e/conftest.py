@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Sandbox
-from tests.e2e.world import World, migrate_airflow_db
+from tests.e2e.world import World, migrate_airflow_db, wired_world
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +24,4 @@ def world(
     monkeypatch: pytest.MonkeyPatch,
 ) -> World:
     """Both emulators empty, the connections and a fresh state store (SQLite or PostgreSQL)."""
-    import json
-
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
-    )
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    world = World(sandbox_env, state_url)
-    assert world.field_ids  # the mapped AC custom fields exist, as in a configured account
-    return world
+    return wired_world(sandbox_env, state_url, tmp_path, monkeypatch)

@@ -177,3 +177,17 @@ def migrate_airflow_db() -> None:
         capture_output=True,
         timeout=300,
     )
+
+
+def wired_world(sandbox: Sandbox, state_url: str, tmp_path: Path, monkeypatch: Any) -> World:
+    """A World on `sandbox` with the state-store connection and a fresh staging folder set for
+    the test (`monkeypatch` undoes them)."""
+    import json
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
+    )
+    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
+    world = World(sandbox, state_url)
+    assert world.field_ids  # the mapped AC custom fields exist, as in a configured account
+    return world

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Sandbox
-from tests.e2e.world import World, migrate_airflow_db
+from tests.e2e.world import World, migrate_airflow_db, wired_world
 from tests.reliability.harness import (
     CONFIRMED,
     Scenario,
@@ -81,13 +81,7 @@ def world(
 ) -> World:
     """Both emulators empty, the connections, a fresh state store and staging folder."""
     state_url = _state_url(state_backend, request, tmp_path)
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
-    )
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    world = World(sandbox_env, state_url)
-    assert world.field_ids
-    return world
+    return wired_world(sandbox_env, state_url, tmp_path, monkeypatch)
 
 
 _BASELINES: dict[tuple[str, int, int, int], list[Snapshot]] = {}

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Sandbox
-from tests.e2e.world import World, migrate_airflow_db
+from tests.e2e.world import World, migrate_airflow_db, wired_world
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +21,4 @@ def world(
 ) -> World:
     """Both emulators empty, the connections, a fresh SQLite state store and staging folder."""
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": state_url})
-    )
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    world = World(sandbox_env, state_url)
-    assert world.field_ids
-    return world
+    return wired_world(sandbox_env, state_url, tmp_path, monkeypatch)
