@@ -104,6 +104,29 @@ def devserver(tmp_path: Path) -> Iterator[Running]:
             process.wait(timeout=120)
 
 
+def command_lines(processes: list[psutil.Process]) -> list[str]:
+    """The command lines of the processes still running. A short-lived child (a task or a helper
+    process of a component) may exit between the listing and this read: it is not a leftover."""
+    lines = []
+    for process in processes:
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return lines
+
+
+def test_command_lines_skips_a_child_that_exited_after_the_listing() -> None:
+    """The flake this guards against: psutil listed a child, which exited before `cmdline()`."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        listed = [psutil.Process(child.pid), psutil.Process(os.getpid())]
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert command_lines(listed) == [" ".join(psutil.Process(os.getpid()).cmdline())]
+
+
 def hook_results(env: dict[str, str]) -> dict[str, list[Any]]:
     """Each hook's `test_connection()` in a fresh process with `env`."""
     result = subprocess.run(
@@ -170,13 +193,13 @@ def test_make_up_serves_the_project_and_stops_without_leftovers(devserver: Runni
 
     # SIGTERM (what Ctrl-C does too) stops every process the devserver started.
     tree = psutil.Process(devserver.process.pid).children(recursive=True)
-    names = " ".join(" ".join(p.cmdline()) for p in tree)
+    names = " ".join(command_lines(tree))
     for part in ("sandbox serve", "standalone", "scheduler", "dag-processor", "triggerer"):
         assert part in names
     devserver.process.send_signal(signal.SIGTERM)
     assert devserver.process.wait(timeout=120) == 0, devserver.text()
     _, alive = psutil.wait_procs(tree, timeout=5)
-    assert alive == [], [" ".join(p.cmdline()) for p in alive]
+    assert command_lines(alive) == [], command_lines(alive)
     assert "• stopped" in devserver.text()
     for port in (devserver.port, devserver.ac_port, devserver.d365_port):
         with socket.socket() as sock:
