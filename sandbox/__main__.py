@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from sandbox.activecampaign.app import create_app as create_ac_app
-    from sandbox.credentials import RuntimeInfo, load_or_create
+    from sandbox.credentials import RuntimeInfo, is_loopback, load_or_create
     from sandbox.dataverse.app import create_app as create_dataverse_app
     from sandbox.tls import ensure_certificates
 
@@ -33,9 +33,17 @@ def _serve(args: argparse.Namespace) -> None:
         token_lifetime=args.token_lifetime,
         base_url=f"https://{args.host}:{args.d365_port}",
     )
+    # The real ActiveCampaign is https only, and the hooks send a credential over plain http
+    # only to a loopback host: on any other address the AC emulator speaks TLS too.
+    ac_tls = not is_loopback(args.host)
+    ac_ssl = (
+        {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)} if ac_tls else {}
+    )
     servers = [
         uvicorn.Server(
-            uvicorn.Config(ac_app, host=args.host, port=args.ac_port, log_level=args.log_level)
+            uvicorn.Config(
+                ac_app, host=args.host, port=args.ac_port, log_level=args.log_level, **ac_ssl
+            )
         ),
         uvicorn.Server(
             uvicorn.Config(
@@ -54,6 +62,7 @@ def _serve(args: argparse.Namespace) -> None:
         d365_port=args.d365_port,
         ca_path=str(tls.ca_path),
         pid=os.getpid(),
+        ac_tls=ac_tls,
     )
     info.save(data_dir)
     print(f"ActiveCampaign API v3 emulator: {info.ac_url}/api/3", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 import uuid
@@ -48,11 +49,13 @@ class RuntimeInfo:
     d365_port: int
     ca_path: str
     pid: int
+    ac_tls: bool = False
 
     @property
     def ac_url(self) -> str:
-        """The ActiveCampaign account URL (the connection's host)."""
-        return f"http://{self.host}:{self.ac_port}"
+        """The ActiveCampaign account URL (the connection's host): plain http on a loopback
+        address, https (the sandbox's CA) on any other."""
+        return f"{'https' if self.ac_tls else 'http'}://{self.host}:{self.ac_port}"
 
     @property
     def d365_url(self) -> str:
@@ -74,6 +77,17 @@ class RuntimeInfo:
         return cls(**json.loads((data_dir / RUNTIME_FILE).read_text()))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine (`localhost`, 127.0.0.0/8, ::1)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def connection_env(
     data_dir: Path, state_url: str | None = None, ac_rate_limit: float | None = None
 ) -> dict[str, str]:
@@ -84,13 +98,16 @@ def connection_env(
     creds = load_or_create(data_dir)
     info = RuntimeInfo.load(data_dir)
     state = state_url or f"sqlite:///{(data_dir / 'crm_sync_state.db').resolve()}"
+    ac_extra: dict[str, object] = {"rate_limit": ac_rate_limit} if ac_rate_limit else {}
+    if info.ac_tls:
+        ac_extra["ca_bundle"] = info.ca_path
     return {
         "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT": json.dumps(
             {
                 "conn_type": "http",
                 "host": info.ac_url,
                 "password": creds.ac_api_token,
-                **({"extra": {"rate_limit": ac_rate_limit}} if ac_rate_limit else {}),
+                **({"extra": ac_extra} if ac_extra else {}),
             }
         ),
         "AIRFLOW_CONN_DYNAMICS365_DEFAULT": json.dumps(

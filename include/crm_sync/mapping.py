@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from crm_sync.identity import relink_snapshot
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS
 from crm_sync.settings import (
     ConflictRule,
@@ -71,6 +72,23 @@ def _source_wins(
     return newer
 
 
+def source_prevails(
+    mapped: MappedField, source: str, src: str, tgt: str, *, source_newer: bool
+) -> bool:
+    """For one relinked field whose sides differ: whether the source's value is kept (the
+    scalar form of the rule `plan_writes` applies to relinks through `relink_snapshot`)."""
+    if not tgt:
+        return True
+    if not src:
+        return False
+    if mapped.field.direction is not FieldDirection.TWO_WAY:
+        return True
+    wins = _source_wins(
+        mapped.rule, source, pd.Series([src]), pd.Series([tgt]), pd.Series([source_newer])
+    )
+    return bool(wins.iloc[0])
+
+
 def plan_writes(
     records: pd.DataFrame,
     fields: Sequence[MappedField],
@@ -81,15 +99,34 @@ def plan_writes(
 
     `records` has, per field key `k`: `src:k` (source value, cleaned), `tgt:k` (target's current
     value, empty for new records), `syn:k` (value at the last sync); and `action`, `src_time`,
-    `tgt_time` (UTC). Returns `(records + payload columns, conflicts)` where the added columns are
+    `tgt_time` (UTC); optionally `relink` (matched by email without a link: its `syn:k` are
+    taken from `relink_snapshot`, so the side the field's rule prefers keeps its value). Returns `(records + payload columns, conflicts)` where the added columns are
     `payload` (JSON of the fields to write), `n_fields`, `synced_values` (JSON after the write),
     `src_hash`, `unchanged`; `conflicts` has one row per decided conflict.
     """
     out = records.copy()
-    is_new = out["action"].isin([a.value for a in NEW_ACTIONS])
+    relink = (
+        out["relink"].fillna(False).astype(bool)
+        if "relink" in out
+        else pd.Series(False, index=out.index)
+    )
+    is_new = out["action"].isin([a.value for a in NEW_ACTIONS]) & ~relink
     newer = pd.to_datetime(out["src_time"], utc=True).fillna(
         pd.Timestamp.min.tz_localize("UTC")
     ) >= pd.to_datetime(out["tgt_time"], utc=True).fillna(pd.Timestamp.min.tz_localize("UTC"))
+    if relink.any():
+        for mapped in fields:
+            src, tgt = _text(out[f"src:{mapped.key}"]), _text(out[f"tgt:{mapped.key}"])
+            # A field only this direction writes belongs to the source; a two-way one goes by its
+            # conflict rule (most_recent: the side modified later).
+            one_way = mapped.field.direction is not FieldDirection.TWO_WAY
+            wins = (
+                pd.Series(True, index=out.index)
+                if one_way
+                else _source_wins(mapped.rule, source, src, tgt, newer)
+            )
+            column = f"syn:{mapped.key}"
+            out[column] = _text(out[column]).where(~relink, relink_snapshot(src, tgt, wins))
     write_masks: dict[str, pd.Series] = {}
     synced_after: dict[str, pd.Series] = {}
     conflict_rows = []

@@ -10,16 +10,23 @@ from datetime import UTC, datetime
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<string>'(?:[^']|'')*')
+      | (?P<jsonstring>"(?:[^"\\]|\\.)*")
       | (?P<datetime>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2}))?)
       | (?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})
       | (?P<number>-?\d+(?:\.\d+)?)
       | (?P<name>[A-Za-z_][A-Za-z0-9_./]*)
-      | (?P<punct>[(),])
+      | (?P<punct>[(),=\[\]])
     )""",
     re.VERBOSE,
 )
 _COMPARISONS = {"eq", "ne", "gt", "ge", "lt", "le"}
 _FUNCTIONS = {"contains", "startswith", "endswith"}
+# Dataverse query functions: Microsoft.Dynamics.CRM.<Name>(PropertyName='col'[,PropertyValue=v |
+# ,PropertyValues=[v,...]]), e.g. LastXDays, OnOrAfter, In, Between, Today. The values of
+# PropertyValues may be JSON strings ("5"), as Microsoft's examples write them.
+QUERY_FUNCTION_PREFIX = "Microsoft.Dynamics.CRM."
+_QUERY_FUNCTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_LITERALS = {"string", "datetime", "guid", "number"}
 _KEYWORDS = {"and", "or", "not", "true", "false", "null"} | _COMPARISONS
 
 
@@ -148,6 +155,9 @@ class _Parser:
             self.disjunction()
             self.take(")")
             return
+        if token and token[0] == "name" and token[1].startswith(QUERY_FUNCTION_PREFIX):
+            self.query_function()
+            return
         if token and token[0] == "name" and token[1].lower() in _FUNCTIONS:
             self.take()
             self.take("(")
@@ -164,11 +174,66 @@ class _Parser:
             )
         self.operand()
 
+    def query_function(self) -> None:
+        """`Microsoft.Dynamics.CRM.<Name>(PropertyName='column'[, PropertyValue=<literal>]
+        [, PropertyValues=[<literal>, ...]])`: a Dataverse query function, itself a condition."""
+        _, name = self.take()
+        function = name[len(QUERY_FUNCTION_PREFIX) :]
+        if not _QUERY_FUNCTION_NAME.fullmatch(function):
+            raise ODataFilterError(f"{name!r} is not a Dataverse query function name")
+        self.take("(")
+        seen: set[str] = set()
+        while True:
+            kind, parameter = self.take()
+            if kind != "name" or parameter not in (
+                "PropertyName",
+                "PropertyValue",
+                "PropertyValues",
+            ):
+                raise ODataFilterError(
+                    f"{function}: expected PropertyName, PropertyValue or PropertyValues, "
+                    f"got {parameter!r}"
+                )
+            if parameter in seen:
+                raise ODataFilterError(f"{function}: {parameter} given twice")
+            seen.add(parameter)
+            self.take("=")
+            if parameter == "PropertyName":
+                kind, value = self.take()
+                if kind != "string":
+                    raise ODataFilterError(
+                        f"{function}: PropertyName must be a quoted column name, got {value!r}"
+                    )
+                column(value[1:-1])
+            elif parameter == "PropertyValues":
+                self.take("[")
+                self.literal(json_string=True)
+                while (token := self.peek()) and token[1] == ",":
+                    self.take()
+                    self.literal(json_string=True)
+                self.take("]")
+            else:
+                self.literal()
+            closing = self.take()
+            if closing[1] == ")":
+                break
+            if closing[1] != ",":
+                raise ODataFilterError(f"{function}: expected ',' or ')', got {closing[1]!r}")
+        if "PropertyName" not in seen:
+            raise ODataFilterError(f"{function}: PropertyName is required")
+
+    def literal(self, *, json_string: bool = False) -> None:
+        kind, value = self.take()
+        if kind == "jsonstring" and json_string:
+            return
+        if kind not in _LITERALS and value.lower() not in ("true", "false", "null"):
+            raise ODataFilterError(f"expected a literal value, got {value!r}")
+
     def operand(self, *, column_only: bool = False) -> None:
         kind, value = self.take()
         if column_only and (kind != "name" or value.lower() in _KEYWORDS):
             raise ODataFilterError(f"expected a column name, got {value!r}")
-        if kind == "punct":
+        if kind in ("punct", "jsonstring"):
             raise ODataFilterError(f"expected a value, got {value!r}")
 
 

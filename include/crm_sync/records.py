@@ -25,6 +25,7 @@ class Action(StrEnum):
 
 
 NEW_ACTIONS = (Action.NEW_LEAD, Action.NEW_CONTACT)
+WRITE_ACTIONS = (Action.NEW_LEAD, Action.NEW_CONTACT, Action.UPDATE_LEAD, Action.UPDATE_CONTACT)
 UPDATE_ACTIONS = (Action.UPDATE_LEAD, Action.UPDATE_CONTACT)
 
 
@@ -47,8 +48,15 @@ class Reason(StrEnum):
     MISSING_REQUIRED = "missing_required"
     TOO_LONG = "too_long"
     DUPLICATE_EMAIL_IN_BATCH = "duplicate_email_in_batch"
+    DUPLICATE_EMAIL = "duplicate_email"
+    AMBIGUOUS_EMAIL = "ambiguous_email"
     INVALID_OPTION = "invalid_option"
     TARGET_REJECTED = "target_rejected"
+
+
+#: Reasons that depend on another record's link (who holds an email): checked again on every run
+#: against the state store, at no API cost, instead of waiting for the record itself to change.
+RECHECKED_EVERY_RUN = frozenset({Reason.DUPLICATE_EMAIL.value})
 
 
 def clean_text(value: Any) -> str | None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
-from crm_sync.settings import SyncSettings, current_settings
+from crm_sync.errors import ConfigurationError
+from crm_sync.params import RunParams, TriggerParamsError
+from crm_sync.settings import SettingsError, SyncSettings, current_settings
 
 if TYPE_CHECKING:
     from crm_sync.dag_factory import Flow
@@ -38,10 +41,15 @@ class StepContext:
     upstream: dict[str, Any] = field(default_factory=dict)
     state_url: str | None = None
 
+    @cached_property
+    def run_params(self) -> RunParams:
+        """The run's parameters, typed (checked once in `run_step` for a task)."""
+        return RunParams.parse(self.flow, self.params)
+
     @property
     def dry_run(self) -> bool:
         """Whether this run only plans."""
-        return bool(self.params.get("dry_run"))
+        return self.run_params.dry_run
 
     @property
     def flow_direction(self) -> str:
@@ -68,16 +76,25 @@ class StepContext:
 def context_from_airflow(
     flow: Flow, context: dict[str, Any], upstream: dict[str, Any] | None
 ) -> StepContext:
-    """A `StepContext` from an Airflow task context."""
+    """A `StepContext` from an Airflow task context.
+
+    The trigger's conf and the resolved params are checked against the DAG's declared params
+    first (`TriggerParamsError` names an unknown key or a wrong value), before anything is read.
+    """
     dag_run = context["dag_run"]
-    return StepContext(
+    run_params = RunParams.parse(
+        flow, dict(context.get("params") or {}), dict(getattr(dag_run, "conf", None) or {})
+    )
+    step_context = StepContext(
         flow=flow,
         dag_id=dag_run.dag_id,
         run_id=dag_run.run_id,
-        params=dict(context.get("params") or {}),
+        params=run_params.as_params(flow),
         settings=current_settings(),
         upstream=dict(upstream or {}),
     )
+    step_context.__dict__["run_params"] = run_params
+    return step_context
 
 
 def record_failed_run(context: dict[str, Any]) -> None:
@@ -103,8 +120,94 @@ def record_failed_run(context: dict[str, Any]) -> None:
 def run_step(
     flow: Flow, step: str, context: dict[str, Any], upstream: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run `step` of `flow` and return its small XCom summary."""
+    """Run `step` of `flow` and return its small XCom summary.
+
+    A configuration error (see `configuration_error`) fails the task at once, without Airflow's
+    retries, with a message that names the fix; any other error keeps its retries.
+    """
     from crm_sync.flows import step_function
 
-    step_context = context_from_airflow(flow, context, upstream)
-    return step_function(flow, step)(step_context)
+    try:
+        step_context = context_from_airflow(flow, context, upstream)
+        return step_function(flow, step)(step_context)
+    except AirflowFailException:
+        raise
+    except Exception as error:
+        message = configuration_error(error)
+        if message is None:
+            raise
+        raise AirflowFailException(f"configuration error (not retried): {message}") from error
+
+
+# The connection each service's hooks use by default, for errors raised without a hook's name.
+_DEFAULT_CONNECTIONS = {
+    "activecampaign": "activecampaign_default",
+    "dynamics365": "dynamics365_default",
+    "entra-id": "dynamics365_default",
+}
+_CONN_ID = re.compile(r"conn_id `([^`]+)`")
+
+
+def configuration_error(error: BaseException) -> str | None:
+    """What to fix, when `error` comes from the set-up (settings, trigger, connections, the
+    accounts' schema or credentials) and retrying cannot help; None for anything else
+    (transient faults, bugs), which Airflow retries as before. Never holds a credential."""
+    from crm_connectors.errors import (
+        AuthenticationError,
+        ConnectionSettingsError,
+        TlsError,
+        UnknownColumnError,
+        UnknownHostError,
+    )
+
+    if isinstance(error, ConfigurationError | SettingsError | TriggerParamsError):
+        return str(error)
+    if isinstance(error, ConnectionSettingsError | TlsError):
+        return str(error)
+    if isinstance(error, AirflowNotFoundException):
+        found = _CONN_ID.search(str(error))
+        if found is None:
+            return f"{error}: define it in Airflow"
+        conn_id = found.group(1)
+        return (
+            f"the Airflow connection '{conn_id}' is not defined: add it in the UI (Admin > "
+            f"Connections), as the variable AIRFLOW_CONN_{conn_id.upper()} (JSON), or in the "
+            "secrets backend (docs/configuration.md, Connections)"
+        )
+    if isinstance(error, UnknownHostError):
+        conn_id = error.connection or _DEFAULT_CONNECTIONS.get(error.service, error.service)
+        setting = "the authority_host extra" if error.service == "entra-id" else "the host"
+        return f"{error}. Check {setting} of the connection '{conn_id}'"
+    if isinstance(error, AuthenticationError):
+        conn_id = error.connection or _DEFAULT_CONNECTIONS.get(error.service, error.service)
+        return f"{error}. {_credentials_fix(error.service, error.status, conn_id)}"
+    if isinstance(error, UnknownColumnError):
+        return (
+            f"{error}. Fix field_mapping.{error.table} in sync.yaml: map a column the table "
+            "has (its logical name)"
+        )
+    return None
+
+
+def _credentials_fix(service: str, status: int | None, conn_id: str) -> str:
+    if service == "activecampaign":
+        return (
+            f"ActiveCampaign refused the connection '{conn_id}': check the API token (its "
+            "password; Settings > Developer in ActiveCampaign) and the account URL (its host)"
+        )
+    if service == "entra-id":
+        return (
+            f"Entra ID refused the app of the connection '{conn_id}': check the client id "
+            "(login), the client secret (password, it may have expired), the tenant_id and "
+            "authority_host extras"
+        )
+    if status == 403:
+        return (
+            f"Dataverse refused the app user of the connection '{conn_id}': give the "
+            "application user a security role that can read and write leads and contacts"
+        )
+    return (
+        f"Dataverse refused the token of the connection '{conn_id}': check the client id "
+        "(login), the client secret (password) and the tenant_id extra, and that the app has "
+        "an application user in this environment"
+    )

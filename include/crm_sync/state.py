@@ -317,13 +317,20 @@ class StateStore:
         with self.begin() as connection:
             return [self._link(row) for row in connection.execute(select(links))]
 
-    def save_links(self, records: Sequence[RecordLink]) -> None:
-        """Insert or update links (matched on entity + Dataverse id) in one transaction."""
+    def save_links(self, records: Sequence[RecordLink]) -> list[RecordLink]:
+        """Insert or update links (matched on entity + Dataverse id) in one transaction.
+
+        Links are one-to-one: an AC contact held by another record's link moves only from a lead
+        to a contact (a qualified lead lives on as its contact). Any other record claiming it is
+        not saved; those records are returned, for the caller to quarantine.
+        """
         if not records:
-            return
+            return []
         now = utcnow()
+        refused: list[RecordLink] = []
 
         def write(connection: Connection) -> None:
+            refused.clear()
             for record in records:
                 values = {
                     "ac_contact_id": record.ac_contact_id,
@@ -337,17 +344,23 @@ class StateStore:
                     "updated_at": now,
                 }
                 if record.ac_contact_id:
+                    holder = and_(
+                        links.c.ac_contact_id == record.ac_contact_id,
+                        ~and_(
+                            links.c.entity == record.entity,
+                            links.c.dataverse_id == record.dataverse_id,
+                        ),
+                    )
+                    others = connection.execute(select(links.c.entity).where(holder)).all()
+                    if any(
+                        not (other.entity == "lead" and record.entity == "contact")
+                        for other in others
+                    ):
+                        refused.append(record)
+                        continue
                     # One AC contact links to one Dataverse row: a qualified lead's link moves.
                     connection.execute(
-                        update(links)
-                        .where(
-                            links.c.ac_contact_id == record.ac_contact_id,
-                            ~and_(
-                                links.c.entity == record.entity,
-                                links.c.dataverse_id == record.dataverse_id,
-                            ),
-                        )
-                        .values(ac_contact_id=None, updated_at=now)
+                        update(links).where(holder).values(ac_contact_id=None, updated_at=now)
                     )
                 result = connection.execute(
                     update(links)
@@ -368,6 +381,11 @@ class StateStore:
                     )
 
         self._upsert(write)
+        if refused:
+            log.warning(
+                "%d links not saved: their AC contact belongs to another record", len(refused)
+            )
+        return list(refused)
 
     def refresh_synced_values(self, entries: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         """Store what both sides now hold for existing links `(entity, dataverse_id, values)`,
@@ -489,6 +507,24 @@ class StateStore:
                 )
                 resolved += result.rowcount
         return resolved
+
+    def quarantined_in_run(self, direction: str, run_id: str) -> dict[str, int]:
+        """Open entries that `run_id` put in (or kept in) the quarantine, by reason."""
+        query = (
+            select(quarantine.c.reason_code, func.count())
+            .where(
+                quarantine.c.direction == direction,
+                quarantine.c.last_run_id == run_id,
+                quarantine.c.status == "open",
+            )
+            .group_by(quarantine.c.reason_code)
+        )
+        counts: dict[str, int] = {}
+        with self.begin() as connection:
+            for reasons, n in connection.execute(query):
+                for reason in str(reasons).split(","):  # a record with two reasons counts in each
+                    counts[reason] = counts.get(reason, 0) + int(n)
+        return counts
 
     def open_quarantine(self, direction: str | None = None) -> list[QuarantineEntry]:
         """Open entries, optionally for one direction."""

@@ -17,6 +17,7 @@ from crm_connectors.errors import (
     ApiConnectionError,
     BulkImportError,
     ClientError,
+    ConnectionSettingsError,
     NotFoundError,
 )
 from crm_connectors.pacing import WindowBudget, shared_budget, shared_window
@@ -91,8 +92,9 @@ class ActiveCampaignHook(CrmHttpHook):
 
     def _configure(self, session: requests.Session, connection: Any) -> None:
         if not connection.password:
-            raise ValueError(
-                f"connection '{self.activecampaign_conn_id}' has no password (the API token)"
+            raise ConnectionSettingsError(
+                f"connection '{self.activecampaign_conn_id}' has no password: set it to the "
+                "account's API token (Settings > Developer in ActiveCampaign)"
             )
         self.base_url = self.base_url.rstrip("/").removesuffix(API)
         session.headers.update({"Api-Token": connection.password, "Accept": "application/json"})
@@ -313,6 +315,15 @@ class ActiveCampaignHook(CrmHttpHook):
     def list_fields(self) -> list[dict[str, Any]]:
         """Every custom contact field (`id`, `title`, `type`, `perstag`...)."""
         return list(self.iter_items("fields", "fields"))
+
+    def create_field(self, title: str, perstag: str, *, field_type: str = "text") -> dict[str, Any]:
+        """Create a custom contact field with this personalization tag, shown on every list
+        (`POST /fields`, then `POST /fieldRels` with `relid` 0); returns the field."""
+        body = {"field": {"title": title, "type": field_type, "perstag": perstag, "visible": 1}}
+        field = self.request_json("POST", f"{API}/fields", json=body)["field"]
+        relation = {"fieldRel": {"field": str(field["id"]), "relid": 0}}
+        self.request("POST", f"{API}/fieldRels", json=relation)
+        return field
 
     def contact_field_values(self, contact_id: str | int) -> list[dict[str, Any]]:
         """One contact's custom field values (`field`, `value`, `id`...)."""

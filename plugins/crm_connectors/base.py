@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import logging
+import os
 import threading
 import time
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
 
 import requests
 import tenacity
@@ -20,12 +23,16 @@ from crm_connectors.errors import (
     ApiConnectionError,
     AuthenticationError,
     ClientError,
+    ConnectionSettingsError,
     CrmApiError,
+    InsecureConnectionError,
     NotFoundError,
     RateLimitError,
     ServerError,
     TlsError,
+    UnknownHostError,
     tls_failure,
+    unknown_host,
 )
 from crm_connectors.pacing import RateBudget
 from crm_connectors.redact import install_library_log_masking, loggable_url
@@ -33,6 +40,55 @@ from crm_connectors.retry import RetryPolicy
 
 # Standard logging, so the records reach whatever handles them (task log, pytest caplog).
 log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IP address) is this machine: `localhost`, 127.0.0.0/8, ::1."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def secure_url(host: str, *, what: str, schema: str | None = None, port: int | None = None) -> str:
+    """The URL credentials may be sent to, from a connection's host (and schema and port).
+
+    A host without a scheme means `https://` (unless `schema` says `http`). Plain `http://` is
+    accepted only for a loopback host (the sandbox), with a warning; to any other host it raises
+    `InsecureConnectionError`: the credentials would cross the network in clear text. `what`
+    names the setting in messages (e.g. "connection 'activecampaign_default'").
+    """
+    text = (host or "").strip()
+    if not text:
+        raise ConnectionSettingsError(f"{what} has no host: set it to the service's https:// URL")
+    wanted = (schema or "").strip().lower()
+    if wanted and wanted not in ("http", "https"):
+        raise ConnectionSettingsError(
+            f"{what}: schema '{schema}' is not a URL scheme; leave it empty (https is used) "
+            "or write the whole https:// URL in the host"
+        )
+    url = text if "://" in text else f"{wanted or 'https'}://{text}"
+    if port:
+        url = f"{url}:{port}"
+    parts = urlsplit(url)
+    name = parts.hostname or ""
+    where = f"{name}:{parts.port}" if parts.port else name
+    if parts.scheme not in ("http", "https") or not name:
+        raise ConnectionSettingsError(
+            f"{what}: '{parts.scheme}://{where}' is not an https:// URL with a host"
+        )
+    if parts.scheme == "http":
+        if not is_loopback(name):
+            raise InsecureConnectionError(
+                f"{what} uses plain http to {where}: its credentials would be sent in clear "
+                f"text, so nothing was sent. Use https://{where} (a host without a scheme means "
+                "https); plain http is accepted only for a loopback host such as the sandbox"
+            )
+        log.warning("%s: plain http to loopback host %s (sandbox)", what, where)
+    return url
 
 
 class PinnedSession(requests.Session):
@@ -117,8 +173,29 @@ class CrmHttpHook(HttpHook):
                 self._session = session
             return self._session
 
+    def _set_base_url(self, connection: Any) -> None:
+        """`base_url` from the connection: https unless the host is loopback (see `secure_url`).
+
+        Replaces `HttpHook`'s rule, which makes a host without a scheme `http://`; SRV lookup
+        (the `srv_lookup` extra) is not supported.
+        """
+        self.base_url = secure_url(
+            connection.host or "",
+            what=f"connection '{self.http_conn_id}'",
+            schema=connection.schema,
+            port=connection.port,
+        )
+        self._srv_lookup_enabled = False
+        self._base_url_initialized = True
+
     def _verify_setting(self, connection: Any) -> str | bool:
-        return connection.extra_dejson.get("ca_bundle") or True
+        bundle = connection.extra_dejson.get("ca_bundle")
+        if bundle and isinstance(bundle, str) and not os.path.exists(bundle):
+            raise ConnectionSettingsError(
+                f"connection '{self.http_conn_id}': the ca_bundle extra names a file that does "
+                f"not exist ({bundle}): give the path of the PEM file of the CA to trust"
+            )
+        return bundle or True
 
     @abstractmethod
     def _configure(self, session: requests.Session, connection: Any) -> None:
@@ -180,6 +257,7 @@ class CrmHttpHook(HttpHook):
                         headers=headers,
                     )  # fmt: skip
         except CrmApiError as error:
+            error.connection = self.http_conn_id
             self._finish(
                 method, url, params, error.status or type(error).__name__, trace, failed=True
             )
@@ -266,6 +344,15 @@ class CrmHttpHook(HttpHook):
         headers: Mapping[str, str] | None,
         **kwargs: Any,
     ) -> requests.Response:
+        parts = urlsplit(url)
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and is_loopback(parts.hostname or "")
+        ):
+            # A link the API returned (a next page) must not take the credentials off https.
+            raise InsecureConnectionError(
+                f"connection '{self.http_conn_id}': refused to send credentials to "
+                f"{parts.scheme}://{parts.hostname}, which is not https"
+            )
         self.budget.acquire()
         try:
             return session.request(
@@ -284,6 +371,14 @@ class CrmHttpHook(HttpHook):
             requests.Timeout,
             requests.exceptions.ChunkedEncodingError,
         ) as exc:
+            host = unknown_host(exc)
+            if host is not None:
+                raise UnknownHostError(
+                    host or (parts.hostname or ""),
+                    service=self.service,
+                    method=method,
+                    endpoint=_endpoint(url),
+                ) from None
             raise ApiConnectionError(
                 f"{type(exc).__name__}: the connection failed or was dropped",
                 maybe_sent=not _never_sent(exc),

@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 import requests
 from crm_sync.odata import all_of, any_of, check_filter, column, compare, literal
 
-from crm_connectors.base import CrmHttpHook, ErrorDetails, PinnedSession
+from crm_connectors.base import CrmHttpHook, ErrorDetails, PinnedSession, secure_url
 from crm_connectors.entra import DEFAULT_AUTHORITY_HOST, TokenSource
 from crm_connectors.errors import (
     ApiConnectionError,
     ChangeTrackingExpiredError,
     ChangeTrackingNotEnabledError,
     ClientError,
+    ConnectionSettingsError,
     CrmApiError,
     NotFoundError,
     RateLimitError,
@@ -51,6 +52,9 @@ MAX_PAGE_SIZE = 5000
 MAX_CHUNK = 1000
 CONCURRENCY_LIMIT = 52
 
+# `PrivilegeDepth`, shallowest first: the user's own records, its business unit, the unit and
+# its children, the whole organisation.
+PRIVILEGE_DEPTHS = ("Basic", "Local", "Deep", "Global")
 # Service protection limits (429): which limit the error code names.
 SERVICE_PROTECTION_CODES = {
     "0x80072322": "number of requests",
@@ -172,7 +176,14 @@ class Dynamics365Hook(CrmHttpHook):
             if not value
         ]
         if missing:
-            raise ValueError(f"connection '{self.dynamics365_conn_id}' lacks {', '.join(missing)}")
+            raise ConnectionSettingsError(
+                f"connection '{self.dynamics365_conn_id}' lacks {', '.join(missing)}: add it "
+                "(the app registration's client id and secret, and the Entra ID tenant)"
+            )
+        authority_host = secure_url(
+            extras.get("authority_host") or DEFAULT_AUTHORITY_HOST,
+            what=f"connection '{self.dynamics365_conn_id}' (extra authority_host)",
+        )
         self.base_url = self.base_url.rstrip("/")
         session.headers.update(
             {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"}
@@ -182,7 +193,7 @@ class Dynamics365Hook(CrmHttpHook):
             client_secret=connection.password,
             tenant_id=extras["tenant_id"],
             resource=self.base_url,
-            authority_host=extras.get("authority_host") or DEFAULT_AUTHORITY_HOST,
+            authority_host=authority_host,
             http_client=PinnedSession(self._verify_setting(connection)),
         )
 
@@ -248,6 +259,23 @@ class Dynamics365Hook(CrmHttpHook):
     def whoami(self) -> dict[str, Any]:
         """`WhoAmI`: the application user's `UserId`, `BusinessUnitId` and `OrganizationId`."""
         return self.request_json("GET", f"{API}/WhoAmI")
+
+    def user_privileges(self, user_id: str | None = None) -> dict[str, str]:
+        """`RetrieveUserPrivileges`: the privileges a user holds through its security roles and
+        teams, as privilege name (`prvReadLead`) -> depth (`Basic`, `Local`, `Deep` or `Global`;
+        the deepest when several roles grant it). Without `user_id`, the application user's."""
+        user = str(uuid.UUID(str(user_id or self.whoami()["UserId"])))
+        body = self.request_json("GET", f"{API}/systemusers({user})/{NS}.RetrieveUserPrivileges()")
+        held: dict[str, str] = {}
+        for privilege in (body or {}).get("RolePrivileges") or []:
+            name, depth = privilege.get("PrivilegeName"), privilege.get("Depth")
+            if isinstance(depth, int) and 0 <= depth < len(PRIVILEGE_DEPTHS):
+                depth = PRIVILEGE_DEPTHS[depth]  # the enum's number, from some serializers
+            if not name or depth not in PRIVILEGE_DEPTHS:
+                continue
+            if name not in held or _deeper(depth, held[name]):
+                held[name] = depth
+        return held
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -684,6 +712,10 @@ def _row_result(index: int, record_id: str, part: BatchResponse | None) -> Write
         message=mask_emails(str(message)),
         status=part.status,
     )
+
+
+def _deeper(depth: str, than: str) -> bool:
+    return PRIVILEGE_DEPTHS.index(depth) > PRIVILEGE_DEPTHS.index(than)
 
 
 def _record_path(entity_set: str, key: str | dict[str, object]) -> str:

@@ -12,7 +12,9 @@ from crm_connectors.errors import (
     ApiConnectionError,
     AuthenticationError,
     TlsError,
+    UnknownHostError,
     tls_failure,
+    unknown_host,
 )
 
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
@@ -66,6 +68,14 @@ class TokenSource:
                     endpoint=self._authority,
                 ) from None
             except requests.RequestException as error:
+                host = unknown_host(error)
+                if host is not None:
+                    raise UnknownHostError(
+                        host,
+                        service="entra-id",
+                        method="POST",
+                        endpoint=self._authority,
+                    ) from None
                 raise ApiConnectionError(
                     f"token request failed: {type(error).__name__}",
                     maybe_sent=False,

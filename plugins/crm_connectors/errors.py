@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import re
+import socket
 from urllib.parse import urlsplit
 
+from urllib3.exceptions import NameResolutionError
+
 from crm_connectors.redact import mask_emails
+
+# getaddrinfo's answers that mean "this name does not exist" (not "try again later").
+_NO_SUCH_NAME = {
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+}
 
 
 class CrmApiError(Exception):
@@ -15,6 +23,9 @@ class CrmApiError(Exception):
     filter, a paging token) ends up in the message. `body` is the decoded error body, for
     callers that read service-specific details; it is never part of the message.
     """
+
+    #: The Airflow connection of the hook that made the call (set by the hook; None outside one).
+    connection: str | None = None
 
     def __init__(
         self,
@@ -96,6 +107,49 @@ class ApiConnectionError(CrmApiError):
     @property
     def retryable(self) -> bool:
         return True
+
+
+class UnknownHostError(CrmApiError):
+    """The connection's host name does not exist (DNS: no such name). Never retried: the host
+    is wrong, and sending again cannot make it resolve. A temporary DNS failure ("try again")
+    stays an `ApiConnectionError`."""
+
+    def __init__(self, host: str, **kwargs: object) -> None:
+        self.host = host
+        super().__init__(
+            f"the host name '{host}' does not exist (DNS: no such name)",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+def unknown_host(exc: BaseException) -> str | None:
+    """The host name when `exc` (from `requests`) is a "no such name" DNS failure, else None."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, NameResolutionError):
+            reason = getattr(current, "_reason", None)
+            if isinstance(reason, socket.gaierror) and reason.errno in _NO_SUCH_NAME:
+                return str(getattr(current, "_host", "") or "")
+            return None
+        pending.extend([current.__cause__, current.__context__, getattr(current, "reason", None)])
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+    return None
+
+
+class ConnectionSettingsError(ValueError):
+    """The Airflow connection cannot be used as it is set (a missing field, an unusable host or
+    CA file). Raised before any request; the message names the connection and what to change,
+    never a credential."""
+
+
+class InsecureConnectionError(ConnectionSettingsError):
+    """The connection's URL is plain `http://` to a host that is not this machine: the
+    credentials would cross the network in clear text, so nothing is sent."""
 
 
 class TlsError(CrmApiError):

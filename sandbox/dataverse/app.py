@@ -22,6 +22,7 @@ from sandbox.dataverse.errors import DataverseError, segment_not_found, url_too_
 from sandbox.dataverse.formatting import RowFormatter, dumps
 from sandbox.dataverse.limits import Limits, ServiceProtection
 from sandbox.dataverse.schema import ENTITIES, Entity
+from sandbox.dataverse.security import merged as merged_privileges
 from sandbox.dataverse.settings import OrgSettings, OrgSettingsPatch, SettingsHolder
 from sandbox.dataverse.store import Store
 from sandbox.dataverse.webapi import ApiRequest, ApiResponse, WebApi, error_response
@@ -199,6 +200,21 @@ def _admin_router(
                         f"{clashes} duplicate values",
                     )
         return settings.replace(new)
+
+    @router.get("/privileges")
+    def get_privileges() -> dict[str, str]:
+        return settings.current.privileges
+
+    @router.put("/privileges")
+    def put_privileges(body: dict[str, str | None]) -> dict[str, str]:
+        # {"prvWriteLead": null} takes a privilege away, {"prvReadLead": "Basic"} sets a depth.
+        try:
+            privileges = merged_privileges(settings.current.privileges, body)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return settings.replace(
+            settings.current.model_copy(update={"privileges": privileges})
+        ).privileges
 
     @router.get("/export/{entity_set}")
     def export(entity_set: str, request: Request, columns: str | None = None) -> Response:

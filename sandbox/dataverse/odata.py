@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ _TOKEN = re.compile(
     r"""
     (?P<ws>\s+)
     |(?P<string>'(?:[^']|'')*')
+    |(?P<jsonstring>"(?:[^"\\]|\\.)*")
     |(?P<unterminated>')
     |(?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,7})?)?(?:Z|[+-]\d{2}:\d{2}))
     |(?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})
@@ -360,7 +362,12 @@ class FilterParser:
                 item = self._take()
                 if item.text == "]" and not items:
                     break
-                items.append(_literal(item, self.source).value)
+                # A collection literal: Microsoft's examples write its strings in JSON form.
+                items.append(
+                    json.loads(item.text)
+                    if item.kind == "jsonstring"
+                    else _literal(item, self.source).value
+                )
                 if self._take().text == "]":
                     break
             return items
@@ -393,7 +400,11 @@ class FilterParser:
 def _parse_value_text(text: str) -> Any:
     tokens = tokenize(text)
     if tokens and tokens[0].text == "[":
-        return [_literal(t, text).value for t in tokens[1:] if t.kind != "punct"]
+        return [
+            json.loads(t.text) if t.kind == "jsonstring" else _literal(t, text).value
+            for t in tokens[1:]
+            if t.kind != "punct"
+        ]
     if len(tokens) != 1:
         raise _syntax(0, text)
     return _literal(tokens[0], text).value

@@ -400,13 +400,22 @@ class Snapshot:
     writes: int = 0
 
     def differences(self, expected: Snapshot) -> list[str]:
-        """What differs from `expected`, one line per key."""
+        """What differs from `expected`, one line per key.
+
+        A link's last item says whether it knows its AC contact's id. A run after a kill may
+        learn an id the undisturbed run leaves to a later run (it finds by email the contact the
+        killed import created, and keeps the id it found): knowing it early is no difference.
+        Lacking an id the undisturbed run knows, or holding another contact's, is (the first
+        item is the email of the contact the id names)."""
         lines = []
         for part in ("ac", "dv", "links", "quarantine"):
             mine, theirs = getattr(self, part), getattr(expected, part)
             for key in sorted(set(mine) | set(theirs)):
-                if mine.get(key) != theirs.get(key):
-                    lines.append(f"{part}[{key}]: got {mine.get(key)!r}, want {theirs.get(key)!r}")
+                got, want = mine.get(key), theirs.get(key)
+                if part == "links" and got and want and got[:-1] == want[:-1] and got[-1]:
+                    continue
+                if got != want:
+                    lines.append(f"{part}[{key}]: got {got!r}, want {want!r}")
         return lines
 
 

@@ -119,6 +119,53 @@ def test_whoami_and_the_headers_every_response_carries(dv: DV) -> None:
         assert re.fullmatch(GUID, body[key])
 
 
+def test_retrieve_user_privileges_and_a_privilege_taken_away(dv: DV) -> None:
+    me = dv.get("WhoAmI").json()
+    path = f"systemusers({me['UserId']})/{NS}.RetrieveUserPrivileges()"
+
+    def held() -> dict[str, dict[str, Any]]:
+        response = dv.get(path)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["@odata.context"] == f"{dv.api}$metadata#{NS}.RetrieveUserPrivilegesResponse"
+        return {p["PrivilegeName"]: p for p in body["RolePrivileges"]}
+
+    privileges = held()
+    for table in ("Lead", "Contact"):
+        for operation in ("Create", "Read", "Write", "Delete", "Append", "AppendTo"):
+            privilege = privileges[f"prv{operation}{table}"]
+            assert privilege["Depth"] == "Global"
+            assert re.fullmatch(GUID, privilege["PrivilegeId"])
+            assert privilege["BusinessUnitId"] == me["BusinessUnitId"]
+
+    changed = dv.sandbox.admin(
+        "d365", "PUT", "privileges", json={"prvWriteLead": None, "prvReadContact": "Basic"}
+    )
+    assert "prvWriteLead" not in changed
+    privileges = held()
+    assert "prvWriteLead" not in privileges
+    assert privileges["prvReadContact"]["Depth"] == "Basic"
+
+    # Enforced: a write needing the privilege is refused with PrivilegeDenied; others still work.
+    lead = dv.create("leads", lastname="Priv", subject="s")
+    denied = dv.patch(f"leads({lead['leadid']})", {"firstname": "X"}, headers={"If-Match": "*"})
+    assert denied.status_code == 403, denied.text
+    error = denied.json()["error"]
+    assert error["code"] == "0x80040220"
+    assert "is missing prvWriteLead privilege" in error["message"]
+    target = {"@odata.type": f"{NS}.lead", "leadid": lead["leadid"], "firstname": "X"}
+    bulk = dv.post(f"leads/{NS}.UpdateMultiple", {"Targets": [target]})
+    assert bulk.status_code == 403, bulk.text
+    assert dv.get("contacts?$top=1").status_code == 200  # Basic depth: reported, not enforced
+
+    unknown = dv.get(f"systemusers({uuid.uuid4()})/{NS}.RetrieveUserPrivileges()")
+    assert unknown.status_code == 404
+    with pytest.raises(requests.HTTPError):
+        dv.sandbox.admin("d365", "PUT", "privileges", json={"prvReadAccount": "Global"})
+    dv.sandbox.admin("d365", "POST", "reset")
+    assert held()["prvWriteLead"]["Depth"] == "Global"
+
+
 @pytest.mark.parametrize("segment", ["Leads", "Account", "lead"])
 def test_unknown_or_miscased_entity_set_is_404(dv: DV, segment: str) -> None:
     assert_error(
@@ -244,6 +291,15 @@ def seed_people(dv: DV) -> dict[str, str]:
         ),
         ("firstname eq lastname", {"lee"}),
         ("firstname eq @p1", {"smith"}),
+        (
+            f"{NS}.LastXDays(PropertyName='createdon',PropertyValue=7)",
+            {"obrien", "smith", "muller", "lee"},
+        ),
+        (f"not {NS}.LastXDays(PropertyName='createdon',PropertyValue=7)", set()),
+        (
+            f'{NS}.Between(PropertyName=\'leadsourcecode\',PropertyValues=["5","9"])',
+            {"smith", "muller"},
+        ),
     ],
 )
 def test_filter(dv: DV, expression: str, expected: set[str]) -> None:

@@ -109,3 +109,69 @@ def test_one_way_field_is_not_mapped_back() -> None:
     keys = [m.key for m in fields_towards(settings, Entity.LEAD, D365)]
     assert "telephone1" not in keys
     assert "telephone1" in [m.key for m in fields_towards(settings, Entity.LEAD, AC)]
+
+
+# -- relinks: matched by email with no link ---------------------------------------------------
+def relink(src: dict, tgt: dict, *, source_newer: bool, settings=SETTINGS, source=AC):
+    """A relinked record (action new, `relink` set) through `plan_writes`: payload, synced."""
+    target = D365 if source == AC else AC
+    fields = fields_towards(settings, Entity.LEAD, target)
+    times = (T2, T1) if source_newer else (T1, T2)
+    row = {"record_key": "k", "action": "new_lead", "relink": True}
+    row.update({"src_time": times[0], "tgt_time": times[1]})
+    for m in fields:
+        row.update({f"src:{m.key}": src.get(m.key, ""), f"tgt:{m.key}": tgt.get(m.key, "")})
+        row[f"syn:{m.key}"] = ""
+    out, conflicts = plan_writes(pd.DataFrame([row]), fields, source=source)
+    assert conflicts.empty
+    return json.loads(out.at[0, "payload"]), json.loads(out.at[0, "synced_values"])
+
+
+def test_a_relink_writes_only_where_the_source_is_newer_or_the_target_empty() -> None:
+    src = {**BASE, "firstname": "Src", "jobtitle": "CTO"}
+    tgt = {**BASE, "firstname": "Tgt", "lastname": "", "jobtitle": ""}
+    payload, synced = relink(src, tgt, source_newer=False)
+    assert payload == {"lastname": "Lee", "jobtitle": "CTO"}  # the target's empty fields
+    # The target kept its newer first name; the link says the source's, so the other direction
+    # (where the target is the source) sees its value as the change and brings it over.
+    assert synced["firstname"] == "Src"
+    payload, _ = relink(src, tgt, source_newer=True)
+    assert payload == {"firstname": "Src", "lastname": "Lee", "jobtitle": "CTO"}
+
+
+def test_a_relink_never_clears_a_filled_value() -> None:
+    payload, synced = relink({**BASE, "firstname": ""}, BASE, source_newer=True)
+    assert "firstname" not in payload
+    assert synced["firstname"] == ""  # so the other direction fills the empty side
+
+
+@pytest.mark.parametrize(
+    ("rule", "source_newer", "writes"),
+    [
+        (ConflictRule.PREFER_ACTIVECAMPAIGN, False, True),
+        (ConflictRule.PREFER_DYNAMICS365, True, False),
+        (ConflictRule.PREFER_NON_EMPTY, True, True),
+        (ConflictRule.PREFER_NON_EMPTY, False, False),
+        (ConflictRule.MOST_RECENT, True, True),
+        (ConflictRule.MOST_RECENT, False, False),
+    ],
+)
+def test_a_relink_follows_the_fields_conflict_rule(
+    rule: ConflictRule, source_newer: bool, writes: bool
+) -> None:
+    raw = SETTINGS.model_dump(mode="json")
+    raw["field_mapping"]["lead"][1]["conflict"] = rule.value
+    settings = parse_settings(raw)
+    src, tgt = {**BASE, "firstname": "Src"}, {**BASE, "firstname": "Tgt"}
+    payload, _ = relink(src, tgt, source_newer=source_newer, settings=settings)
+    assert ("firstname" in payload) is writes
+
+
+def test_a_relink_writes_a_one_way_field_from_its_source_even_when_older() -> None:
+    raw = SETTINGS.model_dump(mode="json")
+    raw["field_mapping"]["lead"][5]["direction"] = "to_activecampaign"  # jobtitle
+    settings = parse_settings(raw)
+    src, tgt = {**BASE, "jobtitle": "CEO"}, {**BASE, "jobtitle": "Intern"}
+    payload, synced = relink(src, tgt, source_newer=False, settings=settings, source=D365)
+    assert payload == {"jobtitle": "CEO"}
+    assert synced["jobtitle"] == "CEO"

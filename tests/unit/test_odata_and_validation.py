@@ -37,6 +37,43 @@ def test_bad_filters_are_rejected(bad: str) -> None:
         check_filter(bad)
 
 
+@pytest.mark.parametrize(
+    "good",
+    [
+        "Microsoft.Dynamics.CRM.LastXDays(PropertyName='modifiedon',PropertyValue=7)",
+        "Microsoft.Dynamics.CRM.Today(PropertyName='createdon')",
+        "Microsoft.Dynamics.CRM.OnOrAfter(PropertyName='createdon',PropertyValue='2026-01-01')",
+        "Microsoft.Dynamics.CRM.In(PropertyName='lastname',PropertyValues=['Lee','O''Brien'])",
+        'Microsoft.Dynamics.CRM.Between(PropertyName=\'numberofemployees\',PropertyValues=["5","2000"])',
+        "statecode eq 0 and not Microsoft.Dynamics.CRM.LastXDays(PropertyName='createdon',"
+        "PropertyValue=30) or (companyname ne 'x')",
+    ],
+)
+def test_dataverse_query_functions_are_accepted(good: str) -> None:
+    assert check_filter(good) == good
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("Microsoft.Dynamics.CRM.LastXDays(PropertyValue=7)", "PropertyName is required"),
+        ("Microsoft.Dynamics.CRM.LastXDays(PropertyName=modifiedon)", "quoted column name"),
+        ("Microsoft.Dynamics.CRM.LastXDays(PropertyName='ModifiedOn')", "logical name"),
+        ("Microsoft.Dynamics.CRM.LastXDays(PropertyName='x',Other=1)", "expected PropertyName"),
+        ("Microsoft.Dynamics.CRM.LastXDays(PropertyName='x',PropertyValue=7", "end of filter"),
+        ("Microsoft.Dynamics.CRM.In(PropertyName='x',PropertyValues=[])", "literal value"),
+        ("Microsoft.Dynamics.CRM.In(PropertyName='x',PropertyValue=(1))", "literal value"),
+        ("Microsoft.Dynamics.CRM.A.B(PropertyName='x')", "query function name"),
+        ("Microsoft.Dynamics.CRM.Today(PropertyName='x') eq true", "after a complete"),
+        ('lastname eq "Lee"', "expected a value"),
+        ("lastname eq ['Lee']", "expected a value"),
+    ],
+)
+def test_malformed_query_functions_are_refused(bad: str, message: str) -> None:
+    with pytest.raises(ODataFilterError, match=message):
+        check_filter(bad)
+
+
 def test_column_names_are_checked() -> None:
     with pytest.raises(ODataFilterError):
         eq("name eq 'x' or true", "y")

@@ -12,8 +12,9 @@ from crm_sync.classify import attach_links, classify_for_dynamics
 from crm_sync.flows import common
 from crm_sync.flows.activecampaign_io import TAG_FLAGS, ActiveCampaignReader
 from crm_sync.flows.dataverse_io import rows_by, target_rules
+from crm_sync.identity import claimed_by_other_ac_contacts
 from crm_sync.mapping import D365, expand_synced, fields_towards, plan_writes
-from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Action, Reason, clean_frame
+from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
 from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
@@ -97,7 +98,8 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         # Nothing to write, nothing to check: a quiet run costs Dataverse no metadata reads.
         if not columns or contacts.empty:
             continue
-        rule = target_rules(dv_hook, entity, columns)
+        written = [m.field for m in fields_towards(ctx.settings, entity, D365)]
+        rule = target_rules(dv_hook, entity, columns, written=written)
         rules[entity.value] = {"required": rule.required, "max_length": rule.max_length}
         ids = [link.dataverse_id for link in links if link.entity == entity.value]
         if ids:
@@ -152,9 +154,18 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         [a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS, Action.QUARANTINE)]
     )
     classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
+    writing = classified["action"].isin([a.value for a in WRITE_ACTIONS])
+    conflicts = claimed_by_other_ac_contacts(classified[writing], links)
+    classified.loc[classified["record_key"].isin(list(conflicts)), ["action", "reason"]] = [
+        Action.QUARANTINE.value,
+        Reason.DUPLICATE_EMAIL.value,
+    ]
     bad = classified[classified["action"] == Action.QUARANTINE.value]
     reasons = {
-        row.record_key: [(row.reason, _classify_message(row.reason))] for row in bad.itertuples()
+        row.record_key: [
+            conflicts.get(row.record_key) or (row.reason, _classify_message(row.reason))
+        ]
+        for row in bad.itertuples()
     }
     common.quarantine_rows(ctx, classified, "tag_classify", reasons)
     staging.write_frame("tag_classify", "classified", classified)

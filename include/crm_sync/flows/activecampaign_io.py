@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from crm_sync.errors import ConfigurationError
 from crm_sync.settings import FieldMap
 from crm_sync.tags import ALL_TAGS, Tag
 
@@ -45,9 +46,11 @@ class ActiveCampaignReader:
             by_tag = {str(f.get("perstag", "")).upper(): str(f["id"]) for f in hook.list_fields()}
             missing = [tag for tag in self.custom if tag not in by_tag]
             if missing:
-                raise ValueError(
+                raise ConfigurationError(
                     "sync.yaml maps ActiveCampaign custom fields that do not exist: "
                     + ", ".join(f"field:{m}" for m in missing)
+                    + ". Create each in ActiveCampaign (a contact custom field with that "
+                    "personalization tag), or remove it from field_mapping in sync.yaml"
                 )
             self.field_ids = {tag: by_tag[tag] for tag in self.custom}
         # Who `tagged_since` saw carrying each tag; `complete` when it read every association.
@@ -162,6 +165,28 @@ class ActiveCampaignReader:
             )
             cost += 1 + int((body or {}).get("meta", {}).get("total") or 0) // 100
         return cost
+
+    def ids_by_email(self, emails: Iterable[str]) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """AC contact ids by (lower-case) email for the emails that exist, and the contact
+        objects read on the way: one request per email, or a scan of every contact (100 per
+        request) when the account holds fewer contacts than that costs."""
+        wanted = {e for e in emails if e}
+        if not wanted:
+            return {}, []
+        if len(wanted) > 2:
+            body = self.hook.request_json("GET", "/api/3/contacts", params={"limit": 1}) or {}
+            total = int((body.get("meta") or {}).get("total") or 0)
+            if total == 0:
+                return {}, []
+            if total // 100 + 1 < len(wanted):
+                found, objects = {}, []
+                for contact in self.hook.list_contacts():
+                    email = str(contact.get("email") or "").strip().lower()
+                    if email in wanted:
+                        found[email] = str(contact["id"])
+                        objects.append(contact)
+                return found, objects
+        return self.contacts_by_email(sorted(wanted)), []
 
     def contacts_by_email(self, emails: Iterable[str]) -> dict[str, str]:
         """AC contact ids by (lower-case) email, for the emails that exist; one request each."""

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import pandas as pd
+from crm_connectors.errors import ClientError
 
 from crm_sync.flows import common
 from crm_sync.records import NEW_ACTIONS, Reason
@@ -70,10 +71,11 @@ class ActiveCampaignLoader:
         return []
 
     def load(self, valid: pd.DataFrame) -> dict[str, int]:
-        """Write every row of `valid`; returns counts."""
+        """Write every row of `valid`; returns counts. A record AC refuses is quarantined with
+        its reason, on every write path, and the others go on."""
         if valid.empty:
             return {}
-        self._move_emails(valid)
+        valid = self._move_emails(valid)
         if len(valid) < MIN_IMPORT:
             self._sync_one_by_one(valid)
         else:
@@ -81,18 +83,27 @@ class ActiveCampaignLoader:
         self._finish_qualifications(valid)
         return dict(self.counts)
 
-    def _move_emails(self, valid: pd.DataFrame) -> None:
+    def _move_emails(self, valid: pd.DataFrame) -> pd.DataFrame:
         """A linked contact whose email changed in Dynamics gets it changed by id, before the
-        import matches on the new email (which would otherwise create a second contact)."""
+        import matches on the new email (which would otherwise create a second contact).
+        Returns the rows left to write (a refused move quarantines its row)."""
+        refused: dict[str, list[tuple[str, str]]] = {}
         for row in valid.itertuples():
-            if pd.isna(row.ac_contact_id) or "emailaddress1" not in json.loads(row.payload):
+            contact_id = _known_contact_id(row)
+            if contact_id is None or "emailaddress1" not in json.loads(row.payload):
                 continue
-            self.hook.request_json(
-                "PUT",
-                f"/api/3/contacts/{row.ac_contact_id}",
-                json={"contact": {"email": row.email_key}},
-            )
+            try:
+                self.hook.request_json(
+                    "PUT",
+                    f"/api/3/contacts/{contact_id}",
+                    json={"contact": {"email": row.email_key}},
+                )
+            except ClientError as error:
+                refused[row.record_key] = [_rejection(error, "the new email")]
+                continue
             self.counts["email changed"] += 1
+        self._quarantine(valid, refused)
+        return valid[~valid["record_key"].isin(list(refused))]
 
     def _import(self, rows: pd.DataFrame) -> None:
         """Bulk-import every row at AC's import limit; each batch's links are saved as soon as it
@@ -114,26 +125,38 @@ class ActiveCampaignLoader:
             )
 
     def _sync_one_by_one(self, rows: pd.DataFrame) -> None:
-        outcomes = []
+        outcomes: list[tuple[bool, str | None, str | None]] = []
+        refused: dict[str, list[tuple[str, str]]] = {}
         for row in rows.itertuples():
-            contact = self.hook.sync_contact(self._contact(row, keys=SYNC_KEYS))
-            contact_id = str(contact["id"])
-            tags = self._tags(row)
-            for tag_id in self.hook.find_or_create_tags(tags).values() if tags else []:
-                self.hook.add_contact_tag(contact_id, tag_id)
+            try:
+                contact = self.hook.sync_contact(self._contact(row, keys=SYNC_KEYS))
+                contact_id = str(contact["id"])
+                tags = self._tags(row)
+                for tag_id in self.hook.find_or_create_tags(tags).values() if tags else []:
+                    self.hook.add_contact_tag(contact_id, tag_id)
+            except ClientError as error:
+                refused[row.record_key] = [_rejection(error, "the contact")]
+                outcomes.append((False, None, None))
+                continue
             outcomes.append((True, contact_id, None))
-        self._record(rows, outcomes)
+        self._record(rows, outcomes, refused)
 
     def _record(
-        self, rows: pd.DataFrame, outcomes: list[tuple[bool, str | None, str | None]]
+        self,
+        rows: pd.DataFrame,
+        outcomes: list[tuple[bool, str | None, str | None]],
+        refused: dict[str, list[tuple[str, str]]] | None = None,
     ) -> None:
-        links, failures = [], {}
+        """Links for the rows written, the quarantine for the others (`refused` holds the
+        reasons already known; any other failed row is a rejection with its `error`)."""
+        links, failures = [], dict(refused or {})
         now = utcnow()
         for row, (ok, contact_id, error) in zip(rows.itertuples(), outcomes, strict=True):
             if not ok:
-                failures[row.record_key] = [
-                    (Reason.TARGET_REJECTED, f"ActiveCampaign rejected the contact: {error}")
-                ]
+                failures.setdefault(
+                    row.record_key,
+                    [(Reason.TARGET_REJECTED, f"ActiveCampaign rejected the contact: {error}")],
+                )
                 continue
             synced = json.loads(row.synced_values)
             links.append(
@@ -154,13 +177,35 @@ class ActiveCampaignLoader:
                     else pd.Timestamp(row.dv_modified_at).to_pydatetime(),
                 )
             )
+        refused = self.ctx.store.save_links(links)
+        for link in refused:
+            key = f"{link.entity}:{link.dataverse_id}"
+            failures[key] = [
+                (
+                    Reason.DUPLICATE_EMAIL,
+                    f"ActiveCampaign contact {link.ac_contact_id} is linked to another record; "
+                    "the write went through, the link was not moved (the state store's last "
+                    "check): merge the two records in Dynamics 365 or give one another email",
+                )
+            ]
+        for row in rows.itertuples():
+            if row.record_key in failures:
+                continue
             self.synced_keys.append(row.record_key)
-            verb = "created" if row.action in [a.value for a in NEW_ACTIONS] else "updated"
-            self.counts[f"{verb} in ActiveCampaign ({row.entity})"] += 1
-        self.ctx.store.save_links(links)
+            if bool(getattr(row, "relink", False)):
+                verb = "linked to an existing contact (by email)"
+            else:
+                new = row.action in [a.value for a in NEW_ACTIONS]
+                verb = f"{'created' if new else 'updated'} in ActiveCampaign"
+            self.counts[f"{verb} ({row.entity})"] += 1
+        self._quarantine(rows, failures)
+
+    def _quarantine(self, rows: pd.DataFrame, failures: dict[str, list[tuple[str, str]]]) -> None:
         if failures:
             common.quarantine_rows(self.ctx, rows, "load", failures)
-            self.counts["quarantined: target_rejected"] += len(failures)
+            for items in failures.values():
+                for code, _ in items:
+                    self.counts[f"quarantined: {code}"] += 1
 
     def _finish_qualifications(self, valid: pd.DataFrame) -> None:
         """A qualified lead's AC contact loses `D365: Lead` (it gained `D365: Contact` above)."""
@@ -168,11 +213,18 @@ class ActiveCampaignLoader:
         if qualified.empty:
             return
         lead_tag = self.hook.find_or_create_tags([Tag.LEAD.value])[Tag.LEAD.value]
+        refused: dict[str, list[tuple[str, str]]] = {}
         for row in qualified.itertuples():
             contact_id = row.qualified_from_ac_id
             if row.record_key in self.synced_keys and pd.notna(contact_id):
-                self.hook.remove_tag_from_contact(contact_id, lead_tag)
+                try:
+                    self.hook.remove_tag_from_contact(contact_id, lead_tag)
+                except ClientError as error:
+                    refused[row.record_key] = [_rejection(error, "removing 'D365: Lead'")]
+                    self.synced_keys.remove(row.record_key)
+                    continue
                 self.counts["lead qualified: tag moved to D365: Contact"] += 1
+        self._quarantine(qualified, refused)
 
 
 def _known_contact_id(row: Any) -> str | None:
@@ -182,3 +234,18 @@ def _known_contact_id(row: Any) -> str | None:
         if value is not None and not pd.isna(value):
             return str(value)
     return None
+
+
+def _rejection(error: ClientError, what: str) -> tuple[str, str]:
+    """The quarantine reason and message for one record AC refused (no personal data: the API's
+    message has emails masked)."""
+    duplicate = error.status == 422 and (error.code or "").lower() == "duplicate"
+    reason = Reason.AMBIGUOUS_EMAIL if duplicate else Reason.TARGET_REJECTED
+    detail = (
+        "another ActiveCampaign contact, linked to no Dynamics record, has this email: merge "
+        "the two contacts in ActiveCampaign or change one of the emails"
+        if duplicate
+        else error.message
+    )
+    code = f" [{error.code}]" if error.code else ""
+    return reason, f"ActiveCampaign refused {what}: HTTP {error.status}{code}: {detail}"

@@ -9,7 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Action, mask_email
+from crm_sync.records import (
+    NEW_ACTIONS,
+    RECHECKED_EVERY_RUN,
+    UPDATE_ACTIONS,
+    Action,
+    mask_email,
+)
 from crm_sync.report import count_table, log, reason_counts
 from crm_sync.runner import CircuitBreakerTripped, StepContext
 
@@ -40,9 +46,12 @@ def quarantine_rows(
 
 
 def still_quarantined(ctx: StepContext, frame: pd.DataFrame) -> pd.Series:
-    """Rows whose record is quarantined and unchanged since: they wait for a change."""
+    """Rows whose record is quarantined and unchanged since: they wait for a change. Reasons
+    that depend on other records (`RECHECKED_EVERY_RUN`) are checked again instead."""
     open_entries = {
-        e.record_key: e.source_hash for e in ctx.store.open_quarantine(ctx.flow_direction)
+        e.record_key: e.source_hash
+        for e in ctx.store.open_quarantine(ctx.flow_direction)
+        if not set(e.reason_code.split(",")) & RECHECKED_EVERY_RUN
     }
     if not open_entries or frame.empty:
         return pd.Series(False, index=frame.index)
@@ -51,9 +60,8 @@ def still_quarantined(ctx: StepContext, frame: pd.DataFrame) -> pd.Series:
 
 
 def _reason_counts(failures: Mapping[str, list[tuple[str, str]]]) -> dict[str, int]:
-    return merge_counts(
-        (f"quarantined: {code}", 1) for items in failures.values() for code, _ in items
-    )
+    """Quarantined records by reason (a record with two reasons counts under each)."""
+    return dict(Counter(f"quarantined: {code}" for items in failures.values() for code, _ in items))
 
 
 def check_quarantine_share(
@@ -75,19 +83,33 @@ def check_quarantine_share(
         )
 
 
-def check_mass_change(ctx: StepContext, changes: int) -> None:
+def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> None:
     """Stop before writing when a run would change too large a share of the linked records.
 
+    `relinked` of the `changes` overwrite records found by email, with no link (a new or lost
+    state store): with fewer links than `mass_change_min_linked`, those alone are held, as a
+    share of that number.
     A dry run is never stopped: it writes nothing, and its plan is what the operator checks.
     """
     safety = ctx.settings.safety
     linked = ctx.store.count_links()
-    if linked < safety.mass_change_min_linked or ctx.params.get("confirm_mass_change"):
+    if ctx.params.get("confirm_mass_change"):
         return
-    if changes / linked > safety.max_change_share:
+    if linked >= safety.mass_change_min_linked:
+        subject = f"change {changes} records" + (
+            f" ({relinked} of them found by email, with no link)" if relinked else ""
+        )
+        counted, base, of = changes, linked, f"the {linked} linked records"
+    elif relinked:
+        subject = f"overwrite {relinked} records found by email, with no link"
+        counted, base = relinked, safety.mass_change_min_linked
+        of = f"safety.mass_change_min_linked ({base}; fewer records are linked)"
+    else:
+        return
+    if base and counted / base > safety.max_change_share:
         message = (
-            f"this run would change {changes} records, {changes / linked:.0%} of the {linked} "
-            f"linked records, above safety.max_change_share ({safety.max_change_share:.0%})."
+            f"this run would {subject}, {counted / base:.0%} of {of}, above "
+            f"safety.max_change_share ({safety.max_change_share:.0%})."
         )
         if ctx.dry_run:
             log.warning("%s A real run stops here unless confirm_mass_change=true.", message)
@@ -142,11 +164,13 @@ def merge_counts(*parts: Mapping[str, int] | Iterable[tuple[str, int]]) -> dict[
     """Sum several count mappings."""
     total: Counter[str] = Counter()
     for part in parts:
-        total.update(dict(part))
+        for key, value in part.items() if isinstance(part, Mapping) else part:
+            total[key] += value
     return dict(total)
 
 
 NOT_WRITTEN = (Action.NOT_ELIGIBLE.value, Action.QUARANTINE.value)
+QUARANTINE_PREFIXES = ("quarantine:", "quarantined:")
 
 
 def plan_counts(mapped: pd.DataFrame, decided: pd.DataFrame, **extra: int) -> dict[str, int]:
@@ -188,7 +212,16 @@ def accept_valid(
         to_write[~to_write["record_key"].isin(list(failures))] if not to_write.empty else to_write
     )
     creates, updates = count_writes(valid)
-    check_mass_change(ctx, updates + (creates if count_creates else 0))
+    relinked = (
+        int((valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)).sum())
+        if "relink" in valid
+        else 0
+    )
+    check_mass_change(
+        ctx,
+        updates + relinked + (creates - relinked if count_creates else 0),
+        relinked=relinked,
+    )
     ctx.staging.write_frame("validate", "valid", valid)
     counts = {"valid": len(valid), "quarantined": len(failures), **_reason_counts(failures)}
     log_step("validate: Great Expectations", counts)
@@ -282,10 +315,17 @@ def run_load(
         keys = set(synced) | set(done) | set(unchanged.get("record_key", []))
         ctx.store.resolve(keys, ctx.flow_direction)
         advance_watermarks(meta)
-    validated = {
-        k: v for k, v in ctx.upstream.get("counts", {}).items() if k.startswith("quarantined:")
+    # Every record quarantined by this run, whichever step did it, counted once by its reasons.
+    quarantined = {
+        f"quarantined: {reason}": n
+        for reason, n in ctx.store.quarantined_in_run(ctx.flow_direction, ctx.run_id).items()
     }
-    totals = {**previous, **validated, **counts, "unchanged": len(unchanged)}
+    totals = merge_counts(
+        {k: v for k, v in previous.items() if not k.startswith(QUARANTINE_PREFIXES)},
+        {k: v for k, v in counts.items() if not k.startswith(QUARANTINE_PREFIXES)},
+        quarantined,
+        {"unchanged": len(unchanged)},
+    )
     if refreshed:
         totals["unchanged: link caught up"] = refreshed
     if done:

@@ -14,11 +14,20 @@ from crm_sync.classify import classify_for_activecampaign
 from crm_sync.flows import common
 from crm_sync.flows.activecampaign_io import ActiveCampaignReader
 from crm_sync.flows.dataverse_io import changed_rows, rows_by
+from crm_sync.identity import claimed_by_other_dataverse_records
 from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_writes
-from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Action, Reason, clean_frame
+from crm_sync.records import (
+    NEW_ACTIONS,
+    UPDATE_ACTIONS,
+    WRITE_ACTIONS,
+    Action,
+    Reason,
+    clean_frame,
+)
 from crm_sync.runner import StepContext
 from crm_sync.settings import Direction, Entity
 from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
+from crm_sync.tags import Tag
 from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_records
 
 DIRECTION = "dynamics365_to_activecampaign"
@@ -117,6 +126,17 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     ]
     # Nothing changed in Dynamics: ActiveCampaign is not asked anything.
     reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx)) if not dv.empty else None
+    # Rows no link knows may meet an AC contact with their email (a new or lost state store):
+    # it is looked up, so that it is relinked with the newer values kept, or refused when
+    # another record's link holds it.
+    matched, known = _match_unlinked(
+        reader,
+        dv[~common.still_quarantined(ctx, dv)] if not dv.empty else dv,
+        links,
+    )
+    shared = _shared_in_dynamics(hook, list(matched))
+    matched = {email: ac_id for email, ac_id in matched.items() if email not in shared}
+    links += [link for link in store.links_for(ac_ids=list(matched.values())) if link not in links]
     unresolved = [link.email for link in links if not link.ac_contact_id]
     resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
     if resolved and not ctx.dry_run:
@@ -142,8 +162,16 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     links_frame = pd.DataFrame(
         link_rows, columns=["entity", "dataverse_id", "ac_contact_id", "email", "synced_values"]
     )
-    ac_ids = links_frame["ac_contact_id"].dropna().unique().tolist()
-    ac_current = reader.contacts(ac_ids) if reader and ac_ids else pd.DataFrame()
+    if not dv.empty:
+        dv["relink_ac_id"] = pd.Series(dv["email_key"].map(matched), dtype="string")
+        dv["relink_shared_with"] = [
+            ", ".join(r for r in shared.get(email, []) if r != f"{entity} {row_id}") or None
+            for entity, row_id, email in zip(
+                dv["entity"], dv["dataverse_id"], dv["email_key"], strict=True
+            )
+        ]
+    ac_ids = list(dict.fromkeys([*links_frame["ac_contact_id"].dropna(), *matched.values()]))
+    ac_current = reader.contacts(ac_ids, known=known) if reader and ac_ids else pd.DataFrame()
     if not ac_current.empty:
         ac_current = clean_frame(
             ac_current, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
@@ -161,9 +189,75 @@ def extract(ctx: StepContext) -> dict[str, Any]:
             "field_ids": reader.field_ids if reader else {},
         },
     )
-    counts.update({"linked": len(links_frame), "AC contacts read": len(ac_current)})
+    counts.update(
+        {
+            "linked": len(links_frame),
+            "found in AC by email (no link)": len(matched),
+            "AC contacts read": len(ac_current),
+        }
+    )
     common.log_step("extract: Dynamics 365 rows", counts)
     return {"counts": counts}
+
+
+def _match_unlinked(
+    reader: ActiveCampaignReader | None,
+    dv: pd.DataFrame,
+    links: list[RecordLink],
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """AC contact ids by email for the rows no link knows (nor a qualified lead's link), and
+    the contact objects read on the way. `dv` leaves out the rows waiting in the quarantine
+    for a change: they cost no look-up."""
+    if reader is None or dv.empty:
+        return {}, []
+    known = {(link.entity, link.dataverse_id) for link in links}
+    known_emails = {link.email for link in links}
+    leads = {link.dataverse_id for link in links if link.entity == Entity.LEAD.value}
+    origin = (
+        dv["_originatingleadid_value"].astype("string")
+        if "_originatingleadid_value" in dv
+        else pd.Series(pd.NA, index=dv.index, dtype="string")
+    )
+    unlinked = [
+        email
+        for entity, row_id, email, lead in zip(
+            dv["entity"], dv["dataverse_id"], dv["email_key"], origin, strict=True
+        )
+        if (entity, row_id) not in known
+        and email not in known_emails
+        and not (pd.notna(lead) and lead in leads)
+        and pd.notna(email)
+    ]
+    return reader.ids_by_email(unlinked)
+
+
+def _shared_in_dynamics(hook: Any, emails: list[str]) -> dict[str, list[str]]:
+    """Of `emails`, those that more than one active Dynamics record holds (open leads and
+    active contacts: a qualified or disqualified lead, an inactive contact do not count, and a
+    lead and the contact it was qualified into count once), with the records ("lead <id>")."""
+    if not emails:
+        return {}
+    holders: dict[str, list[tuple[str, str, str | None]]] = {}
+    for entity in Entity:
+        found = rows_by(hook, entity, "emailaddress1", emails, ["emailaddress1"])
+        found = found[pd.to_numeric(found.get("statecode"), errors="coerce").fillna(0) == 0]
+        origin = found.get("_originatingleadid_value", pd.Series(None, index=found.index))
+        for row_id, email, lead in zip(
+            found["dataverse_id"], found["emailaddress1"], origin, strict=True
+        ):
+            key = str(email).strip().lower()
+            holders.setdefault(key, []).append((entity.value, row_id, _or_none(lead)))
+    shared = {}
+    for email, records in holders.items():
+        leads = {row_id for entity, row_id, _ in records if entity == Entity.LEAD.value}
+        distinct = [r for r in records if not (r[2] and r[2] in leads)]
+        if len(distinct) > 1:
+            shared[email] = [f"{entity} {row_id}" for entity, row_id, _ in records]
+    return shared
+
+
+def _or_none(value: Any) -> str | None:
+    return None if value is None or pd.isna(value) else str(value)
 
 
 def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
@@ -199,6 +293,9 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         index=dv.index,
         dtype="string",
     )
+    relink_id = dv.get("relink_ac_id", pd.Series(pd.NA, index=dv.index, dtype="string"))
+    dv["relink"] = ~dv["linked"] & relink_id.notna()
+    dv["ac_contact_id"] = dv["ac_contact_id"].fillna(relink_id.astype("string"))
     leads = (
         by_row.xs(Entity.LEAD.value, level="entity")
         if not by_row.empty and Entity.LEAD.value in by_row.index.get_level_values(0)
@@ -221,28 +318,88 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         dv[f"ac_{flag}"] = (
             ac_id.map(ac_index[flag]).fillna(False).astype(bool) if not ac.empty else False
         )
+    dv = _relinked_qualifications(dv)
     classified = classify_for_activecampaign(dv, ctx.settings)
     waiting = common.still_quarantined(ctx, classified) & (
         classified["action"] != Action.NOT_ELIGIBLE.value
     )
     classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
-    bad = classified[classified["action"] == Action.QUARANTINE.value]
-    common.quarantine_rows(
-        ctx,
-        classified,
-        "tag_classify",
-        {
-            k: [
-                (Reason.LINKED_RECORD_MISSING, "the linked ActiveCampaign contact no longer exists")
-            ]
-            for k in bad["record_key"]
-        },
-    )
+    reasons = {
+        k: [(Reason.LINKED_RECORD_MISSING, "the linked ActiveCampaign contact no longer exists")]
+        for k in classified.loc[classified["action"] == Action.QUARANTINE.value, "record_key"]
+    }
+    writing = classified["action"].isin([a.value for a in WRITE_ACTIONS])
+    conflicts = {
+        **claimed_by_other_dataverse_records(classified[writing], links),
+        **_typed_for_the_other_table(classified[writing & classified["relink"]]),
+        **_shared_emails(classified[writing]),
+    }
+    classified.loc[classified["record_key"].isin(list(conflicts)), ["action", "reason"]] = [
+        Action.QUARANTINE.value,
+        Reason.DUPLICATE_EMAIL.value,
+    ]
+    reasons.update({k: [v] for k, v in conflicts.items()})
+    common.quarantine_rows(ctx, classified, "tag_classify", reasons)
     staging.write_frame("tag_classify", "classified", classified)
     counts = common.action_summary(classified)
     counts["qualified lead -> contact"] = int(classified["qualified"].sum())
     common.log_step("tag_classify: records by action", counts)
     return {"counts": counts}
+
+
+def _shared_emails(rows: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Unlinked rows that met an AC contact by email while other Dynamics records hold the same
+    email: which of them the AC contact stands for is unknown, so none is relinked."""
+    if "relink_shared_with" not in rows:
+        return {}
+    return {
+        row.record_key: (
+            Reason.AMBIGUOUS_EMAIL,
+            f"ActiveCampaign has a contact with its email, and so do other active Dynamics "
+            f"records ({row.relink_shared_with}), none linked: which one the contact is cannot "
+            "be told. Merge them in Dynamics 365, or deactivate or change the email of the ones "
+            "that are not this person",
+        )
+        for row in rows[rows["relink_shared_with"].notna() & ~rows["linked"]].itertuples()
+    }
+
+
+def _relinked_qualifications(dv: pd.DataFrame) -> pd.DataFrame:
+    """A contact qualified from a lead (`originatingleadid`) that met, by email, an AC contact
+    still tagged `D365: Lead` is that lead's qualification, seen without links (a lost state
+    store): it takes the AC contact over as a qualification does (the tag moves to
+    `D365: Contact`), instead of being refused for the lead's tag."""
+    origin = dv.get("_originatingleadid_value", pd.Series(pd.NA, index=dv.index))
+    taking_over = (
+        dv["relink"]
+        & (dv["entity"] == Entity.CONTACT.value)
+        & origin.notna()
+        & dv["ac_tag_lead"].astype(bool)
+    )
+    if taking_over.any():
+        dv = dv.copy()
+        dv.loc[taking_over, "qualified_from_ac_id"] = dv.loc[taking_over, "ac_contact_id"]
+        dv.loc[taking_over, "ac_contact_id"] = pd.NA
+        dv.loc[taking_over, "relink"] = False
+    return dv
+
+
+def _typed_for_the_other_table(relinks: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Relinked rows whose AC contact carries the other table's type tag: it stands for another
+    Dynamics record, whose link was lost. (A contact qualified from a lead is not one of them:
+    see `_relinked_qualifications`.)"""
+    found = {}
+    for row in relinks.to_dict("records"):
+        other = Tag.CONTACT if row["entity"] == Entity.LEAD.value else Tag.LEAD
+        if row["ac_tag_contact" if other is Tag.CONTACT else "ac_tag_lead"]:
+            found[row["record_key"]] = (
+                Reason.AMBIGUOUS_EMAIL,
+                f"ActiveCampaign contact {row['ac_contact_id']} with its email carries "
+                f"'{other.value}': it stands for a Dynamics {other.value.split(': ')[1].lower()} "
+                "with the same email and no link; merge the two records in Dynamics 365, or "
+                "remove the tag in ActiveCampaign if that record is gone",
+            )
+    return found
 
 
 # -- map_fields --------------------------------------------------------------------------------

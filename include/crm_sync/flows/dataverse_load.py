@@ -10,7 +10,7 @@ import pandas as pd
 
 from crm_sync.flows import common
 from crm_sync.flows.dataverse_io import rows_by
-from crm_sync.mapping import D365, fields_towards
+from crm_sync.mapping import AC, D365, fields_towards, source_prevails
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
 from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
@@ -31,9 +31,14 @@ class DataverseLoader:
         self.synced_keys: list[str] = []
 
     def load(self, valid: pd.DataFrame) -> dict[str, int]:
-        """Write every row of `valid` (the validated plan); returns counts."""
+        """Write every row of `valid` (the validated plan); returns counts.
+
+        Creates are first matched by email to existing rows, for every entity, and the
+        mass-change breaker looks at the overwrites that matching found before anything is
+        written."""
         if valid.empty:
             return {}
+        plans, failures = [], []
         for entity in Entity:
             rows = valid[valid["entity"] == entity.value]
             if rows.empty:
@@ -42,8 +47,18 @@ class DataverseLoader:
             updates = rows[
                 rows["action"].isin([a.value for a in UPDATE_ACTIONS]) & ~rows["unchanged"]
             ]
-            matched_updates = self._create(entity, creates)
-            self._update(entity, pd.concat([updates, matched_updates], ignore_index=True))
+            fresh, matched, refused = self._match(entity, creates)
+            plans.append((entity, fresh, updates, matched))
+            failures.append((creates, refused))
+        relinked = sum(payload != "{}" for *_, m in plans for payload in m["payload"])
+        if relinked:
+            changes = sum(len(f) + len(u) for _, f, u, _ in plans) + relinked
+            common.check_mass_change(self.ctx, changes, relinked=relinked)
+        for rows, refused in failures:
+            self._quarantine(rows, refused)
+        for entity, fresh, updates, matched in plans:
+            self._create(entity, fresh)
+            self._update(entity, pd.concat([updates, matched], ignore_index=True))
         return dict(self.counts)
 
     def _link(self, row: Any, entity: Entity, dataverse_id: str, origin: str) -> RecordLink:
@@ -61,22 +76,73 @@ class DataverseLoader:
             dv_synced_at=utcnow(),
         )
 
-    def _create(self, entity: Entity, creates: pd.DataFrame) -> pd.DataFrame:
-        """Link creates whose email exists; create the rest. Returns the linked rows to update."""
+    def _match(
+        self, entity: Entity, creates: pd.DataFrame
+    ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[tuple[str, str]]]]:
+        """Split creates into rows to create, rows matched by email to an existing row, and the
+        rows refused (by record key, with their reasons; quarantined once the breaker let the
+        run through).
+
+        A match has no last-synced values: a field is written only where Dynamics holds nothing
+        or its rule prefers AC's value (`mapping.source_prevails`: under `most_recent`, when the
+        AC contact changed after the Dynamics row); the link stores AC's values, so the next
+        Dynamics -> AC run that reads the row brings over the fields where Dynamics prevailed.
+        A match that another AC contact's link holds, or an email two Dynamics rows share, is
+        refused."""
+        refused: dict[str, list[tuple[str, str]]] = {}
         if creates.empty:
-            return creates
-        keys = [m.key for m in fields_towards(self.ctx.settings, entity, D365)]
-        existing = rows_by(self.hook, entity, "emailaddress1", creates["email_key"].tolist(), keys)
-        existing["email_key"] = existing["emailaddress1"].astype("string").str.strip().str.lower()
-        existing = existing.drop_duplicates("email_key").set_index("email_key")
-        matched = creates["email_key"].isin(existing.index)
+            return creates, creates, refused
+        fields = {m.key: m for m in fields_towards(self.ctx.settings, entity, D365)}
+        keys = list(fields)
+        found = rows_by(self.hook, entity, "emailaddress1", creates["email_key"].tolist(), keys)
+        found["email_key"] = found["emailaddress1"].astype("string").str.strip().str.lower()
+        holders = {
+            link.dataverse_id: link
+            for link in self.ctx.store.links_for(dataverse_ids=found["dataverse_id"].tolist())
+            if link.entity == entity.value
+        }
+        by_email = found.groupby("email_key")
+        matched = creates["email_key"].isin(found["email_key"])
         to_update = []
         for row in creates[matched].itertuples():
-            current = existing.loc[row.email_key]
+            candidates = by_email.get_group(row.email_key)
+            if len(candidates) > 1:
+                ids = ", ".join(sorted(candidates["dataverse_id"]))
+                refused[row.record_key] = [
+                    (
+                        Reason.AMBIGUOUS_EMAIL,
+                        f"{len(candidates)} Dynamics {entity.value}s have its email ({ids}) and "
+                        "none is linked: merge them in Dynamics 365, or change the email of the "
+                        "ones that are not this person",
+                    )
+                ]
+                continue
+            current = candidates.iloc[0]
+            holder = holders.get(current["dataverse_id"])
+            if holder is not None and holder.ac_contact_id not in (None, str(row.ac_id)):
+                refused[row.record_key] = [
+                    (
+                        Reason.DUPLICATE_EMAIL,
+                        f"its email belongs to {entity.value} {current['dataverse_id']}, linked "
+                        f"to ActiveCampaign contact {holder.ac_contact_id}; merge the two "
+                        "contacts in ActiveCampaign or give one another email (if that contact "
+                        "was deleted, delete its link: see the runbook)",
+                    )
+                ]
+                continue
+            # As in `plan_writes`, a tie goes to the source (the clocks count whole seconds).
+            ac_newer = pd.isna(current["dv_modified_at"]) or (
+                pd.notna(row.ac_updated_at) and row.ac_updated_at >= current["dv_modified_at"]
+            )
             payload = {
                 k: v
                 for k, v in json.loads(row.payload).items()
-                if k != "subject" and v not in (None, "") and str(current.get(k) or "") != v
+                if k in fields
+                and v not in (None, "")
+                and str(current.get(k) or "") != v
+                and source_prevails(
+                    fields[k], AC, v, str(current.get(k) or ""), source_newer=bool(ac_newer)
+                )
             }
             to_update.append(
                 {
@@ -87,32 +153,31 @@ class DataverseLoader:
             )
             self.counts["linked to an existing record (by email)"] += 1
         orphans = creates[~matched & creates["require_existing"].astype(bool)]
-        if not orphans.empty:
-            common.quarantine_rows(
-                self.ctx,
-                orphans,
-                "load",
-                {
-                    key: [
-                        (
-                            Reason.PUSHED_WITHOUT_DYNAMICS_RECORD,
-                            "tagged 'D365: Pushed from Dynamics' but no Dynamics record has its "
-                            "email and no link exists; add 'D365: Pulled from ActiveCampaign' to "
-                            "create it",
-                        )
-                    ]
-                    for key in orphans["record_key"]
-                },
-            )
-            self.counts["quarantined: pushed_without_dynamics_record"] += len(orphans)
+        for key in orphans["record_key"]:
+            refused[key] = [
+                (
+                    Reason.PUSHED_WITHOUT_DYNAMICS_RECORD,
+                    "tagged 'D365: Pushed from Dynamics' but no Dynamics record has its email "
+                    "and no link exists; add 'D365: Pulled from ActiveCampaign' to create it",
+                )
+            ]
         fresh = creates[~matched & ~creates["require_existing"].astype(bool)]
+        return fresh, pd.DataFrame(to_update) if to_update else creates.iloc[0:0], refused
+
+    def _create(self, entity: Entity, fresh: pd.DataFrame) -> None:
         for start in range(0, len(fresh), CHUNK):
             chunk = fresh.iloc[start : start + CHUNK]
             results = self.hook.create_multiple(
                 entity.entity_set, [json.loads(p) for p in chunk["payload"]]
             )
             self._record(entity, chunk, results, "created")
-        return pd.DataFrame(to_update) if to_update else creates.iloc[0:0]
+
+    def _quarantine(self, rows: pd.DataFrame, failures: dict[str, list[tuple[str, str]]]) -> None:
+        if failures:
+            common.quarantine_rows(self.ctx, rows, "load", failures)
+            for items in failures.values():
+                for code, _ in items:
+                    self.counts[f"quarantined: {code}"] += 1
 
     def _update(self, entity: Entity, updates: pd.DataFrame) -> None:
         if updates.empty:
@@ -133,20 +198,41 @@ class DataverseLoader:
     def _save_links(self, entity: Entity, rows: pd.DataFrame, label: str) -> None:
         if rows.empty:
             return
-        self.ctx.store.save_links(
-            [self._link(r, entity, str(r.dataverse_id), _origin(r)) for r in rows.itertuples()]
+        refused = self._store_links(
+            rows,
+            [self._link(r, entity, str(r.dataverse_id), _origin(r)) for r in rows.itertuples()],
         )
-        self.synced_keys.extend(rows["record_key"])
-        self.counts[label] += len(rows)
+        kept = rows[~rows["record_key"].isin(refused)]
+        self.synced_keys.extend(kept["record_key"])
+        self.counts[label] += len(kept)
+
+    def _store_links(self, rows: pd.DataFrame, links: list[RecordLink]) -> set[str]:
+        """Save links; quarantine the rows whose link the store refused (another record holds
+        their AC contact). Returns their record keys."""
+        refused = {f"ac:{link.ac_contact_id}" for link in self.ctx.store.save_links(links)}
+        self._quarantine(
+            rows[rows["record_key"].isin(refused)],
+            {
+                key: [
+                    (
+                        Reason.DUPLICATE_EMAIL,
+                        "another Dynamics record's link holds this ActiveCampaign contact; the "
+                        "write went through, the link was not moved (the state store's last "
+                        "check): see which record is this person",
+                    )
+                ]
+                for key in refused
+            },
+        )
+        return refused
 
     def _record(self, entity: Entity, chunk: pd.DataFrame, results: list[Any], label: str) -> None:
-        links, failures = [], {}
+        links, failures, written = [], {}, []
         for row, result in zip(chunk.itertuples(), results, strict=True):
             if result.ok:
                 dataverse_id = str(result.id or row.dataverse_id)
                 links.append(self._link(row, entity, dataverse_id, _origin(row)))
-                self.synced_keys.append(row.record_key)
-                self.counts[f"{label} ({entity.value})"] += 1
+                written.append(row.record_key)
             else:
                 failures[row.record_key] = [
                     (
@@ -155,10 +241,12 @@ class DataverseLoader:
                         f"{result.error_code or result.status}: {result.message}",
                     )
                 ]
-        self.ctx.store.save_links(links)
-        if failures:
-            common.quarantine_rows(self.ctx, chunk, "load", failures)
-            self.counts["quarantined: target_rejected"] += len(failures)
+        refused = self._store_links(chunk, links)
+        for key in written:
+            if key not in refused:
+                self.synced_keys.append(key)
+                self.counts[f"{label} ({entity.value})"] += 1
+        self._quarantine(chunk, failures)
 
 
 def _origin(row: Any) -> str:
