@@ -201,11 +201,7 @@ class ActiveCampaignLoader:
         self._quarantine(rows, failures)
 
     def _quarantine(self, rows: pd.DataFrame, failures: dict[str, list[tuple[str, str]]]) -> None:
-        if failures:
-            common.quarantine_rows(self.ctx, rows, "load", failures)
-            for items in failures.values():
-                for code, _ in items:
-                    self.counts[f"quarantined: {code}"] += 1
+        common.quarantine_counted(self.ctx, rows, failures, self.counts)
 
     def _finish_qualifications(self, valid: pd.DataFrame) -> None:
         """A qualified lead's AC contact loses `D365: Lead` (it gained `D365: Contact` above)."""

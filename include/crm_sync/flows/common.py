@@ -45,6 +45,18 @@ def quarantine_rows(
     return len(entries)
 
 
+def quarantine_counted(
+    ctx: StepContext,
+    rows: pd.DataFrame,
+    failures: Mapping[str, list[tuple[str, str]]],
+    counts: Counter[str],
+) -> None:
+    """`quarantine_rows` in `load`, adding `quarantined: <reason>` to the loader's counts."""
+    if failures:
+        quarantine_rows(ctx, rows, "load", failures)
+        counts.update(f"quarantined: {code}" for items in failures.values() for code, _ in items)
+
+
 def still_quarantined(ctx: StepContext, frame: pd.DataFrame) -> pd.Series:
     """Rows whose record is quarantined and unchanged since: they wait for a change. Reasons
     that depend on other records (`RECHECKED_EVERY_RUN`) are checked again instead."""

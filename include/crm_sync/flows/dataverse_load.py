@@ -173,11 +173,7 @@ class DataverseLoader:
             self._record(entity, chunk, results, "created")
 
     def _quarantine(self, rows: pd.DataFrame, failures: dict[str, list[tuple[str, str]]]) -> None:
-        if failures:
-            common.quarantine_rows(self.ctx, rows, "load", failures)
-            for items in failures.values():
-                for code, _ in items:
-                    self.counts[f"quarantined: {code}"] += 1
+        common.quarantine_counted(self.ctx, rows, failures, self.counts)
 
     def _update(self, entity: Entity, updates: pd.DataFrame) -> None:
         if updates.empty:
