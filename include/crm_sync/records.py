@@ -41,7 +41,6 @@ class Reason(StrEnum):
     LINKED_RECORD_MISSING = "linked_record_missing"
     AC_TAGS_REMOVED = "ac_tags_removed"
     LEAD_QUALIFIED = "lead_qualified"
-    OUTSIDE_CRITERIA = "outside_criteria"
     UNCHANGED = "unchanged"
     ENTITY_DISABLED = "entity_disabled"
     INVALID_EMAIL = "invalid_email"
