@@ -15,11 +15,12 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := True
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help install demo test up bench lint format soak lock clean screenshots
+.PHONY: help install demo test check up bench lint format soak lock clean screenshots
 
 help:
 	@echo "make demo   - install, start the sandbox, run the sync end to end, print a summary"
 	@echo "make test   - install and run the whole test suite"
+	@echo "make check  - preflight: check the connections, accounts and settings a first run needs (CHECK_ARGS=--fix creates missing AC fields)"
 	@echo "make up     - the sandbox plus 'airflow standalone' with the project's DAGs"
 	@echo "make bench  - the benchmarks; writes docs/benchmarks.md"
 	@echo "make lint   - ruff check and ruff format --check"
@@ -42,6 +43,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+check: $(STAMP)
+	$(PY) -m crm_sync check $(CHECK_ARGS)
 
 soak: $(STAMP)
 	CRM_SYNC_SOAK=1 $(PY) -m pytest -m "soak or not soak" tests/reliability tests/security

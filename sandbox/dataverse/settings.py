@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from sandbox.dataverse.schema import ENTITIES
+from sandbox.dataverse.security import full_role
 from sandbox.dataverse.store import Store
 
 SETTING = "config"
@@ -29,6 +30,8 @@ class OrgSettings(BaseModel):
     strict: bool = False
     latency_ms: int = Field(0, ge=0, le=60_000)
     change_tracking_expiry_seconds: int = Field(WEEK, ge=0)
+    # The application user's privileges (name -> depth); changed by `PUT /_sandbox/privileges`.
+    privileges: dict[str, str] = Field(default_factory=full_role)
 
 
 class OrgSettingsPatch(BaseModel):

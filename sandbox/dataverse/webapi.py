@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sandbox.dataverse import errors
-from sandbox.dataverse.auth import Identity
+from sandbox.dataverse.auth import ADMIN_USER_ID, Identity
 from sandbox.dataverse.batch import (
     BatchRequest,
     ChangeSet,
@@ -33,6 +33,7 @@ from sandbox.dataverse.metadata import metadata_response
 from sandbox.dataverse.odata import entity_resolver, parse_key, parse_select
 from sandbox.dataverse.query import Prefs, QueryOptions, Reader
 from sandbox.dataverse.schema import ENTITIES, NS, Entity
+from sandbox.dataverse.security import full_role, missing_privilege, role_privileges
 from sandbox.dataverse.settings import SettingsHolder
 from sandbox.dataverse.store import Store
 from sandbox.dataverse.writes import Caller, Writer
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # emulator is far faster than Dataverse; these make the time limit behave like the real one.
 COST_MS = {
     "whoami": 2.0,
+    "privileges": 5.0,
     "metadata": 5.0,
     "retrieve": 5.0,
     "read": 10.0,
@@ -56,6 +58,14 @@ COST_MS = {
 }
 MAX_BATCH_URL = 65_536
 BULK_ACTIONS = ("CreateMultiple", "UpdateMultiple", "UpsertMultiple")
+# The privileges each bulk action needs on its table.
+BULK_PRIVILEGES = {
+    "CreateMultiple": ("Create",),
+    "UpdateMultiple": ("Write",),
+    "UpsertMultiple": ("Create", "Write"),
+}
+_SYSTEMUSER = re.compile(r"systemusers\(([^)]*)\)")
+_USER_PRIVILEGES = (f"{NS}.RetrieveUserPrivileges()", f"{NS}.RetrieveUserPrivileges")
 # Headers of the `$batch` request itself that also apply to every request inside it.
 _INHERITED = (
     "mscrm.suppressduplicatedetection",
@@ -198,6 +208,11 @@ class WebApi:
                 },
                 COST_MS["whoami"],
             )
+        if len(segments) == 2 and segments[1] in _USER_PRIVILEGES:
+            match = _SYSTEMUSER.fullmatch(head)
+            if match is not None:
+                self._require(req, "GET")
+                return self._user_privileges(match.group(1), req)
         if head.startswith("EntityDefinitions"):
             self._require(req, "GET")
             query = QueryOptions.parse(req.query)
@@ -227,6 +242,34 @@ class WebApi:
         value = [{"name": s, "kind": "EntitySet", "url": s} for s in ENTITIES]
         return json_response(200, {"@odata.context": f"{base}$metadata", "value": value}, 1.0)
 
+    def _privileges(self, user_id: str) -> dict[str, str]:
+        """The privileges a user holds: the application user's role as configured, the
+        interactive admin's every privilege."""
+        if user_id == self.identity.app_user_id:
+            return self.settings.current.privileges
+        return full_role() if user_id == ADMIN_USER_ID else {}
+
+    def _authorize(self, entity: Entity, req: ApiRequest, *operations: str) -> None:
+        """403 `PrivilegeDenied` unless the caller holds each `prv<Operation><Table>`."""
+        held = self._privileges(req.user_id)
+        for operation in operations:
+            if f"prv{operation}{entity.schema_name}" not in held:
+                raise missing_privilege(req.user_id, operation, entity, len(held))
+
+    def _user_privileges(self, key_text: str, req: ApiRequest) -> ApiResponse:
+        """`systemusers(<id>)/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()`."""
+        user_id = key_text.strip().lower()
+        if user_id not in self.user_names:
+            raise not_found("systemuser", user_id)
+        base = self.api_base(req.version)
+        body = {
+            "@odata.context": f"{base}$metadata#{NS}.RetrieveUserPrivilegesResponse",
+            "RolePrivileges": role_privileges(
+                self._privileges(user_id), self.identity.business_unit_id
+            ),
+        }
+        return json_response(200, body, COST_MS["privileges"])
+
     def _caller(self, req: ApiRequest) -> Caller:
         suppress = req.headers.get("mscrm.suppressduplicatedetection", "true").strip().lower()
         return Caller(req.user_id, detect_duplicates=suppress == "false")
@@ -241,13 +284,16 @@ class WebApi:
         if not rest:
             self._require(req, "GET", "POST")
             if req.method == "POST":
+                self._authorize(entity, req, "Create")
                 return self._create(entity, req, prefs)
+            self._authorize(entity, req, "Read")
             page = self._reader(req).read(entity, QueryOptions.parse(req.query), prefs)
             headers = {"Preference-Applied": ",".join(page.applied)} if page.applied else {}
             cost = COST_MS["read"] + COST_MS["read_row"] * page.rows
             return json_response(200, page.body, cost, headers)
         if rest == ["$count"]:
             self._require(req, "GET")
+            self._authorize(entity, req, "Read")
             count = self._reader(req).count(entity, QueryOptions.parse(req.query))
             return ApiResponse(
                 200, {"Content-Type": "text/plain"}, str(count).encode(), COST_MS["read"]
@@ -256,6 +302,7 @@ class WebApi:
         if len(rest) == 1 and action in BULK_ACTIONS:
             if req.method != "POST":
                 raise no_resource(f"{self.api_base(req.version)}{req.path}")
+            self._authorize(entity, req, *BULK_PRIVILEGES[action])
             return self._bulk(entity, action, req)
         raise segment_not_found(rest[0])
 
@@ -428,15 +475,20 @@ class WebApi:
         if not rest:
             self._require(req, "GET", "PATCH", "DELETE")
             if req.method == "GET":
+                self._authorize(entity, req, "Read")
                 return self._retrieve(entity, key_text, req, prefs)
             if req.method == "PATCH":
                 return self._patch(entity, key_text, req, prefs)
+            self._authorize(entity, req, "Delete")
             return self._delete(entity, key_text, req)
         if len(rest) == 1 and rest[0] == f"{NS}.QualifyLead" and entity.logical_name == "lead":
             if req.method != "POST":
                 raise no_resource(f"{self.api_base(req.version)}{req.path}")
+            self._authorize(entity, req, "Read", "Write")
+            self._authorize(ENTITIES["contacts"], req, "Create")
             return self._qualify(entity, key_text, req)
         if len(rest) == 1 and entity.by_json_name(rest[0]) is not None:
+            self._authorize(entity, req, "Read" if req.method == "GET" else "Write")
             return self._property(entity, key_text, rest[0], req)
         raise segment_not_found(rest[0])
 
@@ -485,6 +537,7 @@ class WebApi:
                     raise version_mismatch()
             if if_none_match and if_none_match.strip() == "*" and existing is not None:
                 raise errors.duplicate_key()
+            self._authorize(entity, req, "Create" if existing is None else "Write")
             row = self._upsert(conn, entity, key, existing, body, caller, req.bindings)
         return self._written(entity, row, req, prefs, created=existing is None)
 
