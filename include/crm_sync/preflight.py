@@ -378,33 +378,25 @@ def check_tags(pf: Preflight) -> Iterator[Row]:
     label = "activecampaign tags"
     params = {"filters[search][starts_with]": "D365"}
     names = [str(t.get("tag", "")) for t in pf.ac_hook.iter_items("tags", "tags", params=params)]
-    missing, blocked, variants = [], [], []
+    missing, variants = [], []
     for tag in (t.value for t in ALL_TAGS):
         others = [n for n in names if n.lower() == tag.lower() and n != tag]
-        if tag in names:
-            variants += [f"'{n}' (besides '{tag}')" for n in others]
-        elif others:
-            blocked += [f"'{n}' but not '{tag}'" for n in others]
-        else:
+        if tag not in names and others:
+            variants += [f"'{n}' for '{tag}'" for n in others]
+        elif tag not in names:
             missing.append(f"'{tag}'")
     problems = []
-    if blocked:
-        # Seen on the sandbox as on AC: creating 'D365: Lead' next to 'd365: lead' is a 422.
-        problems.append(
-            f"the account has {', '.join(blocked)}: ActiveCampaign tag names are unique "
-            "regardless of case, so the sync cannot create the exact tag and the run fails. "
-            "Rename each to the exact name in ActiveCampaign (Contacts > Tags) if it means the "
-            "same, or delete it"
-        )
     if missing:
         problems.append(f"missing (the first run creates them): {', '.join(missing)}")
     if variants:
+        # AC tag names are unique regardless of case: the sync uses the account's spelling.
         problems.append(
-            f"case variants in the account: {', '.join(variants)}; only the exact names count, "
-            "so contacts carrying a variant do not sync: merge them into the exact tag"
+            f"the account spells {', '.join(variants)}: tag names are unique regardless of "
+            "case, so the sync uses them as they are; rename them to the exact names in "
+            "ActiveCampaign (Contacts > Tags) so that automations and people read the same"
         )
     if problems:
-        yield Row(label, FAIL if blocked else WARN, "; ".join(problems))
+        yield Row(label, WARN, "; ".join(problems))
     else:
         yield Row(label, OK, "all four exist: " + ", ".join(f"'{t.value}'" for t in ALL_TAGS))
 

@@ -227,12 +227,16 @@ class ActiveCampaignHook(CrmHttpHook):
             yield row
 
     def find_tag(self, name: str) -> dict[str, Any] | None:
-        """The contact tag whose name is exactly `name`, or None."""
+        """The contact tag named `name` in any case (AC tag names are unique regardless of
+        case: `d365: lead` is the tag `D365: Lead`), or None. The exact spelling wins."""
         params = {"filters[search][eq]": name}
-        for tag in self.iter_items("tags", "tags", params=params):
-            if tag.get("tag") == name and tag.get("tagType", "contact") == "contact":
-                return tag
-        return None
+        found = [
+            tag
+            for tag in self.iter_items("tags", "tags", params=params)
+            if str(tag.get("tag", "")).lower() == name.lower()
+            and tag.get("tagType", "contact") == "contact"
+        ]
+        return next((t for t in found if t.get("tag") == name), found[0] if found else None)
 
     def create_tag(self, name: str, description: str = "") -> dict[str, Any]:
         """Create a contact tag; returns it."""
@@ -240,7 +244,9 @@ class ActiveCampaignHook(CrmHttpHook):
         return self.request_json("POST", f"{API}/tags", json=body)["tag"]
 
     def find_or_create_tags(self, names: Iterable[str]) -> dict[str, str]:
-        """Tag ids by exact name, creating the tags that do not exist yet (cached per hook).
+        """Tag ids by name, creating the tags that do not exist yet (cached per hook). Names
+        match in any case, as AC's uniqueness rule does: an account's `d365: lead` is used for
+        `D365: Lead`, never duplicated (the exact spelling wins when both exist).
 
         Several names with a common prefix (such as the four `D365: ` tags) are looked up in one
         request (`filters[search][starts_with]`) instead of one each.
@@ -249,10 +255,14 @@ class ActiveCampaignHook(CrmHttpHook):
         unknown = [name for name in dict.fromkeys(wanted) if name not in self._tag_ids]
         prefix = _common_prefix(unknown) if len(unknown) > 1 else ""
         if len(prefix.strip()) >= 3:
+            by_lower = {name.lower(): name for name in unknown}
             params = {"filters[search][starts_with]": prefix}
             for tag in self.iter_items("tags", "tags", params=params):
-                if tag.get("tag") in unknown and tag.get("tagType", "contact") == "contact":
-                    self._tag_ids.setdefault(tag["tag"], str(tag["id"]))
+                name = by_lower.get(str(tag.get("tag", "")).lower())
+                if name is None or tag.get("tagType", "contact") != "contact":
+                    continue
+                if tag.get("tag") == name or name not in self._tag_ids:
+                    self._tag_ids[name] = str(tag["id"])
             for name in unknown:
                 if name not in self._tag_ids:
                     self._tag_ids[name] = str(self._create_missing_tag(name)["id"])
