@@ -272,3 +272,33 @@ def test_an_inactive_record_with_the_same_email_does_not_make_a_match_ambiguous(
     assert sorted(found["tags"]) == ["D365: Contact", "D365: Pushed from Dynamics"]
     links = StateStore.from_url(world.state_url).all_links()
     assert [(x.dataverse_id, x.ac_contact_id) for x in links] == [(contact, subscriber)]
+
+
+def test_a_deleted_ac_contact_is_quarantined_not_a_failed_run(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A linked AC contact deleted, and another record claiming a linked email, in one run:
+    each is quarantined with its reason and the run succeeds (the crash the property test found
+    in this neighbourhood is pinned by tests/unit/test_ac_flags.py)."""
+    import yaml
+    from crm_sync.settings import DEFAULT_SETTINGS_PATH
+
+    raw = yaml.safe_load(DEFAULT_SETTINGS_PATH.read_text())
+    raw["incremental"]["overlap_minutes"] = 0  # the next run reads only what changed after
+    path = tmp_path / "sync.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("CRM_SYNC_SETTINGS", str(path))
+    lead = world.dv_create("leads", emailaddress1="del@example.com", lastname="Del", subject="s")
+    world.dv_create("leads", emailaddress1="kept@example.com", lastname="Kept", subject="s")
+    assert world.run("initial_sync_backfill").state == "success"
+    time.sleep(1.1)
+    world._ac("DELETE", f"contacts/{world.ac_by_email('del@example.com')['id']}")
+    world.dv_update("leads", lead, firstname="After")
+    second = world.dv_create(
+        "contacts", emailaddress1="Kept@example.com", lastname="Second", firstname="Q"
+    )
+
+    assert world.run(TO_AC).state == "success"
+    entries = quarantined(world, TO_AC)
+    assert entries[f"lead:{lead}"][0] == "linked_record_missing"
+    assert entries[f"contact:{second}"][0] == "duplicate_email"

@@ -312,12 +312,8 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
     )
     dv["qualified_from_lead"] = origin_lead.astype("string")
     ac_id = dv["ac_contact_id"].fillna(dv["qualified_from_ac_id"])
-    ac_index = ac.set_index("ac_id") if not ac.empty else pd.DataFrame()
-    dv["ac_exists"] = ac_id.isin(ac_index.index) if not ac.empty else False
-    for flag in ("tag_lead", "tag_contact", "tag_pulled", "tag_pushed"):
-        dv[f"ac_{flag}"] = (
-            ac_id.map(ac_index[flag]).fillna(False).astype(bool) if not ac.empty else False
-        )
+    for column, values in ac_flags(ac_id, ac).items():
+        dv[column] = values
     dv = _relinked_qualifications(dv)
     classified = classify_for_activecampaign(dv, ctx.settings)
     waiting = common.still_quarantined(ctx, classified) & (
@@ -362,6 +358,17 @@ def _shared_emails(rows: pd.DataFrame) -> dict[str, tuple[str, str]]:
         )
         for row in rows[rows["relink_shared_with"].notna() & ~rows["linked"]].itertuples()
     }
+
+
+def ac_flags(ac_id: pd.Series, ac: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per row, whether its AC contact (`ac_id`) was read (`ac_exists`) and which D365 tags it
+    carries (`ac_tag_lead`, ...): False where there is no id or the contact was not read."""
+    ids = ac["ac_id"] if not ac.empty else pd.Series(dtype="string")
+    flags = {"ac_exists": ac_id.isin(ids)}
+    for flag in ("tag_lead", "tag_contact", "tag_pulled", "tag_pushed"):
+        carrying = ids[ac[flag].astype(bool)] if not ac.empty else ids
+        flags[f"ac_{flag}"] = ac_id.isin(carrying)
+    return flags
 
 
 def _relinked_qualifications(dv: pd.DataFrame) -> pd.DataFrame:
