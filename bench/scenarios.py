@@ -108,17 +108,30 @@ def backfill(sizes: list[int], repeats: int, root: Path | None) -> dict:
 
 # -- 2: AC -> Dynamics creation ------------------------------------------------------------------
 def _queue(sandbox: Sandbox, ids: list[int]) -> tuple[int, int]:
-    """The automation step on every contact: half become leads, half contacts."""
+    """The automation step on every contact: half become leads, half contacts, all in one
+    second (one mass automation run; so the request count does not depend on the clock)."""
     leads, contacts = ids[: len(ids) // 2], ids[len(ids) // 2 :]
+    at = datetime.now(UTC).replace(microsecond=0).isoformat()
     for kind, chunk in (("lead", leads), ("contact", contacts)):
         for start in range(0, len(chunk), 5000):
             sandbox.admin(
                 "ac",
                 "POST",
                 "automation",
-                json={"contact_ids": chunk[start : start + 5000], "type": kind},
+                json={"contact_ids": chunk[start : start + 5000], "type": kind, "at": at},
             )
     return len(leads), len(contacts)
+
+
+def _tag_scan(associations: int) -> int:
+    """Requests to read a tag's `associations`, all dated to one second, newest first.
+
+    AC orders rows tied on the sorted column differently on every request (reference 2.3: no
+    tiebreak), so more than one page of them cannot be offset-paged exactly: the first page
+    shows one second filling it, then that second is read whole by `filters[cdate]`.
+    """
+    pages = math.ceil(associations / 100)
+    return pages + 1 if associations > 100 else pages
 
 
 def creation_ceiling(leads: int, contacts: int, field_values: dict[str, int]) -> dict[str, Any]:
@@ -127,13 +140,14 @@ def creation_ceiling(leads: int, contacts: int, field_values: dict[str, int]) ->
 
     AC has no endpoint that returns a contact with its tags or custom fields (reference §4,
     "N+1 reads"), so a run must: page the D365 tags' associations newest first (100 per
-    request), read the contacts by id (100 per request), ask for each D365 tag the queue scan
-    did not show on a contact (`GET /contacts?ids[]=&tagid=`, 100 per request), and read the
-    custom fields (per contact, or by scanning each field's values: whichever is fewer).
+    request; a tag's associations of one second that fill more than a page are read whole, see
+    `_tag_scan`), read the contacts by id (100 per request), ask for each D365 tag the queue
+    scan did not show on a contact (`GET /contacts?ids[]=&tagid=`, 100 per request), and read
+    the custom fields (per contact, or by scanning each field's values: whichever is fewer).
     """
     queued = leads + contacts
     pages = math.ceil
-    scan = pages(leads / 100) + pages(contacts / 100) + pages(queued / 100) + 1
+    scan = _tag_scan(leads) + _tag_scan(contacts) + _tag_scan(queued) + 1
     by_id = pages(queued / 100)
     # Lead-queued contacts still need the Contact and Pushed tags checked; contact-queued ones
     # the Lead and Pushed tags.

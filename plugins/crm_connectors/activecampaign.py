@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,7 @@ from crm_connectors.errors import (
     ClientError,
     ConnectionSettingsError,
     NotFoundError,
+    TieOrderError,
 )
 from crm_connectors.pacing import WindowBudget, shared_budget, shared_window
 from crm_connectors.paging import KeysetPaginator, OffsetPaginator, Paginator, iterate_pages
@@ -219,12 +220,116 @@ class ActiveCampaignHook(CrmHttpHook):
     def contact_tags_by_tag(
         self, tag_id: str | int, *, since: datetime | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Associations of one tag, newest first (`orders[cdate]=DESC`), down to `since`."""
-        params = {"filters[tagid]": str(tag_id), "orders[cdate]": "DESC"}
-        for row in self.iter_items("contactTags", "contactTags", params=params):
-            if since is not None and _parse_time(row.get("cdate")) < _utc(since):
+        """Associations of one tag dated at or after `since` (all without), each exactly once,
+        newest second first.
+
+        Pages `orders[cdate]=DESC` by offset, 100 at a time. AC sorts with no tiebreak, so the
+        associations of one second (a bulk import, an automation run) may come in a new order
+        on every page: where a second runs on past a page's end, offset paging can skip some of
+        its rows and repeat others. Such a second is read whole with `filters[cdate]=<that
+        second>` (AC matches one exact timestamp) unless the rows already read account for all
+        of it (their number equals the room the second takes between its neighbours), and
+        paging resumes after it. A page that holds a single second starts that read at once.
+        Exact by construction for a second of up to 100 associations (one page, so no order is
+        involved); a larger one is paged in AC's default order and checked against its
+        `meta.total`, raising `TieOrderError` rather than returning a partial set.
+        """
+        tag = str(tag_id)
+        floor = _utc(since) if since is not None else None
+        order = [("filters[tagid]", tag), ("orders[cdate]", "DESC")]
+        seen: set[str] = set()
+        offset = 0
+        tail: _Second | None = None  # the previous page's last second, which may run on
+        while True:
+            rows, total = self._contact_tag_page(order, offset)
+            if not rows:
                 return
-            yield row
+            moments = [_parse_time(row.get("cdate")) for row in rows]
+            last_page = len(rows) < MAX_PAGE or (total is not None and offset + len(rows) >= total)
+            if tail is not None and moments[0] == tail.moment:
+                # The previous page's last second runs on here, shuffled across both pages.
+                ends = next((i for i, m in enumerate(moments) if m != tail.moment), len(rows))
+                tail.ids.update(str(row["id"]) for row in rows[:ends])
+                if ends == len(rows) and not last_page:
+                    # ... and fills this page too: read it whole and page on after it.
+                    offset = tail.start + (yield from self._tag_second(tag, tail, seen))
+                    tail = None
+                    if total is not None and offset >= total:
+                        return
+                    continue
+                if len(tail.ids) != offset + ends - tail.start:
+                    yield from self._tag_second(tag, tail, seen)  # some rows were repeated
+            for row, moment in zip(rows, moments, strict=True):
+                if floor is not None and moment < floor:
+                    return  # everything newer was on this page or above
+                if str(row["id"]) not in seen:
+                    seen.add(str(row["id"]))
+                    yield row
+            if last_page:
+                return
+            newer = sum(m > moments[-1] for m in moments)
+            tail = _Second(
+                moment=moments[-1],
+                stamp=str(rows[-1].get("cdate")),
+                start=offset + newer,
+                ids={str(r["id"]) for r, m in zip(rows, moments, strict=True) if m == moments[-1]},
+            )
+            if newer == 0:
+                # A page of one second, which began at its top: read that second whole now.
+                offset = tail.start + (yield from self._tag_second(tag, tail, seen))
+                tail = None
+                if total is not None and offset >= total:
+                    return
+                continue
+            offset += len(rows)
+
+    def _contact_tag_page(
+        self, params: list[tuple[str, Any]], offset: int
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of `GET /contactTags` (100 rows from `offset`) and its `meta.total`."""
+        query = [*params, ("limit", MAX_PAGE), ("offset", offset)]
+        body = self.request_json("GET", f"{API}/contactTags", params=query) or {}
+        return body.get("contactTags") or [], _as_int((body.get("meta") or {}).get("total"))
+
+    def _tag_second(
+        self, tag: str, second: _Second, seen: set[str]
+    ) -> Generator[dict[str, Any], None, int]:
+        """Every association of `tag` dated `second`, read with `filters[cdate]` (AC's default
+        order, no sort column): yields those not in `seen`, returns how many there are.
+
+        Exact when one answer holds them all. Over several pages, exact when the distinct rows
+        number `meta.total` (the same on every page); otherwise, or when the answer misses a row
+        of that second already read or holds another second's, `TieOrderError`.
+        """
+        params = [("filters[tagid]", tag), ("filters[cdate]", second.stamp)]
+        ids: set[str] = set()
+        totals: set[int | None] = set()
+        offset = 0
+        while True:
+            rows, total = self._contact_tag_page(params, offset)
+            totals.add(total)
+            if any(_parse_time(row.get("cdate")) != second.moment for row in rows):
+                raise self._tie_error(f"filters[cdate]={second.stamp} answered other seconds")
+            for row in rows:
+                ids.add(str(row["id"]))
+                if str(row["id"]) not in seen:
+                    seen.add(str(row["id"]))
+                    yield row
+            offset += len(rows)
+            if len(rows) < MAX_PAGE or total is None or offset >= total:
+                break
+        whole = offset == len(ids) < MAX_PAGE or (len(totals) == 1 and len(ids) == total)
+        if not whole or not second.ids <= ids:
+            raise self._tie_error(
+                f"the {total} associations dated {second.stamp} came as {len(ids)} distinct"
+                f" rows in {offset}: their order changed between pages, or rows went missing"
+            )
+        return len(ids)
+
+    def _tie_error(self, message: str) -> TieOrderError:
+        return TieOrderError(
+            message, service=self.service, method="GET", endpoint=f"{API}/contactTags"
+        )
 
     def find_tag(self, name: str) -> dict[str, Any] | None:
         """The contact tag named `name` in any case (AC tag names are unique regardless of
@@ -554,6 +659,17 @@ class ActiveCampaignHook(CrmHttpHook):
 
 
 @dataclass
+class _Second:
+    """One second of a tag's associations met at a page's end: its time as AC wrote it, where
+    its rows begin in the order, and the association ids read of it so far."""
+
+    moment: datetime
+    stamp: str
+    start: int
+    ids: set[str]
+
+
+@dataclass
 class _ImportBatch:
     """A submitted import batch: its rows, when it was sent, and when it was last asked about."""
 
@@ -583,6 +699,13 @@ def _failure_reasons(error: ClientError) -> dict[int, str]:
             except (TypeError, ValueError):
                 continue
     return reasons
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _utc(moment: datetime) -> datetime:

@@ -179,6 +179,12 @@ class PagingError(CrmApiError):
     """The API returned a page token that does not advance, which would page forever."""
 
 
+class TieOrderError(PagingError):
+    """The rows of one second (more than one page of them) could not be read exactly: the API
+    pages them in an order that changes between requests, or ignored the filter that picks that
+    second. Raised instead of returning a partial set."""
+
+
 class BulkImportError(CrmApiError):
     """An ActiveCampaign bulk import did not finish (timed out or reported a failed batch)."""
 

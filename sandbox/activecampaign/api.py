@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -30,6 +31,14 @@ class Emulator:
     bucket: TokenBucket
     import_window: SlidingWindow
     imports_per_minute: int | None = None
+    #: How list endpoints order rows equal on the sorted column: `shuffled` (AC: a new order on
+    #: every request) or `stable` (by id; an admin switch for tests that need determinism).
+    ties: str = "shuffled"
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def tie_seed(self) -> int | None:
+        """This request's seed for ordering ties, or None when ties are stable."""
+        return self._rng.getrandbits(62) if self.ties == "shuffled" else None
 
     def import_limit(self) -> int:
         """Bulk imports allowed per minute now (an admin override, else 100 x scale)."""
@@ -85,6 +94,14 @@ def build_api(emu: Emulator) -> APIRouter:
     api = APIRouter(prefix="/api/3")
     store = emu.store
 
+    # ---- the API root ------------------------------------------------------------------
+
+    @api.get("")
+    @api.get("/")
+    def root() -> JSONResponse:
+        # Some clients check a token with GET /api/3/: 200 with a valid one (403 is the gate's).
+        return reply({})
+
     # ---- contacts ----------------------------------------------------------------------
 
     @api.get("/contacts")
@@ -95,7 +112,10 @@ def build_api(emu: Emulator) -> APIRouter:
         db = store.conn()
         total = _total(db, "SELECT COUNT(*) FROM contacts c" + where, args)
         rows = db.execute(
-            views.CONTACT_SELECT + where + ops.contact_order(params) + " LIMIT ? OFFSET ?",
+            views.CONTACT_SELECT
+            + where
+            + ops.contact_order(params, emu.tie_seed())
+            + " LIMIT ? OFFSET ?",
             [*args, limit, offset],
         ).fetchall()
         base = base_url(request)
@@ -264,7 +284,7 @@ def build_api(emu: Emulator) -> APIRouter:
     def list_contact_tags(request: Request) -> JSONResponse:
         # Associations to deleted tags are listed and counted here.
         params = request.query_params
-        where, args, order = ops.contact_tag_query(params)
+        where, args, order = ops.contact_tag_query(params, emu.tie_seed())
         limit, offset = ops.paging(params)
         db = store.conn()
         total = _total(db, "SELECT COUNT(*) FROM contact_tags ct" + where, args)

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +20,7 @@ from sandbox.activecampaign import ops
 from sandbox.activecampaign.api import Emulator, build_api
 from sandbox.activecampaign.imports import ImportQueue
 from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, scaled_rate
-from sandbox.activecampaign.store import ApiError, Store, iso
+from sandbox.activecampaign.store import ApiError, Store, iso, parse_when
 from sandbox.activecampaign.webhooks import WebhookDispatcher
 from sandbox.admin import Controls, install_admin
 from sandbox.credentials import load_or_create
@@ -102,10 +102,18 @@ def route_template(path: str) -> str:
 
 
 class AutomationBody(BaseModel):
-    """Which contacts reach the automation step, and which step (lead or contact)."""
+    """Which contacts reach the automation step, which step (lead or contact), and when."""
 
     contact_ids: list[int | str] = Field(min_length=1)
     type: Literal["lead", "contact"]
+    # The second the run happened (ISO 8601; no offset = the account's zone); default now.
+    at: str | None = None
+
+
+class OrderingBody(BaseModel):
+    """How rows equal on the sorted column are ordered: AC's way, or by id."""
+
+    ties: Literal["shuffled", "stable"]
 
 
 class ImportLimitBody(BaseModel):
@@ -155,7 +163,11 @@ def admin_routes(emu: Emulator) -> APIRouter:
     @router.post("/automation")
     def automation(body: AutomationBody) -> dict[str, Any]:
         ids = [number for value in body.contact_ids if (number := ops.as_int(value)) is not None]
+        at = parse_when(body.at) if body.at is not None else None
+        if body.at is not None and at is None:
+            raise HTTPException(422, "at: not an ISO 8601 date or datetime")
         with emu.store.write(source="system") as tx:
+            tx.at = at
             result = ops.apply_automation(tx, ids, TYPE_TAGS[body.type], PULLED_FROM_AC)
         return {"type": body.type, **result}
 
@@ -166,6 +178,15 @@ def admin_routes(emu: Emulator) -> APIRouter:
     @router.get("/webhooks/deliveries")
     def deliveries() -> dict[str, Any]:
         return {"deliveries": emu.webhooks.deliveries()}
+
+    @router.get("/ordering")
+    def get_ordering() -> dict[str, Any]:
+        return {"ties": emu.ties}
+
+    @router.put("/ordering")
+    def set_ordering(body: OrderingBody) -> dict[str, Any]:
+        emu.ties = body.ties
+        return {"ties": emu.ties}
 
     @router.get("/limits/bulk_import")
     def get_import_limit() -> dict[str, Any]:
@@ -219,6 +240,7 @@ def create_app(data_dir: Path, *, limits: bool = True, limit_scale: float = 1.0)
         emu.bucket.clear()
         emu.import_window.clear()
         emu.imports_per_minute = None
+        emu.ties = "shuffled"
         emu.webhooks.clear()
 
     install_admin(

@@ -99,7 +99,8 @@ def import_contacts(tx: Tx, contacts: list[dict[str, Any]]) -> tuple[list[str], 
     """Create or update (by email, any case) each contact; (success ids, failed emails)."""
     success: list[str] = []
     failure: list[str] = []
-    at = now()
+    # One batch is applied at once: its contacts and tag associations share one second.
+    at = tx.at = now()
     for item in contacts:
         email = item["email"].strip()
         if not ops.valid_email(email):

@@ -82,14 +82,30 @@ def like_pattern(term: str) -> str:
 _ORDER_KEY = re.compile(r"^orders\[(\w+)\]$")
 
 
-def order_by(params: QueryParams, allowed: dict[str, tuple[str, ...]], tiebreak: str) -> str:
-    """An ORDER BY from `orders[x]=ASC|DESC` in query order; unknown keys and values ignored."""
+def order_by(
+    params: QueryParams,
+    allowed: dict[str, tuple[str, ...]],
+    tiebreak: str,
+    *,
+    shuffle: int | None = None,
+) -> str:
+    """An ORDER BY from `orders[x]=ASC|DESC` in query order; unknown keys and values ignored.
+
+    Without `orders[...]` rows come in `tiebreak` (id) order. With a sort column, rows equal
+    on it come in `tiebreak` order when `shuffle` is None, else in an order drawn from the seed
+    `shuffle` (a new one per request: AC's MySQL sort has no tiebreak). Sorting by `id`, which
+    is unique, leaves nothing to break.
+    """
     terms: list[str] = []
+    unique = False
     for key, value in params.multi_items():
         match = _ORDER_KEY.match(key)
         direction = value.strip().upper()
         if match and match.group(1) in allowed and direction in ("ASC", "DESC"):
             terms.extend(f"{expr} {direction}" for expr in allowed[match.group(1)])
+            unique = unique or allowed[match.group(1)] == (tiebreak,)
+    if terms and not unique and shuffle is not None:
+        terms.append(f"tie_rank({tiebreak}, {int(shuffle)})")
     terms.append(f"{tiebreak} ASC")
     return " ORDER BY " + ", ".join(terms)
 
@@ -338,9 +354,9 @@ def contact_filters(params: QueryParams) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(where)) if where else "", args
 
 
-def contact_order(params: QueryParams) -> str:
-    """ORDER BY for GET /contacts (default: id ascending)."""
-    return order_by(params, _CONTACT_ORDERS, "c.id")
+def contact_order(params: QueryParams, shuffle: int | None = None) -> str:
+    """ORDER BY for GET /contacts (default: id ascending; ties as `order_by` says)."""
+    return order_by(params, _CONTACT_ORDERS, "c.id", shuffle=shuffle)
 
 
 def page_input(params: QueryParams, limit: int, offset: int) -> dict[str, Any]:
@@ -643,7 +659,7 @@ def add_contact_tag(tx: Tx, contact_id: int, tag_id: int) -> tuple[int, bool]:
         return int(row[0]), False
     cursor = tx.db.execute(
         "INSERT INTO contact_tags (contact_id, tag_id, cdate) VALUES (?, ?, ?)",
-        (contact_id, tag_id, now()),
+        (contact_id, tag_id, tx.now()),
     )
     name = tx.db.execute("SELECT tag FROM tags WHERE id = ?", (tag_id,)).fetchone()[0]
     tx.emit("contact_tag_added", contact_id, tag=name)
@@ -701,8 +717,11 @@ def delete_contact_tag(tx: Tx, association_id: int | None) -> None:
     tx.emit("contact_tag_removed", row[0], tag=row[1] or "")
 
 
-def contact_tag_query(params: QueryParams) -> tuple[str, list[Any], str]:
-    """WHERE and ORDER BY of GET /contactTags (`filters[tagid|subscriberid]`, `orders[cdate]`)."""
+def contact_tag_query(
+    params: QueryParams, shuffle: int | None = None
+) -> tuple[str, list[Any], str]:
+    """WHERE and ORDER BY of GET /contactTags (`filters[tagid|subscriberid]`, `filters[cdate]`
+    (one exact second), `orders[cdate]`; ties as `order_by` says)."""
     where: list[str] = []
     args: list[Any] = []
     for key, column in (
@@ -715,14 +734,18 @@ def contact_tag_query(params: QueryParams) -> tuple[str, list[Any], str]:
     if "filters[cdate]" in params and (moment := parse_when(params["filters[cdate]"])) is not None:
         where.append("ct.cdate = ?")
         args.append(moment)
-    order = order_by(params, {"cdate": ("ct.cdate",)}, "ct.id")
+    order = order_by(params, {"cdate": ("ct.cdate",)}, "ct.id", shuffle=shuffle)
     return (" WHERE " + " AND ".join(where)) if where else "", args, order
 
 
 def apply_automation(
     tx: Tx, contact_ids: list[int], type_tag: str, origin_tag: str
 ) -> dict[str, Any]:
-    """The automation step "Create a lead/contact in Microsoft Dynamics": add its two tags."""
+    """The automation step "Create a lead/contact in Microsoft Dynamics": add its two tags.
+
+    One run dates every association it adds alike (`tx.at`, else the current second)."""
+    if tx.at is None:
+        tx.at = now()
     tag_ids = {name: ensure_tag(tx.db, name) for name in (type_tag, origin_tag)}
     applied: list[dict[str, Any]] = []
     missing: list[str] = []

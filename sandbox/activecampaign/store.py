@@ -204,6 +204,22 @@ def now() -> int:
     return int(time.time())
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def tie_rank(row_id: int, seed: int) -> int:
+    """A per-request pseudo-random rank of a row (splitmix64 of id and seed, 63 bits).
+
+    AC sorts in MySQL with no tiebreak: rows equal on the sorted column come back in an order
+    that may change from one request to the next. Ordering ties by this rank, with a new seed
+    per request, reproduces that (so offset paging over ties skips and repeats rows).
+    """
+    z = (row_id * 0x9E3779B97F4A7C15 + seed) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
 def iso(ts: int | None) -> str | None:
     """A stored timestamp as AC renders it: ISO 8601 in the account's offset."""
     return None if ts is None else datetime.fromtimestamp(ts, ACCOUNT_TZ).isoformat()
@@ -258,6 +274,13 @@ class Tx:
     db: sqlite3.Connection
     source: str = "api"
     events: list[Event] = field(default_factory=list)
+    #: The second the transaction's writes are dated (None: the clock, read at each write). A
+    #: bulk import batch or an automation run dates all its tag associations alike, as AC does.
+    at: int | None = None
+
+    def now(self) -> int:
+        """The time this transaction's writes carry."""
+        return self.at if self.at is not None else now()
 
     def emit(self, kind: str, contact_id: int, *, list_id: int = 0, tag: str = "") -> None:
         """Record an event for the webhooks (delivered only if the transaction commits)."""
@@ -288,6 +311,7 @@ class Store:
         conn.execute("PRAGMA busy_timeout=60000")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA cache_size=-32000")
+        conn.create_function("tie_rank", 2, tie_rank, deterministic=True)
         return conn
 
     def conn(self) -> sqlite3.Connection:

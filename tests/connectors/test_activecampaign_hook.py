@@ -236,3 +236,31 @@ def test_pacer_keeps_200_calls_from_4_threads_under_the_limit(
     assert counted("ac", "/api/3/users/me") == {200: 200}
     assert hook.stats.retries == 0
     assert elapsed >= 199 / 5.0 - 0.5
+
+
+def test_tag_scan_reads_a_thousand_associations_of_one_second_once_each(
+    sandbox_env, ac, counted
+) -> None:
+    """AC shuffles rows tied on the sorted column on every request (the sandbox does too): the
+    associations one automation run dates to one second still come back exactly once each."""
+    results = ac.bulk_import(
+        [{"email": f"tied.{i}@example.com", "last_name": f"N{i}"} for i in range(1000)]
+    )
+    ids = [r.contact_id for r in results]
+    at = "2025-03-01T12:00:00-05:00"
+    body = {"contact_ids": ids[:900], "type": "lead", "at": at}
+    tag_id = sandbox_env.admin("ac", "POST", "automation", json=body)["tags"]["D365: Lead"]
+    sandbox_env.admin("ac", "DELETE", "counters")
+
+    rows = list(ac.contact_tags_by_tag(tag_id))
+    assert sorted(row["contact"] for row in rows) == sorted(ids[:900])
+    # The newest page is all one second: that second is read whole (9 pages), nothing more.
+    assert counted("ac", "/api/3/contactTags") == {200: 10}
+
+    # More associations in that same second (the watermark's): all 1000, still once each.
+    body = {"contact_ids": ids[900:], "type": "lead", "at": at}
+    sandbox_env.admin("ac", "POST", "automation", json=body)
+    since = datetime.fromisoformat(at)
+    rows = list(ac.contact_tags_by_tag(tag_id, since=since))
+    assert sorted(row["contact"] for row in rows) == sorted(ids)
+    assert list(ac.contact_tags_by_tag(tag_id, since=since + timedelta(seconds=1))) == []

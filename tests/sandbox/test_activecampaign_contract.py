@@ -961,3 +961,169 @@ def test_keyset_paging_over_seeded_contacts_returns_each_exactly_once(sandbox: A
         last = int(page[-1])
     assert len(seen) == 2500
     assert len(set(seen)) == 2500
+
+
+# ---- strict by default: what the real service does that a lenient emulator hid (issue 14) -----
+
+
+@pytest.mark.sandbox
+def test_api_root_answers_200_to_a_valid_token_and_403_otherwise(sandbox: Any, ac: AC) -> None:
+    """Some clients check a token with `GET /api/3/` before anything else."""
+    for path in ("/", ""):
+        response = ac.get(path)
+        assert response.status_code == 200, response.text
+    for headers in ({}, {"Api-Token": "not-the-token"}):
+        response = requests.get(f"{sandbox.ac_url}/api/3/", headers=headers, timeout=10)
+        assert response.status_code == 403
+        assert response.json() == {"message": "Forbidden"}
+
+
+class _Clock:
+    """A clock that moves one second each time it is read (a slow import, made certain)."""
+
+    def __init__(self) -> None:
+        self.value = 1_740_000_000
+
+    def __call__(self) -> int:
+        self.value += 1
+        return self.value
+
+
+@pytest.fixture
+def ticking(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    from sandbox.activecampaign import imports, store
+
+    clock = _Clock()
+    for module in (store, ops, imports):
+        monkeypatch.setattr(module, "now", clock)
+    return clock
+
+
+def test_one_bulk_import_gives_its_contacts_and_tags_one_second(
+    tmp_path: Path, ticking: _Clock
+) -> None:
+    from sandbox.activecampaign.imports import import_contacts
+
+    store = Store(tmp_path)
+    contacts = [{"email": f"i{i}@example.com", "tags": ["A", "B"]} for i in range(30)]
+    with store.write(source="import", publish=False) as tx:
+        import_contacts(tx, contacts)
+    db = store.conn()
+    assert db.execute("SELECT COUNT(*), COUNT(DISTINCT cdate) FROM contact_tags").fetchone() == (
+        60,
+        1,
+    )
+    (tag_second,) = {r[0] for r in db.execute("SELECT cdate FROM contact_tags")}
+    assert {r[0] for r in db.execute("SELECT cdate FROM contacts")} == {tag_second}
+
+
+def test_one_automation_call_tags_every_contact_in_one_second(
+    tmp_path: Path, ticking: _Clock
+) -> None:
+    store = Store(tmp_path)
+    with store.write() as tx:
+        ids = [
+            ops.insert_contact(tx, ops.ContactInput(email=f"a{i}@example.com"), 1)
+            for i in range(20)
+        ]
+    with store.write(source="system") as tx:
+        ops.apply_automation(tx, ids, "D365: Lead", "D365: Pulled from ActiveCampaign")
+    counts = store.conn().execute("SELECT COUNT(*), COUNT(DISTINCT cdate) FROM contact_tags")
+    assert counts.fetchone() == (40, 1)
+
+
+@pytest.mark.sandbox
+def test_automation_can_be_dated_to_a_given_second(sandbox: Any, ac: AC) -> None:
+    ids = [ac.contact(f"dated{i}@example.com")["id"] for i in range(3)]
+    at = "2025-03-01T12:00:00-05:00"
+    sandbox.admin("ac", "POST", "automation", json={"contact_ids": ids, "type": "lead", "at": at})
+    rows = ac.get("/contactTags", params={"limit": 100}).json()["contactTags"]
+    assert len(rows) == 6
+    assert {r["cdate"] for r in rows} == {at}
+    bad = requests.post(
+        f"{sandbox.ac_url}/_sandbox/automation",
+        json={"contact_ids": ids, "type": "lead", "at": "yesterday"},
+        timeout=10,
+    )
+    assert bad.status_code == 422
+
+
+def _tied(data_dir: Path, count: int, cdate: int) -> tuple[str, list[str], list[str]]:
+    """`count` contacts created in one second and tagged `Queue` in that same second:
+    (tag id, contact ids, association ids), in id order."""
+    store = Store(data_dir)
+    with store.write() as tx:
+        tag = ops.ensure_tag(tx.db, "Queue")
+        contacts, rows = [], []
+        for i in range(count):
+            contact = ops.insert_contact(tx, ops.ContactInput(email=f"tie{i}@example.com"), cdate)
+            cursor = tx.db.execute(
+                "INSERT INTO contact_tags (contact_id, tag_id, cdate) VALUES (?, ?, ?)",
+                (contact, tag, cdate),
+            )
+            contacts.append(str(contact))
+            rows.append(str(cursor.lastrowid))
+    return str(tag), contacts, rows
+
+
+def _pages(ac: AC, path: str, key: str, params: dict[str, Any], total: int) -> list[list[str]]:
+    """Offset paging, 100 per page, as a client would do it: one list of ids per page."""
+    pages = []
+    for offset in range(0, total, 100):
+        body = ac.get(path, params={**params, "limit": 100, "offset": offset}).json()
+        pages.append([item["id"] for item in body[key]])
+    return pages
+
+
+def _flat(pages: list[list[str]]) -> list[str]:
+    return [item for page in pages for item in page]
+
+
+@pytest.mark.sandbox
+def test_rows_tied_on_the_sort_column_come_in_a_new_order_on_every_request(
+    sandbox: Any, ac: AC
+) -> None:
+    """AC sorts in MySQL with no tiebreak: under offset paging, rows that share the sorted
+    value (associations of one import, contacts of one second) are skipped or repeated."""
+    tag, contacts, rows = _tied(sandbox.data_dir, 250, ts("2025-03-01T12:00:00-05:00"))
+    for path, key, params, every in (
+        ("/contactTags", "contactTags", {"filters[tagid]": tag, "orders[cdate]": "ASC"}, rows),
+        ("/contactTags", "contactTags", {"filters[tagid]": tag, "orders[cdate]": "DESC"}, rows),
+        ("/contacts", "contacts", {"orders[cdate]": "DESC"}, contacts),
+        ("/contacts", "contacts", {"orders[last_name]": "ASC"}, contacts),
+    ):
+        reads = [_pages(ac, path, key, params, 250) for _ in range(3)]
+        assert len({tuple(read[0]) for read in reads}) == 3, path  # a new order every time
+        for read in reads:
+            assert set(_flat(read)) <= set(every)
+        # Pages of one read disagree: some rows come twice and others never.
+        assert any(len(set(_flat(read))) < len(every) for read in reads), path
+
+
+@pytest.mark.sandbox
+def test_id_order_and_keyset_paging_stay_exact_under_ties(sandbox: Any, ac: AC) -> None:
+    tag, contacts, rows = _tied(sandbox.data_dir, 250, ts("2025-03-01T12:00:00-05:00"))
+    seen: list[str] = []
+    last = 0
+    while page := ac.ids(limit=100, id_greater=last, **{"orders[id]": "ASC"}):
+        seen += page
+        last = int(page[-1])
+    assert seen == contacts
+    by_id = _pages(ac, "/contacts", "contacts", {"orders[id]": "DESC"}, 250)
+    assert _flat(by_id) == contacts[::-1]
+    # No orders[...] at all: id order (no sort column, so no ties), here and on /contactTags.
+    assert _flat(_pages(ac, "/contacts", "contacts", {}, 250)) == contacts
+    exact = {"filters[tagid]": tag, "filters[cdate]": "2025-03-01T12:00:00-05:00"}
+    assert _flat(_pages(ac, "/contactTags", "contactTags", exact, 250)) == rows
+
+
+@pytest.mark.sandbox
+def test_ordering_switch_makes_ties_stable_and_reset_restores_strict(sandbox: Any, ac: AC) -> None:
+    assert sandbox.admin("ac", "GET", "ordering") == {"ties": "shuffled"}
+    tag, _, rows = _tied(sandbox.data_dir, 250, ts("2025-03-01T12:00:00-05:00"))
+    params = {"filters[tagid]": tag, "orders[cdate]": "DESC"}
+    assert sandbox.admin("ac", "PUT", "ordering", json={"ties": "stable"}) == {"ties": "stable"}
+    for _ in range(2):  # stable: ties broken by id, so pages tile the rows exactly
+        assert _flat(_pages(ac, "/contactTags", "contactTags", params, 250)) == rows
+    sandbox.reset()
+    assert sandbox.admin("ac", "GET", "ordering") == {"ties": "shuffled"}

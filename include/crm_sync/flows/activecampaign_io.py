@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from crm_sync.tags import ALL_TAGS, Tag
 
 if TYPE_CHECKING:
     from crm_connectors.activecampaign import ActiveCampaignHook
+
+log = logging.getLogger(__name__)
 
 TAG_FLAGS = {
     Tag.LEAD: "tag_lead",
@@ -53,25 +56,49 @@ class ActiveCampaignReader:
                     "personalization tag), or remove it from field_mapping in sync.yaml"
                 )
             self.field_ids = {tag: by_tag[tag] for tag in self.custom}
-        # Who `tagged_since` saw carrying each tag; `complete` when it read every association.
+        # Who `tagged_since` saw carrying each tag; `complete` when it read every association,
+        # `complete_tags` for the tags whose every carrier it read (the fallback below).
         self.seen: dict[Tag, set[str]] = {tag: set() for tag in ALL_TAGS}
         self.complete = False
+        self.complete_tags: set[Tag] = set()
+        # Contact objects read on the way (the fallback lists them whole), by id.
+        self.read: dict[str, dict[str, Any]] = {}
 
     def tag_id(self, tag: Tag) -> str:
         """The id of one of the four D365 tags."""
         return self.tag_ids[tag.value]
 
     def tagged_since(self, since: datetime | None) -> tuple[set[str], datetime | None]:
-        """Contacts given any D365 tag at or after `since`, and the newest association time."""
+        """Contacts given any D365 tag at or after `since`, and the newest association time.
+
+        Every association at or after `since` is read exactly once (`contact_tags_by_tag`
+        reads a second that runs past a page's end whole), so the newest time is a safe
+        watermark: nothing older than it is left unread. If a second of more than 100
+        associations cannot be read exactly (`TieOrderError`: AC's order within it changed
+        between pages), every contact carrying that tag is read instead (id keyset paging,
+        exact), and all of them are candidates.
+        """
+        from crm_connectors.errors import TieOrderError
+
         ids: set[str] = set()
         newest: datetime | None = None
         for tag in ALL_TAGS:
-            for row in self.hook.contact_tags_by_tag(self.tag_id(tag), since=since):
-                ids.add(str(row["contact"]))
-                self.seen[tag].add(str(row["contact"]))
-                moment = parse_ac_time(row.get("cdate"))
-                if moment is not None and (newest is None or moment > newest):
-                    newest = moment.to_pydatetime()
+            try:
+                for row in self.hook.contact_tags_by_tag(self.tag_id(tag), since=since):
+                    ids.add(str(row["contact"]))
+                    self.seen[tag].add(str(row["contact"]))
+                    moment = parse_ac_time(row.get("cdate"))
+                    if moment is not None and (newest is None or moment > newest):
+                        newest = moment.to_pydatetime()
+            except TieOrderError as error:
+                log.warning(
+                    "'%s': %s; reading every contact carrying the tag instead", tag.value, error
+                )
+                for contact in self.hook.list_contacts(tag_id=self.tag_id(tag)):
+                    self.read[str(contact["id"])] = contact
+                    ids.add(str(contact["id"]))
+                    self.seen[tag].add(str(contact["id"]))
+                self.complete_tags.add(tag)
         self.complete = since is None
         return ids, newest
 
@@ -91,7 +118,8 @@ class ActiveCampaignReader:
         by id, 100 per request. Tag flags cost up to four requests per 100 contacts.
         """
         wanted = sorted({str(i) for i in ids}, key=lambda x: (len(x), x))
-        objects = {str(c["id"]): c for c in known if str(c["id"]) in set(wanted)}
+        objects = {i: self.read[i] for i in wanted if i in self.read}
+        objects.update({str(c["id"]): c for c in known if str(c["id"]) in set(wanted)})
         missing = [i for i in wanted if i not in objects]
         if missing:
             objects.update({str(c["id"]): c for c in self.hook.list_contacts(ids=missing)})
@@ -129,6 +157,8 @@ class ActiveCampaignReader:
         if not ids or self.complete:
             return flags
         for tag in ALL_TAGS:
+            if tag in self.complete_tags:
+                continue
             unknown = [i for i in ids if i not in flags[tag]]
             for contact in self.hook.list_contacts(ids=unknown, tag_id=self.tag_id(tag)):
                 flags[tag].add(str(contact["id"]))
