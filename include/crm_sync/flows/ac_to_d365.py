@@ -14,7 +14,7 @@ from crm_sync.flows.activecampaign_io import TAG_FLAGS, ActiveCampaignReader
 from crm_sync.flows.dataverse_io import rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
 from crm_sync.mapping import D365, expand_synced, fields_towards, plan_writes
-from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
+from crm_sync.records import UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
 from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
@@ -151,15 +151,12 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         return {"counts": {}}
     classified = classify_for_dynamics(attach_links(contacts, links, by="ac_id"), ctx.settings)
     waiting = common.still_quarantined(ctx, classified) & classified["action"].isin(
-        [a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS, Action.QUARANTINE)]
+        [a.value for a in (*WRITE_ACTIONS, Action.QUARANTINE)]
     )
     classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
     writing = classified["action"].isin([a.value for a in WRITE_ACTIONS])
     conflicts = claimed_by_other_ac_contacts(classified[writing], links)
-    classified.loc[classified["record_key"].isin(list(conflicts)), ["action", "reason"]] = [
-        Action.QUARANTINE.value,
-        Reason.DUPLICATE_EMAIL.value,
-    ]
+    common.refuse(classified, conflicts)
     bad = classified[classified["action"] == Action.QUARANTINE.value]
     reasons = {
         row.record_key: [
@@ -192,7 +189,7 @@ def _mapped_frame(
     for entity in Entity:
         rows = classified[
             (classified["entity"] == entity.value)
-            & classified["action"].isin([a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS)])
+            & classified["action"].isin([a.value for a in WRITE_ACTIONS])
         ].copy()
         if rows.empty:
             continue

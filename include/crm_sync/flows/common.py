@@ -54,7 +54,19 @@ def quarantine_counted(
     """`quarantine_rows` in `load`, adding `quarantined: <reason>` to the loader's counts."""
     if failures:
         quarantine_rows(ctx, rows, "load", failures)
-        counts.update(f"quarantined: {code}" for items in failures.values() for code, _ in items)
+        counts.update(_reason_counts(failures))
+
+
+def refuse(classified: pd.DataFrame, refusals: Mapping[str, tuple[str, str]]) -> None:
+    """Turn the classified rows named in `refusals` (record key -> (reason, message)) into
+    quarantines with their own reasons, in place."""
+    if not refusals:
+        return
+    chosen = classified["record_key"].isin(list(refusals))
+    classified.loc[chosen, "action"] = Action.QUARANTINE.value
+    classified.loc[chosen, "reason"] = [
+        str(refusals[key][0]) for key in classified.loc[chosen, "record_key"]
+    ]
 
 
 def still_quarantined(ctx: StepContext, frame: pd.DataFrame) -> pd.Series:

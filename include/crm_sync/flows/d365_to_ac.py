@@ -17,8 +17,6 @@ from crm_sync.flows.dataverse_io import changed_rows, rows_by
 from crm_sync.identity import claimed_by_other_dataverse_records
 from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_writes
 from crm_sync.records import (
-    NEW_ACTIONS,
-    UPDATE_ACTIONS,
     WRITE_ACTIONS,
     Action,
     Reason,
@@ -136,7 +134,12 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     )
     shared = _shared_in_dynamics(hook, list(matched))
     matched = {email: ac_id for email, ac_id in matched.items() if email not in shared}
-    links += [link for link in store.links_for(ac_ids=list(matched.values())) if link not in links]
+    held = {(link.entity, link.dataverse_id) for link in links}
+    links += [
+        link
+        for link in store.links_for(ac_ids=list(matched.values()))
+        if (link.entity, link.dataverse_id) not in held
+    ]
     unresolved = [link.email for link in links if not link.ac_contact_id]
     resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
     if resolved and not ctx.dry_run:
@@ -330,10 +333,7 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         **_typed_for_the_other_table(classified[writing & classified["relink"]]),
         **_shared_emails(classified[writing]),
     }
-    classified.loc[classified["record_key"].isin(list(conflicts)), ["action", "reason"]] = [
-        Action.QUARANTINE.value,
-        Reason.DUPLICATE_EMAIL.value,
-    ]
+    common.refuse(classified, conflicts)
     reasons.update({k: [v] for k, v in conflicts.items()})
     common.quarantine_rows(ctx, classified, "tag_classify", reasons)
     staging.write_frame("tag_classify", "classified", classified)
@@ -423,7 +423,7 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
             break
         rows = classified[
             (classified["entity"] == entity.value)
-            & classified["action"].isin([a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS)])
+            & classified["action"].isin([a.value for a in WRITE_ACTIONS])
         ].copy()
         if rows.empty:
             continue
