@@ -132,6 +132,29 @@ def test_backfill_brings_everything_once_and_the_schedule_continues(world: World
     assert world.ac_by_email(row["emailaddress1"])["fields"]["JOB_TITLE"] == "Later change"
 
 
+def test_the_schedule_continues_from_a_backfill_that_found_no_contacts(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backfill that read every contact and found none still sets where the schedule
+    continues: a contact created after it, seconds before the first scheduled run, is synced
+    (CI found it missed when the run started in a later second than the contact's creation)."""
+    import time
+
+    raw = yaml.safe_load(DEFAULT_SETTINGS_PATH.read_text())
+    raw["incremental"]["overlap_minutes"] = 0  # no overlap to hide a gap
+    path = tmp_path / "sync.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("CRM_SYNC_SETTINGS", str(path))
+    world.dv_create("leads", emailaddress1="only-lead@example.com", lastname="Lead", subject="s")
+    assert world.run(BACKFILL).state == "success"
+    contact = world.dv_create("contacts", emailaddress1="later@example.com", lastname="Later")
+    time.sleep(1.1)  # the scheduled run starts in a later second than the contact's modifiedon
+    assert world.run(DAG).state == "success"
+    assert "D365: Contact" in world.ac_by_email("later@example.com")["tags"]
+    link = StateStore.from_url(world.state_url).links_for(dataverse_ids=[contact])
+    assert [x.dataverse_id for x in link] == [contact]
+
+
 def test_round_trip_has_no_echo(world: World) -> None:
     contact = world.ac_contact("round.trip@example.com", "Ro", "Trip", JOB_TITLE="Dev")
     world.automation([contact], "contact")

@@ -509,7 +509,10 @@ def load(ctx: StepContext) -> dict[str, Any]:
             if value:
                 mark = Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
                 ctx.store.advance_watermark(mark)
-            elif not _is_backfill(ctx) and ctx.store.watermark(name) is None:
+            elif ctx.store.watermark(name) is None:
+                # Nothing read, and no mark yet: everything up to this run's start has been seen
+                # (a backfill read it all, or a first scheduled run starts from now), so the next
+                # run continues from here, not from its own later start.
                 started = datetime.fromisoformat(meta["started"])
                 ctx.store.advance_watermark(Watermark(name=name, value=started))
 
