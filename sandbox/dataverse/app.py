@@ -25,10 +25,13 @@ from sandbox.dataverse.schema import ENTITIES, Entity
 from sandbox.dataverse.security import merged as merged_privileges
 from sandbox.dataverse.settings import OrgSettings, OrgSettingsPatch, SettingsHolder
 from sandbox.dataverse.store import Store
-from sandbox.dataverse.webapi import ApiRequest, ApiResponse, WebApi, error_response
+from sandbox.dataverse.webapi import ApiRequest, ApiResponse, Budget, WebApi, error_response
 from sandbox.dataverse.writes import Caller
 
 GZIP_MIN_BYTES = 8192
+# Worker threads for Web API requests: more than the concurrency limit (52), since a request
+# spending its cost-model time sleeps in its thread and must not hold up the others.
+WORKER_THREADS = 128
 # Dataverse accepts GET URLs up to 32,768 characters (65,536 inside a $batch).
 MAX_URL = 32_768
 API_PATH = re.compile(r"/api/data/(v9\.[0-2])(?:/(.*))?", re.S)
@@ -62,6 +65,7 @@ class WebApiGate:
         self.tokens = tokens
         self.limiter = limiter
         self.settings = settings
+        self._threads: anyio.CapacityLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/api/data/"):
@@ -77,11 +81,16 @@ class WebApiGate:
             await _send(send, error_response(exc), request_id, diagnostics)
             return
         response: ApiResponse | None = None
+        budget: Budget | None = None
         try:
             body = await _read_body(receive)
             latency = self.settings.current.latency_ms
             if latency:
                 await asyncio.sleep(latency / 1000)
+            # The server's clock starts once the request has arrived. A client that gives up
+            # (timeout, disconnect) is not noticed: the handler runs on and commits.
+            current = self.settings.current
+            budget = Budget(current.write_cost_ms, current.server_timeout_s)
             match = API_PATH.fullmatch(scope["path"])
             url_length = len(scope.get("raw_path") or b"") + 1 + len(scope["query_string"])
             if url_length > MAX_URL:
@@ -98,15 +107,22 @@ class WebApiGate:
                     body=body,
                     version=match.group(1),
                     user_id=claims["oid"],
+                    budget=budget,
                 )
                 gzip_ok = "gzip" in headers.get("accept-encoding", "").lower()
-                response = await anyio.to_thread.run_sync(self._answer, request, gzip_ok)
+                if self._threads is None:
+                    self._threads = anyio.CapacityLimiter(WORKER_THREADS)
+                response = await anyio.to_thread.run_sync(
+                    self._answer, request, gzip_ok, limiter=self._threads
+                )
         finally:
-            self.limiter.release(ticket, response.cost_ms if response else 0.0)
+            # Nominal cost plus the time the cost model really spent.
+            spent = budget.spent_ms if budget is not None else 0.0
+            self.limiter.release(ticket, (response.cost_ms if response else 0.0) + spent)
         await _send(send, response, request_id, ticket.headers)
 
     def _answer(self, request: ApiRequest, gzip_ok: bool) -> ApiResponse:
-        response = self.webapi.handle(request)
+        response = self.webapi.answer(request)
         if gzip_ok and len(response.body) >= GZIP_MIN_BYTES:
             # Pages of 5,000 full rows are megabytes of repetitive JSON; compressing them (as the
             # service does for clients that accept gzip) costs less than moving them over TLS.
@@ -190,6 +206,8 @@ def _admin_router(
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         for entity_set, enabled in new.alternate_key.items():
+            if enabled and "emailaddress1" not in ENTITIES[entity_set].columns:
+                raise HTTPException(422, f"{entity_set} has no emailaddress1 column to key on")
             if enabled and not settings.current.alternate_key.get(entity_set):
                 clashes = _duplicate_emails(store, entity_set)
                 if clashes:
@@ -296,7 +314,10 @@ def create_app(
 
     app = FastAPI(
         title="Dataverse Web API + Entra ID emulator",
-        description="Local stand-in for Dynamics 365 / Dataverse (leads, contacts).",
+        description=(
+            "Local stand-in for Dynamics 365 / Dataverse (leads, contacts, accounts, "
+            "opportunities)."
+        ),
     )
     app.include_router(entra_router(identity, tokens))
 

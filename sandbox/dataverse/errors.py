@@ -24,6 +24,8 @@ EXPIRED_AUTH_TICKET = "0x8004A101"
 TOO_MANY_REQUESTS = "0x80072322"
 EXECUTION_TIME = "0x80072321"
 CONCURRENT_REQUESTS = "0x80072326"
+SDK_ENTITY_DOES_NOT_SUPPORT_MESSAGE = "0x80040800"
+SQL_TIMEOUT = "0x80044151"
 
 
 class DataverseError(Exception):
@@ -94,4 +96,32 @@ def url_too_long(length: int, limit: int) -> DataverseError:
     """414 for a request URL longer than the service accepts."""
     return DataverseError(
         414, ODATA, f"The request URL is too long ({length} characters; the limit is {limit})."
+    )
+
+
+def message_not_supported(message: str, logical_name: str) -> DataverseError:
+    """400 for a message the table does not support (e.g. CreateMultiple on some standard tables);
+    wording as observed from the service (third-party captures)."""
+    return DataverseError(
+        400,
+        SDK_ENTITY_DOES_NOT_SUPPORT_MESSAGE,
+        f"The '{message}' method does not support entities of type '{logical_name}'. "
+        "MessageProcessorCache returned MessageProcessor.Empty. ",
+    )
+
+
+class ServerTimeout(Exception):
+    """A request ran past the server's time limit: its open transaction rolls back and the whole
+    request (a `$batch` too) answers `server_timeout()`. Not a DataverseError on purpose, so that
+    no `$batch` part swallows it."""
+
+
+def server_timeout() -> DataverseError:
+    """500 for a request that ran past the 2-minute limit. The documented text of the SQL timeout
+    a too-large bulk request meets (bulk-operations.md); the status is UNCONFIRMED."""
+    return DataverseError(
+        500,
+        SQL_TIMEOUT,
+        "Sql error: SQL timeout expired. CRM ErrorCode: -2147204783 Sql ErrorCode: -2146232060 "
+        "Sql Number: -2",
     )

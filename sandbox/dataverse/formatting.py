@@ -124,6 +124,10 @@ class RowFormatter:
     def _lookup_annotations(self, out: dict[str, Any], column: Column, value: str) -> None:
         name = column.json_name
         target = column.target or ""
+        if column.targets and self.lookup_name is not None:
+            # A customer lookup: the table that holds the row.
+            found = (t for t in column.targets if self.lookup_name(t, value) is not None)
+            target = next(found, column.targets[0])
         if self._want_formatted and self.lookup_name is not None:
             label = self.lookup_name(target, value)
             if label is not None:

@@ -34,9 +34,9 @@ def entity_metadata(entity: Entity, settings: OrgSettings) -> dict[str, Any]:
         "SchemaName": entity.schema_name,
         "EntitySetName": entity.entity_set,
         "LogicalCollectionName": entity.entity_set,
-        "CollectionSchemaName": f"{entity.schema_name}s",
+        "CollectionSchemaName": entity.collection_schema_name or f"{entity.schema_name}s",
         "PrimaryIdAttribute": entity.primary_id,
-        "PrimaryNameAttribute": "fullname",
+        "PrimaryNameAttribute": entity.primary_name,
         "ObjectTypeCode": entity.object_type_code,
         "OwnershipType": "UserOwned",
         "IsActivity": False,
@@ -54,7 +54,7 @@ def entity_metadata(entity: Entity, settings: OrgSettings) -> dict[str, Any]:
             "ManagedPropertyLogicalName": "canchangeduplicatedetection",
         },
         "DisplayName": _label(entity.label),
-        "DisplayCollectionName": _label(f"{entity.label}s"),
+        "DisplayCollectionName": _label(entity.collection_label or f"{entity.label}s"),
     }
 
 
@@ -69,7 +69,7 @@ def attribute_metadata(entity: Entity, column: Column) -> dict[str, Any]:
         "AttributeType": ATTRIBUTE_TYPES[column.kind],
         "AttributeTypeName": {"Value": f"{ATTRIBUTE_TYPES[column.kind]}Type"},
         "IsPrimaryId": column.name == entity.primary_id,
-        "IsPrimaryName": column.name == "fullname",
+        "IsPrimaryName": column.name == entity.primary_name,
         "IsCustomAttribute": False,
         "IsValidForCreate": column.valid_for_create,
         "IsValidForUpdate": column.valid_for_update,
@@ -89,7 +89,13 @@ def attribute_metadata(entity: Entity, column: Column) -> dict[str, Any]:
         data["Format"] = "Text" if column.fmt in (None, "Phone") else column.fmt
         data["FormatName"] = {"Value": column.fmt or "Text"}
     if column.kind == "lookup":
-        data["Targets"] = [column.target]
+        data["Targets"] = list(column.lookup_targets)
+        if column.targets:
+            data["AttributeType"] = "Customer"
+            data["AttributeTypeName"] = {"Value": "CustomerType"}
+    if column.kind == "money":
+        data["Precision"] = 2
+        data["PrecisionSource"] = 2
     return data
 
 

@@ -1,4 +1,5 @@
-"""The emulated tables (lead, contact): columns, types, MaxLengths and state/status pairs (§7)."""
+"""The emulated tables (lead, contact, and minimal account and opportunity for QualifyLead): columns,
+types, MaxLengths and state/status pairs (§7)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ EDM_TYPES: dict[str, str] = {
     "status": "Edm.Int32",
     "datetime": "Edm.DateTimeOffset",
     "lookup": "Edm.Guid",
+    "money": "Edm.Decimal",
 }
 ATTRIBUTE_TYPES: dict[str, str] = {
     "uuid": "Uniqueidentifier",
@@ -37,6 +39,7 @@ ATTRIBUTE_TYPES: dict[str, str] = {
     "status": "Status",
     "datetime": "DateTime",
     "lookup": "Lookup",
+    "money": "Money",
 }
 METADATA_TYPES: dict[str, str] = {
     "uuid": "UniqueIdentifierAttributeMetadata",
@@ -50,6 +53,7 @@ METADATA_TYPES: dict[str, str] = {
     "status": "StatusAttributeMetadata",
     "datetime": "DateTimeAttributeMetadata",
     "lookup": "LookupAttributeMetadata",
+    "money": "MoneyAttributeMetadata",
 }
 # The namespace of every entity and metadata type in URLs, bodies and error messages.
 NS = "Microsoft.Dynamics.CRM"
@@ -71,6 +75,14 @@ class Column:
     fmt: str | None = None
     target: str | None = None
     options: dict[int, str] = field(default_factory=dict)
+    # A customer lookup (account or contact) names several target tables instead of `target`;
+    # it is written through one navigation property per target (`parentcustomerid_account`).
+    targets: tuple[str, ...] = ()
+
+    @property
+    def lookup_targets(self) -> tuple[str, ...]:
+        """The tables a lookup can point at."""
+        return self.targets or ((self.target,) if self.target else ())
 
     @property
     def json_name(self) -> str:
@@ -101,6 +113,9 @@ class Entity:
     columns: dict[str, Column]
     # statecode -> allowed statuscodes, the default status first.
     states: dict[int, tuple[int, ...]]
+    primary_name: str = "fullname"
+    collection_label: str = ""
+    collection_schema_name: str = ""
 
     @property
     def type_name(self) -> str:
@@ -244,6 +259,8 @@ def _lead() -> Entity:
         _string("companyname", "Company Name", 100, required="Recommended"),
         _string("subject", "Topic", 300, required="ApplicationRequired"),
         Column("leadsourcecode", "picklist", "Lead Source", options=LEAD_SOURCES),
+        Column("parentaccountid", "lookup", "Parent Account for lead", target="account"),
+        Column("parentcontactid", "lookup", "Parent Contact for lead", target="contact"),
         Column(
             "statecode",
             "state",
@@ -272,6 +289,7 @@ def _contact() -> Entity:
         _string("lastname", "Last Name", 50, required="ApplicationRequired"),
         *_common_columns(mobile_length=50, address_name_length=200),
         _string("company", "Company Name", 50),
+        Column("parentcustomerid", "lookup", "Company Name", targets=("account", "contact")),
         Column(
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
@@ -297,5 +315,96 @@ def _contact() -> Entity:
     )
 
 
-ENTITIES: dict[str, Entity] = {e.entity_set: e for e in (_lead(), _contact())}
+def _system_columns() -> list[Column]:
+    """Owner, audit columns and the row version every table carries."""
+    return [c for c in _common_columns(mobile_length=50, address_name_length=200) if c.name in (
+        "ownerid", "createdby", "modifiedby", "createdon", "modifiedon", "versionnumber",
+    )]  # fmt: skip
+
+
+def _account() -> Entity:
+    # Minimal: what QualifyLead fills in. Later issues may add columns.
+    columns = [
+        Column("accountid", "uuid", "Account", required="SystemRequired", valid_for_update=False),
+        _string("name", "Account Name", 160, required="ApplicationRequired"),
+        _string("emailaddress1", "Email", 100, fmt="Email"),
+        _string("telephone1", "Main Phone", 50, fmt="Phone"),
+        _string("websiteurl", "Website", 200, fmt="Url"),
+        Column(
+            "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
+        ),
+        *_system_columns(),
+        Column(
+            "statecode",
+            "state",
+            "Status",
+            required="SystemRequired",
+            valid_for_create=False,
+            options={0: "Active", 1: "Inactive"},
+        ),
+        Column("statuscode", "status", "Status Reason", options={1: "Active", 2: "Inactive"}),
+    ]
+    return Entity(
+        logical_name="account",
+        schema_name="Account",
+        entity_set="accounts",
+        primary_id="accountid",
+        object_type_code=1,
+        label="Account",
+        columns={c.name: c for c in columns},
+        states={0: (1,), 1: (2,)},
+        primary_name="name",
+    )
+
+
+OPPORTUNITY_STATES = {0: "Open", 1: "Won", 2: "Lost"}
+OPPORTUNITY_STATUSES = {1: "In Progress", 2: "On Hold", 3: "Won", 4: "Canceled", 5: "Out-Sold"}
+
+
+def _opportunity() -> Entity:
+    columns = [
+        Column(
+            "opportunityid",
+            "uuid",
+            "Opportunity",
+            required="SystemRequired",
+            valid_for_update=False,
+        ),
+        _string("name", "Topic", 300, required="ApplicationRequired"),
+        Column("parentaccountid", "lookup", "Account", target="account"),
+        Column("parentcontactid", "lookup", "Contact", target="contact"),
+        Column("customerid", "lookup", "Potential Customer", targets=("account", "contact")),
+        Column("estimatedvalue", "money", "Est. Revenue"),
+        Column(
+            "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
+        ),
+        *_system_columns(),
+        Column(
+            "statecode",
+            "state",
+            "Status",
+            required="SystemRequired",
+            valid_for_create=False,
+            options=OPPORTUNITY_STATES,
+        ),
+        Column("statuscode", "status", "Status Reason", options=OPPORTUNITY_STATUSES),
+    ]
+    return Entity(
+        logical_name="opportunity",
+        schema_name="Opportunity",
+        entity_set="opportunities",
+        primary_id="opportunityid",
+        object_type_code=3,
+        label="Opportunity",
+        columns={c.name: c for c in columns},
+        states={0: (1, 2), 1: (3,), 2: (4, 5)},
+        primary_name="name",
+        collection_label="Opportunities",
+        collection_schema_name="Opportunities",
+    )
+
+
+ENTITIES: dict[str, Entity] = {
+    e.entity_set: e for e in (_lead(), _contact(), _account(), _opportunity())
+}
 BY_LOGICAL_NAME: dict[str, Entity] = {e.logical_name: e for e in ENTITIES.values()}

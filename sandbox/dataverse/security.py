@@ -4,8 +4,8 @@
 Dataverse grants privileges named `prv<Operation><Table schema name>` (`prvReadLead`,
 `prvWriteContact`) at a depth (`Basic` = the user's own records, `Local` = its business unit,
 `Deep` = the unit and its children, `Global` = the organisation). The sandbox's application user
-starts with every privilege on both tables at `Global`; `PUT /_sandbox/privileges` takes one away
-or lowers its depth. Only the presence of Create, Read, Write and Delete is enforced (a missing
+starts with every privilege on every table (lead, contact, account, opportunity) at `Global`;
+`PUT /_sandbox/privileges` takes one away or lowers its depth. Only the presence of Create, Read, Write and Delete is enforced (a missing
 one → 403); depths, Append and AppendTo are reported, not enforced.
 """
 

@@ -1,4 +1,5 @@
-"""The emulated organisation's switches (change tracking, alternate key, duplicate rule, strict mode)."""
+"""The emulated organisation's switches (change tracking, alternate key, duplicate rule, bulk
+operation messages, strict mode, execution-time cost and server timeout)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,17 @@ class OrgSettings(BaseModel):
     change_tracking: dict[str, bool] = Field(default_factory=lambda: _per_table(True))
     alternate_key: dict[str, bool] = Field(default_factory=lambda: _per_table(False))
     duplicate_detection: dict[str, bool] = Field(default_factory=lambda: _per_table(True))
+    # Whether CreateMultiple/UpdateMultiple/UpsertMultiple exist for the table ("Not all standard
+    # tables support these messages").
+    bulk_operations: dict[str, bool] = Field(default_factory=lambda: _per_table(True))
     strict: bool = False
     latency_ms: int = Field(0, ge=0, le=60_000)
     change_tracking_expiry_seconds: int = Field(WEEK, ge=0)
+    # Execution time the server really spends per record written (as synchronous plug-ins do),
+    # charged to the service-protection execution-time window.
+    write_cost_ms: float = Field(0.0, ge=0, le=10_000)
+    # Dataverse's 2-minute limit on one message operation; past it the request fails, rolled back.
+    server_timeout_s: float = Field(120.0, gt=0)
     # The application user's privileges (name -> depth); changed by `PUT /_sandbox/privileges`.
     privileges: dict[str, str] = Field(default_factory=full_role)
 
@@ -40,9 +49,12 @@ class OrgSettingsPatch(BaseModel):
     change_tracking: dict[str, bool] | None = None
     alternate_key: dict[str, bool] | None = None
     duplicate_detection: dict[str, bool] | None = None
+    bulk_operations: dict[str, bool] | None = None
     strict: bool | None = None
     latency_ms: int | None = Field(None, ge=0, le=60_000)
     change_tracking_expiry_seconds: int | None = Field(None, ge=0)
+    write_cost_ms: float | None = Field(None, ge=0, le=10_000)
+    server_timeout_s: float | None = Field(None, gt=0)
 
 
 class SettingsHolder:
@@ -51,6 +63,12 @@ class SettingsHolder:
     def __init__(self, store: Store) -> None:
         self.store = store
         raw = store.json_setting(SETTING)
+        if raw:
+            # Settings stored before a table existed get that table's defaults.
+            defaults = json.loads(OrgSettings().model_dump_json())
+            for name, value in defaults.items():
+                if name != "privileges" and isinstance(raw.get(name), dict):
+                    raw[name] = {**value, **raw[name]}
         self.current = OrgSettings.model_validate(raw) if raw else OrgSettings()
 
     def replace(self, settings: OrgSettings) -> OrgSettings:

@@ -18,7 +18,7 @@ from sandbox.dataverse.schema import ENTITIES, Entity
 DB_FILE = "dataverse.db"
 # Row versions start high, like a real organisation's, so that nobody mistakes them for counts.
 FIRST_VERSION = 1_000_000
-SQL_TYPES = {"string": "TEXT", "memo": "TEXT", "uuid": "TEXT", "lookup": "TEXT"}
+SQL_TYPES = {"string": "TEXT", "memo": "TEXT", "uuid": "TEXT", "lookup": "TEXT", "money": "REAL"}
 
 
 def casefold(value: object) -> object:
@@ -149,11 +149,12 @@ class Store:
                 sql_type = SQL_TYPES.get(column.kind, "INTEGER")
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column.name} {sql_type}")
         indexes = {
-            "email": "ci(emailaddress1)",
             "modifiedon": "modifiedon",
             "createdon": "createdon",
             "version": "versionnumber",
         }
+        if "emailaddress1" in entity.columns:
+            indexes["email"] = "ci(emailaddress1)"
         if "originatingleadid" in entity.columns:
             indexes["originatingleadid"] = "originatingleadid"
         for suffix, expr in indexes.items():

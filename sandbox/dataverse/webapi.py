@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,10 +22,12 @@ from sandbox.dataverse.batch import (
 )
 from sandbox.dataverse.errors import (
     DataverseError,
+    ServerTimeout,
     bad_request,
     no_resource,
     not_found,
     segment_not_found,
+    server_timeout,
     url_too_long,
     version_mismatch,
 )
@@ -32,11 +35,11 @@ from sandbox.dataverse.formatting import JSON_TYPE, Annotations, RowFormatter, d
 from sandbox.dataverse.metadata import metadata_response
 from sandbox.dataverse.odata import entity_resolver, parse_key, parse_select
 from sandbox.dataverse.query import Prefs, QueryOptions, Reader
-from sandbox.dataverse.schema import ENTITIES, NS, Entity
+from sandbox.dataverse.schema import BY_LOGICAL_NAME, ENTITIES, NS, Entity
 from sandbox.dataverse.security import full_role, missing_privilege, role_privileges
 from sandbox.dataverse.settings import SettingsHolder
 from sandbox.dataverse.store import Store
-from sandbox.dataverse.writes import Caller, Writer
+from sandbox.dataverse.writes import Caller, Writer, qualify_flags
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,12 @@ BULK_PRIVILEGES = {
     "UpdateMultiple": ("Write",),
     "UpsertMultiple": ("Create", "Write"),
 }
+# What each QualifyLead flag creates.
+QUALIFY_CREATES = {
+    "CreateAccount": "accounts",
+    "CreateContact": "contacts",
+    "CreateOpportunity": "opportunities",
+}
 _SYSTEMUSER = re.compile(r"systemusers\(([^)]*)\)")
 _USER_PRIVILEGES = (f"{NS}.RetrieveUserPrivileges()", f"{NS}.RetrieveUserPrivileges")
 # Headers of the `$batch` request itself that also apply to every request inside it.
@@ -72,6 +81,33 @@ _INHERITED = (
     "mscrm.bypasscustompluginexecution",
     "callerobjectid",
 )
+
+
+@dataclass
+class Budget:
+    """One HTTP request's execution time: what the cost model made the server spend, against the
+    server's time limit (a `$batch` shares one budget among its parts)."""
+
+    write_cost_ms: float = 0.0
+    timeout_s: float = 120.0
+    started: float = field(default_factory=time.monotonic)
+    spent_ms: float = 0.0
+
+    def spend(self, records: int) -> None:
+        """Spend the execution time of writing `records` records: sleep in this worker thread
+        (never inside a transaction, so other requests go on). When that would run past the
+        limit, wait until the limit and raise ServerTimeout instead; nothing is written."""
+        cost_s = records * self.write_cost_ms / 1000
+        now = time.monotonic()
+        deadline = self.started + self.timeout_s
+        if now + cost_s > deadline:
+            wait = max(0.0, deadline - now)
+            time.sleep(wait)
+            self.spent_ms += wait * 1000
+            raise ServerTimeout
+        if cost_s > 0:
+            time.sleep(cost_s)
+            self.spent_ms += cost_s * 1000
 
 
 @dataclass
@@ -86,6 +122,9 @@ class ApiRequest:
     version: str
     user_id: str
     bindings: dict[str, str] = field(default_factory=dict)
+    budget: Budget | None = None
+    # A part of a `$batch` change set whose time the change set spent before its transaction.
+    prepaid: bool = False
 
 
 @dataclass
@@ -164,14 +203,28 @@ class WebApi:
         return f"{self.base_url}/api/data/{version}/"
 
     def lookup_name(self, target: str, row_id: str) -> str | None:
-        """The display name of a lookup's target (formatted-value annotation)."""
+        """The display name of a lookup's target (formatted-value annotation); `target` may list
+        several tables (`account|contact`) for a customer lookup."""
         if target == "systemuser":
             return self.user_names.get(row_id)
-        for entity in ENTITIES.values():
-            if entity.logical_name == target:
-                row = self.store.fetch(entity, row_id)
-                return row.get("fullname") if row else None
+        for name in target.split("|"):
+            entity = BY_LOGICAL_NAME.get(name)
+            row = self.store.fetch(entity, row_id) if entity is not None else None
+            if row is not None:
+                return row.get(entity.primary_name)  # type: ignore[union-attr]
         return None
+
+    def answer(self, req: ApiRequest) -> ApiResponse:
+        """Answer a top-level request; one that ran past the server's time limit answers the
+        timeout error (whatever its open transaction held is rolled back)."""
+        try:
+            return self.handle(req)
+        except ServerTimeout:
+            return error_response(server_timeout())
+
+    def _spend(self, req: ApiRequest, records: int) -> None:
+        if req.budget is not None and not req.prepaid:
+            req.budget.spend(records)
 
     def handle(self, req: ApiRequest) -> ApiResponse:
         """Answer one request; every failure becomes a Dataverse error body."""
@@ -179,6 +232,8 @@ class WebApi:
             return self._route(req)
         except DataverseError as exc:
             return error_response(exc)
+        except ServerTimeout:
+            raise
         except Exception:
             # A bug in the emulator: answer like the service's generic failure, keep the trace.
             log.exception("unexpected error in %s %s", req.method, req.path.split("(")[0])
@@ -302,12 +357,15 @@ class WebApi:
         if len(rest) == 1 and action in BULK_ACTIONS:
             if req.method != "POST":
                 raise no_resource(f"{self.api_base(req.version)}{req.path}")
+            if not self.settings.current.bulk_operations.get(entity.entity_set, True):
+                raise errors.message_not_supported(action, entity.logical_name)
             self._authorize(entity, req, *BULK_PRIVILEGES[action])
             return self._bulk(entity, action, req)
         raise segment_not_found(rest[0])
 
     def _create(self, entity: Entity, req: ApiRequest, prefs: Prefs) -> ApiResponse:
         body = _parse_json(req.body, entity.entity_set)
+        self._spend(req, 1)
         with self.store.transaction() as conn:
             values = self.writer.prepare(entity, body, creating=True, bindings=req.bindings)
             (row,) = self.writer.create(conn, entity, [values], self._caller(req))
@@ -358,6 +416,7 @@ class WebApi:
                 )
         caller = self._caller(req)
         cost = COST_MS["bulk"] + COST_MS["bulk_row"] * len(targets)
+        self._spend(req, len(targets))
         base = self.api_base(req.version)
         with self.store.transaction() as conn:
             if action == "CreateMultiple":
@@ -485,7 +544,6 @@ class WebApi:
             if req.method != "POST":
                 raise no_resource(f"{self.api_base(req.version)}{req.path}")
             self._authorize(entity, req, "Read", "Write")
-            self._authorize(ENTITIES["contacts"], req, "Create")
             return self._qualify(entity, key_text, req)
         if len(rest) == 1 and entity.by_json_name(rest[0]) is not None:
             self._authorize(entity, req, "Read" if req.method == "GET" else "Write")
@@ -526,6 +584,7 @@ class WebApi:
         if_match = req.headers.get("if-match")
         if_none_match = req.headers.get("if-none-match")
         caller = self._caller(req)
+        self._spend(req, 1)
         with self.store.transaction() as conn:
             key, existing = self._find(entity, key_text)
             if if_match:
@@ -543,6 +602,7 @@ class WebApi:
 
     def _delete(self, entity: Entity, key_text: str, req: ApiRequest) -> ApiResponse:
         if_match = req.headers.get("if-match")
+        self._spend(req, 1)
         with self.store.transaction() as conn:
             key, existing = self._find(entity, key_text)
             if existing is None:
@@ -583,6 +643,7 @@ class WebApi:
             raise bad_request(
                 f"The property '{name}' cannot be set this way.", errors.INVALID_ARGUMENT
             )
+        self._spend(req, 1)
         with self.store.transaction() as conn:
             key, existing = self._find(entity, key_text)
             if existing is None:
@@ -593,6 +654,12 @@ class WebApi:
 
     def _qualify(self, entity: Entity, key_text: str, req: ApiRequest) -> ApiResponse:
         params = _parse_json(req.body, entity.entity_set)
+        flags = qualify_flags(params)
+        for flag, entity_set in QUALIFY_CREATES.items():
+            if flags[flag]:
+                self._authorize(ENTITIES[entity_set], req, "Create")
+        # The lead's update plus each record created.
+        self._spend(req, 1 + sum(flags.values()))
         with self.store.transaction() as conn:
             key, lead = self._find(entity, key_text)
             if lead is None:
@@ -634,6 +701,9 @@ class WebApi:
         bindings: dict[str, str] = {}
         parts: list[PartResponse] = []
         cost = 0.0
+        # The change set's records are paid for before its transaction starts, so that no write
+        # lock is held while the server "works".
+        self._spend(req, sum(_records_written(inner) for inner in changeset.requests))
         try:
             with self.store.transaction():
                 for inner in changeset.requests:
@@ -651,7 +721,7 @@ class WebApi:
                             inner.content_id,
                         )
                         raise _ChangeSetFailed(failure)
-                    part, spent = self._part(inner, req, bindings)
+                    part, spent = self._part(inner, req, bindings, prepaid=True)
                     cost += spent
                     if part.status >= 400:
                         raise _ChangeSetFailed(part)
@@ -664,7 +734,12 @@ class WebApi:
         return ChangeSetResponse(parts), cost
 
     def _part(
-        self, inner: BatchRequest, req: ApiRequest, bindings: dict[str, str]
+        self,
+        inner: BatchRequest,
+        req: ApiRequest,
+        bindings: dict[str, str],
+        *,
+        prepaid: bool = False,
     ) -> tuple[PartResponse, float]:
         try:
             path, query, version = self._inner_target(inner.url, req.version, bindings)
@@ -679,7 +754,7 @@ class WebApi:
                 answer = self.handle(
                     ApiRequest(
                         inner.method, path, query, headers, inner.body, version, req.user_id,
-                        bindings,
+                        bindings, req.budget, prepaid,
                     )
                 )  # fmt: skip
         headers = {"OData-Version": "4.0", **answer.headers}
@@ -709,6 +784,24 @@ class WebApi:
         if match is not None:
             return match.group(2), parts.query, match.group(1)
         return path.lstrip("/"), parts.query, version
+
+
+def _records_written(inner: BatchRequest) -> int:
+    """How many records a `$batch` part writes, for the cost model: none for a GET, each target
+    of a bulk action, the lead and what QualifyLead creates, otherwise one."""
+    if inner.method == "GET":
+        return 0
+    path = inner.url.split("?")[0]
+    try:
+        body = json.loads(inner.body or b"{}")
+    except ValueError:
+        body = None
+    if any(path.endswith(f"{NS}.{action}") for action in BULK_ACTIONS):
+        targets = body.get("Targets") if isinstance(body, dict) else None
+        return len(targets) if isinstance(targets, list) else 1
+    if path.endswith(f"{NS}.QualifyLead") and isinstance(body, dict):
+        return 1 + sum(body.get(flag) is True for flag in QUALIFY_CREATES)
+    return 1
 
 
 class _ChangeSetFailed(Exception):

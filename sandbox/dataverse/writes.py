@@ -1,5 +1,6 @@
-"""Writes: payload validation (types, MaxLength, state/status), server-set columns, the alternate
-key and duplicate rule on `emailaddress1`, and lead qualification (§2.5-§2.8, §7)."""
+"""Writes: payload validation (types, MaxLength in UTF-16 code units, state/status), server-set
+columns, the alternate key and duplicate rule on `emailaddress1`, and lead qualification into an
+account, a contact and an opportunity (§2.5-§2.8, §7)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,30 @@ QUALIFY_COPY = (
     "donotphone", "donotpostalmail",
 )  # fmt: skip
 _BOOL_DEFAULTS = ("donotemail", "donotbulkemail", "donotphone", "donotpostalmail")
+# Columns QualifyLead copies from the lead to the new account (lead column -> account column).
+QUALIFY_ACCOUNT = {
+    "companyname": "name", "emailaddress1": "emailaddress1", "telephone1": "telephone1",
+    "websiteurl": "websiteurl",
+}  # fmt: skip
+
+
+def utf16_length(text: str) -> int:
+    """The length .NET (and so Dataverse's MaxLength) counts: UTF-16 code units, so a character
+    outside the Basic Multilingual Plane, such as an emoji, counts 2."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def clip(text: str | None, units: int) -> str | None:
+    """`text` cut to at most `units` UTF-16 code units, never inside a surrogate pair; None for
+    nothing left."""
+    if not text:
+        return None
+    if utf16_length(text) <= units:
+        return text
+    data = text.encode("utf-16-le")[: units * 2]
+    if len(data) >= 2 and 0xD800 <= int.from_bytes(data[-2:], "little") <= 0xDBFF:
+        data = data[:-2]
+    return data.decode("utf-16-le") or None
 
 
 @dataclass(frozen=True)
@@ -80,9 +105,9 @@ class Writer:
         values: dict[str, Any] = {}
         for key, value in body.items():
             if key.endswith("@odata.bind"):
-                column = self._bind_column(entity, key[: -len("@odata.bind")])
+                column, target = self._bind_column(entity, key[: -len("@odata.bind")])
                 if creating or column.valid_for_update:
-                    values[column.name] = self._bind_target(column, value, bindings or {})
+                    values[column.name] = self._bind_target(column, target, value, bindings or {})
                 continue
             if "@" in key:
                 continue
@@ -96,9 +121,17 @@ class Writer:
             values[column.name] = self.convert(entity, column, value)
         return values
 
-    def _bind_column(self, entity: Entity, name: str) -> Column:
+    def _bind_column(self, entity: Entity, name: str) -> tuple[Column, str]:
+        """The lookup a navigation property writes, and the table it points at. A customer lookup
+        has one navigation property per target (`parentcustomerid_account`), not its own name."""
         column = entity.columns.get(name)
-        if column is None or column.kind != "lookup" or column.read_only:
+        target = column.target if column is not None and not column.targets else None
+        if column is None and "_" in name:
+            base, _, suffix = name.rpartition("_")
+            candidate = entity.columns.get(base)
+            if candidate is not None and suffix in candidate.targets:
+                column, target = candidate, suffix
+        if column is None or column.kind != "lookup" or column.read_only or target is None:
             raise bad_request(
                 "Error identified in Payload provided by the user for Entity :"
                 f"'{entity.entity_set}', For more information on this error please follow this "
@@ -109,18 +142,20 @@ class Writer:
                 "and declared named streams can be represented as properties without values.",
                 errors.PAYLOAD,
             )
-        return column
+        return column, target
 
-    def _bind_target(self, column: Column, value: Any, bindings: dict[str, str]) -> str:
+    def _bind_target(
+        self, column: Column, target_name: str, value: Any, bindings: dict[str, str]
+    ) -> str:
         if isinstance(value, str) and value in bindings:
             value = bindings[value]
         match = _BIND.match(value) if isinstance(value, str) else None
-        target = BY_LOGICAL_NAME.get(column.target or "")
-        expected = target.entity_set if target else f"{column.target}s"
+        target = BY_LOGICAL_NAME.get(target_name)
+        expected = target.entity_set if target else f"{target_name}s"
         if match is None or match.group(1) != expected:
             raise bad_request(
                 f"The value '{value}' of '{column.name}@odata.bind' is not a valid reference to "
-                f"a {column.target} record.",
+                f"a {target_name} record.",
                 errors.PAYLOAD,
             )
         row_id = match.group(2).lower()
@@ -130,7 +165,7 @@ class Writer:
             else row_id in self.user_names
         )
         if not exists:
-            raise not_found(column.target or "", row_id)
+            raise not_found(target_name, row_id)
         return row_id
 
     def convert(self, entity: Entity, column: Column, value: Any) -> Any:
@@ -149,7 +184,7 @@ class Writer:
             if value == "":
                 # Dataverse stores empty strings as null.
                 return None
-            if column.max_length is not None and len(value) > column.max_length:
+            if column.max_length is not None and utf16_length(value) > column.max_length:
                 raise bad_request(
                     f"A validation error occurred.  The length of the '{column.name}' attribute "
                     f"of the '{entity.logical_name}' entity exceeded the maximum allowed length of "
@@ -161,6 +196,10 @@ class Writer:
             if not isinstance(value, str) or not _GUID.fullmatch(value):
                 raise _cannot_convert(value, "Edm.Guid")
             return value.lower()
+        if column.kind == "money":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _cannot_convert(value, "Edm.Decimal")
+            return float(value)
         if column.kind == "bool":
             if not isinstance(value, bool):
                 raise _cannot_convert(value, "Edm.Boolean")
@@ -248,12 +287,16 @@ class Writer:
         )
 
     @staticmethod
-    def computed(row: dict[str, Any]) -> None:
-        """Set the columns the server derives: fullname ("First Last") and the composite address."""
-        full = " ".join(p for p in (row.get("firstname"), row.get("lastname")) if p).strip()
-        row["fullname"] = full[:160] or None
-        parts = [row.get(name) for name in _ADDRESS_PARTS]
-        row["address1_composite"] = "\n".join(p for p in parts if p)[:1000] or None
+    def computed(row: dict[str, Any], entity: Entity | None = None) -> None:
+        """Set the columns the server derives (of those `entity` has): fullname ("First Last")
+        and the composite address, cut to their MaxLength in UTF-16 code units."""
+        columns = entity.columns if entity is not None else None
+        if columns is None or "fullname" in columns:
+            full = " ".join(p for p in (row.get("firstname"), row.get("lastname")) if p).strip()
+            row["fullname"] = clip(full, 160)
+        if columns is None or "address1_composite" in columns:
+            parts = [row.get(name) for name in _ADDRESS_PARTS]
+            row["address1_composite"] = clip("\n".join(p for p in parts if p), 1000)
 
     # -- operations --------------------------------------------------------------------------
 
@@ -279,7 +322,7 @@ class Writer:
             if row.get("emailaddress1") is not None:
                 seen_emails.add(casefold(row["emailaddress1"]))
             for name in _BOOL_DEFAULTS:
-                if row.get(name) is None:
+                if name in entity.columns and row.get(name) is None:
                     row[name] = 0
             row.update(
                 {
@@ -294,7 +337,7 @@ class Writer:
                     "versionnumber": first_version + offset,
                 }
             )
-            self.computed(row)
+            self.computed(row, entity)
             rows.append(row)
         self.store.insert(conn, entity, rows)
         return rows
@@ -324,7 +367,7 @@ class Writer:
                 "versionnumber": self.store.next_versions(conn),
             }
         )
-        self.computed(row)
+        self.computed(row, entity)
         changed = {k: v for k, v in row.items() if k != entity.primary_id}
         self.store.update(conn, entity, row_id, changed)
         return row
@@ -332,26 +375,10 @@ class Writer:
     def qualify(
         self, conn: sqlite3.Connection, lead: dict[str, Any], params: Any, caller: Caller
     ) -> list[tuple[Entity, str]]:
-        """QualifyLead: close the lead as qualified and create the contact it becomes."""
-        if not isinstance(params, dict):
-            raise bad_request("The QualifyLead parameters must be a JSON object.", errors.PAYLOAD)
-        for name in ("CreateAccount", "CreateContact", "CreateOpportunity", "Status"):
-            if name not in params:
-                raise bad_request(
-                    f"The parameter '{name}' of the action 'QualifyLead' is required.",
-                    errors.INVALID_ARGUMENT,
-                )
-        flags = {
-            name: params[name] for name in ("CreateAccount", "CreateContact", "CreateOpportunity")
-        }
-        if not all(isinstance(v, bool) for v in flags.values()):
-            raise _cannot_convert(flags, "Edm.Boolean")
-        if flags["CreateAccount"] or flags["CreateOpportunity"]:
-            raise bad_request(
-                "The sandbox emulates leads and contacts only: QualifyLead can create a contact "
-                "but not an account or an opportunity.",
-                errors.INVALID_ARGUMENT,
-            )
+        """QualifyLead: close the lead as qualified and create the account, contact and
+        opportunity the flags ask for, each with `originatingleadid` = the lead. The lead then
+        points at its account and contact (`parentaccountid`, `parentcontactid`)."""
+        flags = qualify_flags(params)
         leads = ENTITIES["leads"]
         status = params["Status"]
         if isinstance(status, bool) or not isinstance(status, int) or status not in leads.states[1]:
@@ -363,24 +390,72 @@ class Writer:
                 "This lead is already closed. You cannot convert or qualify a lead that is "
                 "already closed.",
             )
+        lead_id = lead["leadid"]
+        as_caller = Caller(caller.user_id)
         created: list[tuple[Entity, str]] = []
+        account_id: str | None = lead.get("parentaccountid")
+        contact_id: str | None = lead.get("parentcontactid")
+        if flags["CreateAccount"]:
+            accounts = ENTITIES["accounts"]
+            values: dict[str, Any] = {
+                target: lead.get(source) for source, target in QUALIFY_ACCOUNT.items()
+            }
+            values["name"] = clip(values["name"], accounts.columns["name"].max_length or 160)
+            values["originatingleadid"] = lead_id
+            (account,) = self.create(conn, accounts, [values], as_caller)
+            account_id = account["accountid"]
+            created.append((accounts, account_id))
         if flags["CreateContact"]:
+            # A new contact even when the lead already names one (the flag is obeyed as given;
+            # the Sales UI is what clears it for a lead with an existing contact).
             contacts = ENTITIES["contacts"]
             values = {name: lead.get(name) for name in QUALIFY_COPY}
-            values["originatingleadid"] = lead["leadid"]
-            values["company"] = (lead.get("companyname") or "")[:50] or None
-            (contact,) = self.create(conn, contacts, [values], Caller(caller.user_id))
-            created.append((contacts, contact["contactid"]))
+            values["originatingleadid"] = lead_id
+            values["company"] = clip(lead.get("companyname"), 50)
+            if flags["CreateAccount"]:
+                values["parentcustomerid"] = account_id
+            (contact,) = self.create(conn, contacts, [values], as_caller)
+            contact_id = contact["contactid"]
+            created.append((contacts, contact_id))
+        if flags["CreateOpportunity"]:
+            opportunities = ENTITIES["opportunities"]
+            values = {
+                "name": clip(lead.get("subject"), 300),
+                "parentaccountid": account_id,
+                "parentcontactid": contact_id,
+                "customerid": account_id or contact_id,
+                "originatingleadid": lead_id,
+            }
+            (opportunity,) = self.create(conn, opportunities, [values], as_caller)
+            created.append((opportunities, opportunity["opportunityid"]))
         self.store.update(
             conn,
             leads,
-            lead["leadid"],
+            lead_id,
             {
                 "statecode": 1,
                 "statuscode": status,
+                "parentaccountid": account_id,
+                "parentcontactid": contact_id,
                 "modifiedby": caller.user_id,
                 "modifiedon": int(time.time()),
                 "versionnumber": self.store.next_versions(conn),
             },
         )
         return created
+
+
+def qualify_flags(params: Any) -> dict[str, bool]:
+    """The CreateAccount/CreateContact/CreateOpportunity parameters of QualifyLead, checked."""
+    if not isinstance(params, dict):
+        raise bad_request("The QualifyLead parameters must be a JSON object.", errors.PAYLOAD)
+    for name in ("CreateAccount", "CreateContact", "CreateOpportunity", "Status"):
+        if name not in params:
+            raise bad_request(
+                f"The parameter '{name}' of the action 'QualifyLead' is required.",
+                errors.INVALID_ARGUMENT,
+            )
+    flags = {name: params[name] for name in ("CreateAccount", "CreateContact", "CreateOpportunity")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise _cannot_convert(flags, "Edm.Boolean")
+    return flags

@@ -161,7 +161,7 @@ def test_retrieve_user_privileges_and_a_privilege_taken_away(dv: DV) -> None:
     unknown = dv.get(f"systemusers({uuid.uuid4()})/{NS}.RetrieveUserPrivileges()")
     assert unknown.status_code == 404
     with pytest.raises(requests.HTTPError):
-        dv.sandbox.admin("d365", "PUT", "privileges", json={"prvReadAccount": "Global"})
+        dv.sandbox.admin("d365", "PUT", "privileges", json={"prvReadCompetitor": "Global"})
     dv.sandbox.admin("d365", "POST", "reset")
     assert held()["prvWriteLead"]["Depth"] == "Global"
 
@@ -203,7 +203,7 @@ def test_entity_definitions_and_string_max_lengths(dv: DV) -> None:
     assert all(set(a) == {"@odata.type", "LogicalName", "MaxLength"} for a in attrs)
     one = dv.get("EntityDefinitions(LogicalName='contact')?$select=LogicalName,EntitySetName")
     assert one.json()["EntitySetName"] == "contacts"
-    assert dv.get("EntityDefinitions(LogicalName='account')").status_code == 404
+    assert dv.get("EntityDefinitions(LogicalName='competitor')").status_code == 404
 
 
 # -- reads -------------------------------------------------------------------------------------
