@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import requests
@@ -32,6 +33,12 @@ API = "/api/3"
 MAX_PAGE = 100
 MAX_IMPORT_CHUNK = 250
 IMPORTS_PER_MINUTE = 100
+# The earliest UTC offset in use: a wall-clock time written at it is never later than the same
+# instant's wall-clock time in any account's zone.
+EARLIEST_OFFSET = timedelta(hours=-12)
+# How far an account's offset may have moved (daylight saving time) since AC rendered the
+# timestamp it was learned from.
+DST_SHIFT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ class ActiveCampaignHook(CrmHttpHook):
         self.import_timeout = import_timeout
         self.import_budget = WindowBudget(IMPORTS_PER_MINUTE, 60.0)
         self._tag_ids: dict[str, str] = {}
+        #: The account's UTC offset, learned from the first AC timestamp read (None: not yet).
+        self.account_offset: timedelta | None = None
 
     def _configure(self, session: requests.Session, connection: Any) -> None:
         if not connection.password:
@@ -168,20 +177,27 @@ class ActiveCampaignHook(CrmHttpHook):
     ) -> Iterator[dict[str, Any]]:
         """Contacts matching every filter given, in id order (keyset paging).
 
-        `updated_after` is sent as `filters[updated_after]` in UTC ISO 8601; AC does not document
-        whether the time of day is honoured, so callers should overlap their windows.
+        `updated_after` returns exactly the contacts whose `udate` is at or after it (to the
+        second): AC is sent a bound early enough under every reading of the filter
+        (`updated_after_bound`) and what it returns in excess is dropped here.
         """
         params: list[tuple[str, Any]] = []
         if tag_id is not None:
             params.append(("tagid", str(tag_id)))
         if updated_after is not None:
-            params.append(("filters[updated_after]", _iso(updated_after)))
+            bound = updated_after_bound(updated_after, self.account_offset)
+            params.append(("filters[updated_after]", bound))
         if email is not None:
             params.append(("email", email))
         if ids is None:
-            yield from self.iter_items(
+            found = self.iter_items(
                 "contacts", "contacts", params=params, keyset=True, page_size=page_size
             )
+            floor = _utc(updated_after).replace(microsecond=0) if updated_after else None
+            for contact in found:
+                self._note_offset(contact.get("cdate"))
+                if floor is None or _parse_time(contact.get("udate")) >= floor:
+                    yield contact
             return
         wanted = [str(i) for i in ids]
         for start in range(0, len(wanted), MAX_PAGE):
@@ -190,6 +206,12 @@ class ActiveCampaignHook(CrmHttpHook):
             query = [*params, *(("ids[]", i) for i in chunk), ("limit", MAX_PAGE)]
             body = self.request_json("GET", f"{API}/contacts", params=query) or {}
             yield from body.get("contacts") or []
+
+    def _note_offset(self, value: Any) -> None:
+        """Learn the account's UTC offset from an AC timestamp (ISO 8601 with the offset)."""
+        if self.account_offset is None and value:
+            with contextlib.suppress(ValueError):
+                self.account_offset = datetime.fromisoformat(str(value)).utcoffset()
 
     def get_contact(self, contact_id: str | int) -> dict[str, Any] | None:
         """One contact (the `contact` object of the side-loaded envelope), None if missing."""
@@ -245,6 +267,7 @@ class ActiveCampaignHook(CrmHttpHook):
             if not rows:
                 return
             moments = [_parse_time(row.get("cdate")) for row in rows]
+            self._note_offset(rows[0].get("cdate"))
             last_page = len(rows) < MAX_PAGE or (total is not None and offset + len(rows) >= total)
             if tail is not None and moments[0] == tail.moment:
                 # The previous page's last second runs on here, shuffled across both pages.
@@ -363,6 +386,7 @@ class ActiveCampaignHook(CrmHttpHook):
             by_lower = {name.lower(): name for name in unknown}
             params = {"filters[search][starts_with]": prefix}
             for tag in self.iter_items("tags", "tags", params=params):
+                self._note_offset(tag.get("cdate"))
                 name = by_lower.get(str(tag.get("tag", "")).lower())
                 if name is None or tag.get("tagType", "contact") != "contact":
                     continue
@@ -712,8 +736,17 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _iso(moment: datetime) -> str:
-    return _utc(moment).astimezone(UTC).isoformat(timespec="seconds")
+def updated_after_bound(since: datetime, account_offset: timedelta | None) -> str:
+    """The `filters[updated_after]` value that returns every contact updated at or after `since`
+    however AC reads it (UNCONFIRMED, reference §2.4): as an instant, as a wall-clock time in
+    the account's zone (offset ignored), or as a date there.
+
+    `since` (floored to the second) is written at the account's offset less an hour for a DST
+    change, or at UTC-12 when the offset is unknown: its wall-clock time and date are then never
+    later than the account's own, and the offset it carries keeps the instant exact.
+    """
+    offset = EARLIEST_OFFSET if account_offset is None else account_offset - DST_SHIFT
+    return _utc(since).astimezone(timezone(offset)).isoformat(timespec="seconds")
 
 
 def _parse_time(value: Any) -> datetime:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from sandbox.activecampaign import imports, ops, views
 from sandbox.activecampaign.imports import ImportQueue
-from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, scaled_imports
+from sandbox.activecampaign.ratelimit import Overload, SlidingWindow, TokenBucket, scaled_imports
 from sandbox.activecampaign.store import ApiError, Store, not_found
 from sandbox.activecampaign.webhooks import WebhookDispatcher
 from sandbox.admin import Controls
@@ -34,11 +34,24 @@ class Emulator:
     #: How list endpoints order rows equal on the sorted column: `shuffled` (AC: a new order on
     #: every request) or `stable` (by id; an admin switch for tests that need determinism).
     ties: str = "shuffled"
+    #: How `filters[created_*|updated_*]` read their value (`store.DATE_READINGS`).
+    date_filters: str = "date"
+    #: The `Retry-After` of a 429 for being over the limit: None = the seconds until the bucket
+    #: has a token again (at least 1); a number = that, and the account is held for as long.
+    throttle_retry_after: int | None = None
+    overload: Overload = field(default_factory=Overload)
     _rng: random.Random = field(default_factory=random.Random)
 
     def tie_seed(self) -> int | None:
         """This request's seed for ordering ties, or None when ties are stable."""
         return self._rng.getrandbits(62) if self.ties == "shuffled" else None
+
+    def throttle_seconds(self, computed: int, now: float) -> int:
+        """The `Retry-After` of an over-the-limit 429 (holding the account when it is fixed)."""
+        if self.throttle_retry_after is None:
+            return computed
+        self.overload.hold(self.throttle_retry_after, now)
+        return self.throttle_retry_after
 
     def import_limit(self) -> int:
         """Bulk imports allowed per minute now (an admin override, else 100 x scale)."""
@@ -107,7 +120,7 @@ def build_api(emu: Emulator) -> APIRouter:
     @api.get("/contacts")
     def list_contacts(request: Request) -> JSONResponse:
         params = request.query_params
-        where, args = ops.contact_filters(params)
+        where, args = ops.contact_filters(params, emu.date_filters)
         limit, offset = ops.paging(params)
         db = store.conn()
         total = _total(db, "SELECT COUNT(*) FROM contacts c" + where, args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -19,14 +20,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sandbox.activecampaign import ops
 from sandbox.activecampaign.api import Emulator, build_api
 from sandbox.activecampaign.imports import ImportQueue
-from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, scaled_rate
-from sandbox.activecampaign.store import ApiError, Store, iso, parse_when
+from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, Trip, scaled_rate
+from sandbox.activecampaign.store import DATE_READINGS, ApiError, Store, iso, parse_when
 from sandbox.activecampaign.webhooks import WebhookDispatcher
 from sandbox.admin import Controls, install_admin
 from sandbox.credentials import load_or_create
 
 FORBIDDEN = b'{"message":"Forbidden"}'
 TOO_MANY = b'{"message":"Too Many Requests"}'
+UNAVAILABLE = (
+    b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n"
+    b"<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n</body>\r\n</html>\r\n"
+)
 TYPE_TAGS = {"lead": "D365: Lead", "contact": "D365: Contact"}
 PULLED_FROM_AC = "D365: Pulled from ActiveCampaign"
 
@@ -48,11 +53,34 @@ async def _send_json(
     await send({"type": "http.response.body", "body": body})
 
 
+async def _too_many(send: Send, seconds: int, headers: list[tuple[bytes, bytes]]) -> None:
+    retry = [(b"retry-after", str(seconds).encode())]
+    await _send_json(send, 429, TOO_MANY, retry + headers)
+
+
+async def _unavailable(send: Send) -> None:
+    """The 503 users report when over the limit (mediatoolkit/activecampaign-v3-php#18,
+    elementor/elementor#16369); its body is UNCONFIRMED: a front proxy's HTML page here."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/html"),
+                (b"content-length", str(len(UNAVAILABLE)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": UNAVAILABLE})
+
+
 class ApiGate:
     """Before `/api/`: the `Api-Token` check (403), then the account's 5/s limit (429).
 
-    The limit is read from the admin controls on every request, so tests can switch it at
-    runtime; admin routes never pass through here.
+    Before the bucket: a hold (a fixed `Retry-After` not yet over: 429 with the seconds left),
+    then the queued trips of the limit (429 or 503), both whether limits are on or off. The
+    limit is read from the admin controls on every request, so tests can switch it at runtime;
+    admin routes never pass through here.
     """
 
     def __init__(self, app: ASGIApp, emulator: Emulator, token: str) -> None:
@@ -68,19 +96,31 @@ class ApiGate:
         if not hmac.compare_digest(supplied, self.token):
             await _send_json(send, 403, FORBIDDEN, [])
             return
-        controls = self.emulator.controls
+        emu, now = self.emulator, time.monotonic()
+        controls = emu.controls
+        rate, capacity = scaled_rate(controls.limit_scale)
+        refused = [(b"ratelimit-limit", str(math.floor(capacity)).encode())]
+        refused.append((b"ratelimit-remaining", b"0"))
+        if held := emu.overload.held_for(now):
+            await _too_many(send, held, refused)
+            return
+        tripped = emu.overload.take()
+        if tripped == 503:
+            await _unavailable(send)
+            return
+        if tripped is not None:
+            await _too_many(send, emu.throttle_seconds(1, now), refused)
+            return
         if not controls.limits_enabled:
             await self.app(scope, receive, send)
             return
-        rate, capacity = scaled_rate(controls.limit_scale)
-        decision = self.emulator.bucket.take(rate, capacity, time.monotonic())
+        decision = emu.bucket.take(rate, capacity, now)
         limit_headers = [
             (b"ratelimit-limit", str(decision.limit).encode()),
             (b"ratelimit-remaining", str(decision.remaining).encode()),
         ]
         if not decision.allowed:
-            retry = [(b"retry-after", str(decision.retry_after).encode())]
-            await _send_json(send, 429, TOO_MANY, retry + limit_headers)
+            await _too_many(send, emu.throttle_seconds(decision.retry_after, now), limit_headers)
             return
 
         async def send_with_limits(message: Message) -> None:
@@ -114,6 +154,29 @@ class OrderingBody(BaseModel):
     """How rows equal on the sorted column are ordered: AC's way, or by id."""
 
     ties: Literal["shuffled", "stable"]
+
+
+class ThrottleBody(BaseModel):
+    """The `Retry-After` of an over-the-limit 429: null = the seconds until the bucket has a
+    token again; a number (AC's documented example is 30) = that, and the account is refused
+    for as long (a client that retries early is refused again, with the seconds left)."""
+
+    retry_after: int | None = Field(None, ge=1, le=3600)
+
+
+class TripBody(BaseModel):
+    """Trip the account's limit: after `after` more API requests, the next `count` get `status`
+    (429 with the throttle's Retry-After, or 503), whether limits are on or off."""
+
+    status: Literal[429, 503] = 429
+    after: int = Field(0, ge=0)
+    count: int = Field(1, ge=1, le=100_000)
+
+
+class DateFiltersBody(BaseModel):
+    """How `filters[created_*|updated_*]` read their value (`store.DATE_READINGS`)."""
+
+    reading: Literal["date", "timestamp", "local"]
 
 
 class ImportLimitBody(BaseModel):
@@ -188,6 +251,42 @@ def admin_routes(emu: Emulator) -> APIRouter:
         emu.ties = body.ties
         return {"ties": emu.ties}
 
+    def throttle() -> dict[str, Any]:
+        held = emu.overload.held_for(time.monotonic())
+        return {"retry_after": emu.throttle_retry_after, "held_for": held}
+
+    @router.get("/limits/throttle")
+    def get_throttle() -> dict[str, Any]:
+        return throttle()
+
+    @router.put("/limits/throttle")
+    def set_throttle(body: ThrottleBody) -> dict[str, Any]:
+        emu.throttle_retry_after = body.retry_after
+        return throttle()
+
+    @router.post("/limits/trips")
+    def add_trip(body: TripBody) -> dict[str, Any]:
+        pending = emu.overload.add(Trip(body.status, body.after, body.count))
+        return {"queued": body.model_dump(), "pending": pending}
+
+    @router.get("/limits/trips")
+    def list_trips() -> dict[str, Any]:
+        return {"trips": emu.overload.pending(), **throttle()}
+
+    @router.delete("/limits/trips")
+    def clear_trips() -> dict[str, Any]:
+        emu.overload.clear()
+        return {"cleared": True}
+
+    @router.get("/date_filters")
+    def get_date_filters() -> dict[str, Any]:
+        return {"reading": emu.date_filters}
+
+    @router.put("/date_filters")
+    def set_date_filters(body: DateFiltersBody) -> dict[str, Any]:
+        emu.date_filters = body.reading
+        return {"reading": emu.date_filters}
+
     @router.get("/limits/bulk_import")
     def get_import_limit() -> dict[str, Any]:
         return {"per_minute": emu.import_limit(), "override": emu.imports_per_minute}
@@ -241,6 +340,9 @@ def create_app(data_dir: Path, *, limits: bool = True, limit_scale: float = 1.0)
         emu.import_window.clear()
         emu.imports_per_minute = None
         emu.ties = "shuffled"
+        emu.date_filters = DATE_READINGS[0]
+        emu.throttle_retry_after = None
+        emu.overload.clear()
         emu.webhooks.clear()
 
     install_admin(

@@ -18,6 +18,7 @@ from sandbox.activecampaign.store import (
     json_api_error,
     not_found,
     now,
+    parse_bound,
     parse_when,
 )
 
@@ -303,8 +304,11 @@ _DATE_FILTERS = {
 }
 
 
-def contact_filters(params: QueryParams) -> tuple[str, list[Any]]:
-    """The WHERE clause of GET /contacts; unknown or malformed filters are ignored."""
+def contact_filters(params: QueryParams, dates: str = "timestamp") -> tuple[str, list[Any]]:
+    """The WHERE clause of GET /contacts; unknown or malformed filters are ignored.
+
+    `dates` is how the `filters[created_*|updated_*]` bounds are read (`store.DATE_READINGS`).
+    """
     where: list[str] = []
     args: list[Any] = []
     ids = id_list(params)
@@ -348,7 +352,7 @@ def contact_filters(params: QueryParams) -> tuple[str, list[Any]]:
         where.append("(" + " OR ".join(f"{col} LIKE ? ESCAPE '\\'" for col in columns) + ")")
         args += [like_pattern(search)] * len(columns)
     for key, clause in _DATE_FILTERS.items():
-        if key in params and (bound := parse_when(params[key])) is not None:
+        if key in params and (bound := parse_bound(params[key], dates)) is not None:
             where.append(clause)
             args.append(bound)
     return (" WHERE " + " AND ".join(where)) if where else "", args

@@ -88,3 +88,64 @@ def scaled_rate(scale: float) -> tuple[float, float]:
 def scaled_imports(scale: float) -> int:
     """The bulk-import requests allowed per minute at a limit scale."""
     return max(1, round(IMPORTS_PER_MINUTE * scale))
+
+
+@dataclass
+class Trip:
+    """A queued trip of the account's limit: `after` more API requests pass, then `count` get
+    `status` (429, or the 503 users report when over the limit)."""
+
+    status: int
+    after: int
+    count: int
+
+
+class Overload:
+    """Trips of the account's limit (consumed in order by API requests) and the hold a fixed
+    `Retry-After` puts the account under: refused until that many seconds have passed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._trips: deque[Trip] = deque()
+        self._until = 0.0
+
+    def add(self, trip: Trip) -> int:
+        """Queue a trip; returns how many are pending."""
+        with self._lock:
+            self._trips.append(trip)
+            return len(self._trips)
+
+    def take(self) -> int | None:
+        """The status this API request gets from a queued trip, or None (consumes one use)."""
+        with self._lock:
+            if not self._trips:
+                return None
+            trip = self._trips[0]
+            if trip.after > 0:
+                trip.after -= 1
+                return None
+            trip.count -= 1
+            if trip.count <= 0:
+                self._trips.popleft()
+            return trip.status
+
+    def hold(self, seconds: int, now: float) -> None:
+        """Refuse every API request for `seconds` from `now`."""
+        with self._lock:
+            self._until = max(self._until, now + seconds)
+
+    def held_for(self, now: float) -> int:
+        """Whole seconds (rounded up) the hold still lasts; 0 when not held."""
+        with self._lock:
+            return max(0, math.ceil(self._until - now))
+
+    def pending(self) -> list[dict[str, int]]:
+        """The queued trips as JSON."""
+        with self._lock:
+            return [{"status": t.status, "after": t.after, "count": t.count} for t in self._trips]
+
+    def clear(self) -> None:
+        """Drop every trip and end the hold (the admin reset)."""
+        with self._lock:
+            self._trips.clear()
+            self._until = 0.0

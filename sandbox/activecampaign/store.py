@@ -255,6 +255,31 @@ def parse_when(value: str) -> int | None:
     return math.floor(moment.timestamp())
 
 
+#: How `filters[created_*|updated_*]` read their value (AC types them `date`; UNCONFIRMED):
+#: `date` = only the date part counts, as a day in the account's zone (the default);
+#: `timestamp` = the instant, offset honoured; `local` = the wall-clock time read in the
+#: account's zone, any offset ignored.
+DATE_READINGS = ("date", "timestamp", "local")
+
+
+def parse_bound(value: str, reading: str) -> int | None:
+    """A `filters[...]` date bound in whole seconds as `reading` (see DATE_READINGS) reads it."""
+    if reading == "date":
+        try:
+            day = datetime.fromisoformat(value.strip()[:10])
+        except ValueError:
+            return None
+        return math.floor(day.replace(tzinfo=ACCOUNT_TZ).timestamp())
+    if reading == "local":
+        text = _DECODED_PLUS.sub(r"\1+\2", value.strip())
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        return math.floor(moment.replace(tzinfo=ACCOUNT_TZ).timestamp())
+    return parse_when(value)
+
+
 @dataclass(frozen=True)
 class Event:
     """Something a webhook may be told about, recorded inside a write and published on commit."""

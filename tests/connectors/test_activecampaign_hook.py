@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from crm_connectors.activecampaign import ActiveCampaignHook
+from crm_connectors.activecampaign import ActiveCampaignHook, updated_after_bound
 from crm_connectors.errors import ClientError, ServerError
 from crm_connectors.retry import RetryPolicy
 
@@ -136,6 +136,62 @@ def test_filters_by_email_ids_and_update_time(ac) -> None:
     assert made[0]["id"] in {c["id"] for c in ac.list_contacts(updated_after=since)}
     future = datetime.now(UTC) + timedelta(days=1)
     assert list(ac.list_contacts(updated_after=future)) == []
+
+
+@pytest.mark.parametrize("offset", [None, timedelta(hours=-5), timedelta(hours=10)])
+def test_updated_after_bound_is_early_enough_under_every_reading(
+    offset: timedelta | None,
+) -> None:
+    since = datetime(2025, 6, 2, 3, 30, 0, 700_000, tzinfo=UTC)
+    bound = updated_after_bound(since, offset)
+    sent = datetime.fromisoformat(bound)
+    zone = offset or timedelta(hours=14)  # unknown: any account, the latest zone included
+    local = since.astimezone(timezone(zone))
+    assert sent == since.replace(microsecond=0)  # as an instant: exact to the second
+    assert sent.replace(tzinfo=timezone(zone)) <= since  # as wall-clock time in the account's zone
+    assert sent.date() <= local.date()  # as a date in the account's zone
+    if offset is not None:
+        assert sent.utcoffset() == offset - timedelta(hours=1)  # a DST change's hour of margin
+
+
+@pytest.mark.parametrize("reading", ["date", "timestamp", "local"])
+def test_updated_after_returns_exactly_the_contacts_updated_since_under_every_reading(
+    sandbox_env, ac, reading: str
+) -> None:
+    from sandbox.activecampaign import ops
+    from sandbox.activecampaign.store import Store
+
+    sandbox_env.admin("ac", "PUT", "date_filters", json={"reading": reading})
+    since = datetime(2025, 6, 2, 3, 30, tzinfo=UTC)  # 22:30 on June 1 in the account's -05:00
+    store = Store(sandbox_env.data_dir)
+    updated = {}
+    with store.write() as tx:
+        for minutes in (-600, -1, 0, 1, 600):
+            moment = int((since + timedelta(minutes=minutes)).timestamp())
+            contact_id = ops.insert_contact(
+                tx, ops.ContactInput(email=f"u{minutes}@example.com"), moment - 86_400
+            )
+            tx.db.execute("UPDATE contacts SET udate = ? WHERE id = ?", (moment, contact_id))
+            updated[minutes] = str(contact_id)
+    assert ac.account_offset is None  # nothing read yet: the bound is written at UTC-12
+    got = [c["id"] for c in ac.list_contacts(updated_after=since)]
+    assert got == [updated[0], updated[1], updated[600]]
+    assert ac.account_offset == timedelta(hours=-5)  # learned from what was read
+    got = [c["id"] for c in ac.list_contacts(updated_after=since + timedelta(seconds=59))]
+    assert got == [updated[1], updated[600]]
+
+
+def test_a_503_burst_and_a_held_429_are_waited_out(sandbox_env, ac, counted) -> None:
+    ac.sync_contact({"email": "burst@example.com"})
+    sandbox_env.admin("ac", "POST", "limits/trips", json={"status": 503, "count": 3})
+    assert [c["email"] for c in ac.list_contacts()] == ["burst@example.com"]
+    assert counted("ac", CONTACTS, "GET") == {503: 3, 200: 1}
+    sandbox_env.admin("ac", "PUT", "limits/throttle", json={"retry_after": 2})
+    sandbox_env.admin("ac", "POST", "limits/trips", json={"status": 429})
+    started = time.monotonic()
+    assert ac.find_contact_by_email("burst@example.com") is not None
+    assert time.monotonic() - started >= 2.0
+    assert counted("ac", CONTACTS, "GET")[429] == 1
 
 
 def test_faults_are_retried_boundedly_and_logged(

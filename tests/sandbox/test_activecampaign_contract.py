@@ -259,6 +259,45 @@ def test_limit_scale_multiplies_the_rate_and_admin_is_never_limited(sandbox: Any
 
 
 @pytest.mark.sandbox
+def test_a_fixed_retry_after_holds_the_account_until_it_has_passed(sandbox: Any, ac: AC) -> None:
+    assert sandbox.admin("ac", "GET", "limits/throttle") == {"retry_after": None, "held_for": 0}
+    sandbox.set_limits("ac", enabled=True, scale=0.2)  # 1 request per second
+    sandbox.admin("ac", "PUT", "limits/throttle", json={"retry_after": 2})
+    first, refused = ac.get("/users/me"), ac.get("/users/me")
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert refused.headers["Retry-After"] == "2"
+    assert refused.json() == {"message": "Too Many Requests"}
+    assert sandbox.admin("ac", "GET", "limits/throttle")["held_for"] in (1, 2)
+    time.sleep(1.2)
+    early = ac.get("/users/me")  # the bucket has a token again, but the hold is not over
+    assert (early.status_code, early.headers["Retry-After"]) == (429, "1")
+    time.sleep(1.0)
+    assert ac.get("/users/me").status_code == 200
+
+
+@pytest.mark.sandbox
+def test_trips_answer_429_or_a_503_burst_whether_limits_are_on_or_off(sandbox: Any, ac: AC) -> None:
+    sandbox.admin("ac", "POST", "limits/trips", json={"status": 503, "after": 2, "count": 3})
+    queued = sandbox.admin("ac", "POST", "limits/trips", json={"status": 429})
+    assert queued["pending"] == 2
+    assert sandbox.admin("ac", "GET", "limits/trips")["trips"][0] == {
+        "status": 503, "after": 2, "count": 3,
+    }  # fmt: skip
+    answers = [ac.get("/users/me") for _ in range(7)]
+    assert [r.status_code for r in answers] == [200, 200, 503, 503, 503, 429, 200]
+    unavailable = answers[2]
+    assert unavailable.headers["Content-Type"] == "text/html"
+    assert "503 Service Temporarily Unavailable" in unavailable.text
+    assert "Retry-After" not in unavailable.headers
+    assert answers[5].headers["Retry-After"] == "1"  # the bucket's own answer: 1 s
+    by_status = sandbox.admin("ac", "GET", "counters")["by_status"]
+    assert (by_status["503"], by_status["429"]) == (3, 1)
+    sandbox.admin("ac", "POST", "limits/trips", json={"status": 503, "count": 5})
+    sandbox.admin("ac", "POST", "reset")
+    assert sandbox.admin("ac", "GET", "limits/trips")["trips"] == []
+
+
+@pytest.mark.sandbox
 def test_bulk_import_beyond_the_per_minute_limit_is_400_rate_limit_exceeded(
     sandbox: Any, ac: AC
 ) -> None:
@@ -358,6 +397,7 @@ def test_tagid_listid_status_and_search_filters(ac: AC) -> None:
 
 @pytest.mark.sandbox
 def test_created_and_updated_filters_compare_full_timestamps(sandbox: Any, ac: AC) -> None:
+    assert sandbox.admin("ac", "PUT", "date_filters", json={"reading": "timestamp"})
     a = direct_contact(sandbox.data_dir, "a@example.com", ts("2025-03-01T12:00:00-05:00"))
     b = direct_contact(
         sandbox.data_dir, "b@example.com", ts("2025-03-01T12:00:01-05:00"),
@@ -378,6 +418,37 @@ def test_created_and_updated_filters_compare_full_timestamps(sandbox: Any, ac: A
     before_update = datetime.now(UTC).replace(microsecond=0).isoformat()
     assert ac.put(f"/contacts/{a}", {"contact": {"firstName": "Changed"}}).status_code == 200
     assert ac.ids(**{"filters[updated_after]": before_update}) == [a]
+
+
+@pytest.mark.sandbox
+def test_date_filters_read_as_a_date_by_default_or_as_instant_or_local_time(
+    sandbox: Any, ac: AC
+) -> None:
+    late = ts("2025-06-01T22:30:00-05:00")  # 03:30 UTC on June 2
+    a = direct_contact(sandbox.data_dir, "a@example.com", late, udate=late)
+    b = direct_contact(
+        sandbox.data_dir, "b@example.com", late, udate=ts("2025-06-02T09:00:00-05:00")
+    )
+    after = "filters[updated_after]"
+    assert sandbox.admin("ac", "GET", "date_filters") == {"reading": "date"}
+    # Only the date part counts, as a day in the account's zone (-05:00): June 2 starts at
+    # 05:00 UTC, so a UTC instant before `a` still misses it.
+    assert ac.ids(**{after: "2025-06-02T03:00:00Z"}) == [b]
+    assert ac.ids(**{after: "2025-06-01T23:59:59-05:00"}) == [a, b]
+    assert ac.ids(**{"filters[created_after]": "2025-06-01T23:00:00Z"}) == [a, b]
+    sandbox.admin("ac", "PUT", "date_filters", json={"reading": "timestamp"})
+    assert ac.ids(**{after: "2025-06-02T03:00:00Z"}) == [a, b]
+    assert ac.ids(**{after: "2025-06-02T03:30:01Z"}) == [b]
+    # The wall-clock time read in the account's zone: "03:00Z" means 03:00-05:00.
+    sandbox.admin("ac", "PUT", "date_filters", json={"reading": "local"})
+    assert ac.ids(**{after: "2025-06-02T03:00:00Z"}) == [b]
+    assert ac.ids(**{after: "2025-06-01T22:30:00+09:00"}) == [a, b]
+    # A bound written at the account's offset less an hour is early enough under every reading.
+    for reading in ("date", "timestamp", "local"):
+        sandbox.admin("ac", "PUT", "date_filters", json={"reading": reading})
+        assert ac.ids(**{after: "2025-06-01T21:30:00-06:00"}) == [a, b], reading
+    sandbox.admin("ac", "POST", "reset")
+    assert sandbox.admin("ac", "GET", "date_filters") == {"reading": "date"}
 
 
 @pytest.mark.sandbox

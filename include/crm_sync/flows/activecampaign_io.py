@@ -103,12 +103,21 @@ class ActiveCampaignReader:
         return ids, newest
 
     def updated_since(self, since: datetime) -> tuple[list[dict[str, Any]], datetime | None]:
-        """Contacts updated at or after `since` (overlapping reads are de-duplicated by id)."""
+        """Contacts updated at or after `since`, each once, and the newest update time read.
+
+        However AC reads `filters[updated_after]` (UNCONFIRMED: instant, wall-clock time or
+        date), the hook asks early enough and keeps only `udate >= since` (id keyset paging,
+        de-duplicated by id). The newest time is capped at the read's start: a contact updated
+        during the read, behind the keyset cursor, is left for the next run, not passed over.
+        """
+        started = pd.Timestamp.now(tz="UTC").floor("s")
         contacts = {str(c["id"]): c for c in self.hook.list_contacts(updated_after=since)}
         newest = max(
             (t for c in contacts.values() if (t := parse_ac_time(c.get("udate"))) is not None),
             default=None,
         )
+        if newest is not None:
+            newest = min(newest, started)
         return list(contacts.values()), newest.to_pydatetime() if newest is not None else None
 
     def contacts(self, ids: Iterable[str], known: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
