@@ -18,6 +18,11 @@ EMAIL_PATTERN = r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?
 
 # ActiveCampaign's text fields accept 255 characters (email, names, phone, custom text fields).
 AC_MAX_LENGTH = 255
+# Dataverse counts MaxLength in UTF-16 code units, as .NET strings do: a character outside the
+# Basic Multilingual Plane (an emoji, many CJK extension ideographs) counts two.
+UTF16 = "UTF-16 code units"
+CHARACTERS = "characters"
+_UTF16_SUFFIX = " (UTF-16 length)"
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,15 @@ class TargetRules:
     required: tuple[str, ...] = ()
     max_length: dict[str, int] = field(default_factory=dict)
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    length_unit: str = CHARACTERS  # how `max_length` counts: CHARACTERS or UTF16
+
+
+def utf16_length(value: Any) -> int | None:
+    """The length of `value`'s text in UTF-16 code units (None for None; a frame's missing
+    values are skipped by the caller)."""
+    if value is None:
+        return None
+    return len(str(value).encode("utf-16-le")) // 2
 
 
 @dataclass
@@ -60,7 +74,13 @@ def _suite(rules: TargetRules, columns: set[str]) -> Any:
         if column in columns and column != email:
             suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column=column))
     for column, limit in sorted(rules.max_length.items()):
-        if column in columns:
+        if rules.length_unit == UTF16 and column + _UTF16_SUFFIX in columns:
+            suite.add_expectation(
+                gx.expectations.ExpectColumnValuesToBeBetween(
+                    column=column + _UTF16_SUFFIX, max_value=limit
+                )
+            )
+        elif column in columns:
             suite.add_expectation(
                 gx.expectations.ExpectColumnValueLengthsToBeBetween(column=column, max_value=limit)
             )
@@ -80,6 +100,20 @@ def _reason(expectation: str, column: str, rules: TargetRules, value: Any) -> tu
         return Reason.INVALID_EMAIL, f"email is {what} ({expectation})"
     if expectation.endswith("to_not_be_null"):
         return Reason.MISSING_REQUIRED, f"'{column}' is required by {rules.name} ({expectation})"
+    if column.endswith(_UTF16_SUFFIX):
+        column = column.removesuffix(_UTF16_SUFFIX)
+        units, characters = utf16_length(value) or 0, len(str(value or ""))
+        size = (
+            f"{characters} characters"
+            if units == characters
+            else f"{units} {UTF16} ({characters} characters: an emoji and some other characters "
+            "count 2, as Dataverse counts MaxLength)"
+        )
+        limit = rules.max_length.get(column)
+        return (
+            Reason.TOO_LONG,
+            f"'{column}' has {size}; {rules.name} allows {limit} ({expectation})",
+        )
     if "lengths" in expectation:
         length = len(str(value)) if value is not None else 0
         limit = rules.max_length.get(column)
@@ -118,6 +152,11 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
     # columns row by row, and fingerprints every column of each batch it builds (so: one batch,
     # without the key column).
     data = frame.drop(columns="record_key").reset_index(drop=True)
+    if rules.length_unit == UTF16:
+        for column in rules.max_length:
+            if column in data:
+                lengths = data[column].map(utf16_length, na_action="ignore")
+                data[column + _UTF16_SUFFIX] = pd.array(lengths, dtype="Int64")
     keys = frame["record_key"].astype(str).tolist()
     suite = context.suites.add(_suite(rules, set(data.columns)))
     validation = context.validation_definitions.add(
@@ -136,7 +175,8 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
                 f"validation could not run {config.type} on '{column}': "
                 f"{item.exception_info.get('exception_message')}"
             )
-        values = data.get(column)
+        # A UTF-16 length column reports on the text it measured.
+        values = data.get(column.removesuffix(_UTF16_SUFFIX))
         for position in item.result.get("unexpected_index_list") or []:
             value = values.iat[position] if values is not None else None
             reason = _reason(config.type, column, rules, None if pd.isna(value) else value)

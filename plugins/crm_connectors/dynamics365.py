@@ -7,8 +7,9 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from crm_connectors.odata_batch import (
     build_batch,
     parse_batch_response,
 )
+from crm_connectors.pacing import ChunkSizer
 from crm_connectors.paging import NextLinkPaginator, iterate_pages
 from crm_connectors.redact import mask_emails
 from crm_connectors.retry import RetryPolicy
@@ -50,7 +52,13 @@ API = "/api/data/v9.2"
 NS = "Microsoft.Dynamics.CRM"
 MAX_PAGE_SIZE = 5000
 MAX_CHUNK = 1000
+# Bulk writes: the first chunk's rows, the answer time the chunk sizer aims at (at most a quarter
+# of the client timeout), and how often one row may go unanswered before the run gives up.
+FIRST_CHUNK = 100
+BULK_TARGET_SECONDS = 30.0
+MAX_WRITE_ATTEMPTS = 6
 CONCURRENCY_LIMIT = 52
+DEFAULT_PARALLEL = 4
 
 # `PrivilegeDepth`, shallowest first: the user's own records, its business unit, the unit and
 # its children, the whole organisation.
@@ -63,6 +71,12 @@ SERVICE_PROTECTION_CODES = {
 }
 # 5xx answers that report a decision, not an outage: sending them again cannot help.
 NON_TRANSIENT_CODES = {"0x80040333"}  # duplicate detection
+# The server ran out of time (its 2-minute limit: "SQL timeout expired") and rolled the request
+# back. Not replayed as it was: a bulk write is sent again in smaller chunks.
+SERVER_TIMEOUT_CODES = {"0x80044151"}
+# A table without CreateMultiple / UpdateMultiple (not every table supports them): "The
+# 'CreateMultiple' method does not support entities of type 'lead'".
+BULK_UNSUPPORTED_CODES = {"0x80040800"}
 _EXPIRED_DELTA = ("0x80044352", "version stamp associated with the client has expired")
 _NO_CHANGE_TRACKING = ("0x80072491", "isn't enabled for change tracking")
 _ENTITY_ID = re.compile(
@@ -133,7 +147,8 @@ class Dynamics365Hook(CrmHttpHook):
     `min(max_parallel, x-ms-dop-hint)` requests at a time.
 
     :param dynamics365_conn_id: the Airflow connection id.
-    :param max_parallel: upper bound on concurrent requests of a bulk write.
+    :param max_parallel: upper bound on concurrent requests of a bulk write (the server's
+        `x-ms-dop-hint` sets the pace below it).
     :param retry_policy: attempts and backoff (see `RetryPolicy`).
     :param timeout: seconds to wait for one response.
     """
@@ -148,7 +163,7 @@ class Dynamics365Hook(CrmHttpHook):
         self,
         dynamics365_conn_id: str = default_conn_name,
         *,
-        max_parallel: int = 4,
+        max_parallel: int = 16,
         retry_policy: RetryPolicy | None = None,
         timeout: float = 120.0,
     ) -> None:
@@ -161,6 +176,9 @@ class Dynamics365Hook(CrmHttpHook):
         self.tokens: TokenSource | None = None
         self._tables: dict[str, TableInfo] = {}
         self._tables_lock = threading.Lock()
+        self.first_chunk = FIRST_CHUNK
+        self._sizers: dict[str, ChunkSizer] = {}
+        self._no_bulk_actions: set[str] = set()
 
     # -- connection and auth -------------------------------------------------------------------
 
@@ -230,7 +248,7 @@ class Dynamics365Hook(CrmHttpHook):
         return ErrorDetails(None, response.reason or f"HTTP {response.status_code}", body)
 
     def _transient(self, status: int, code: str | None) -> bool:
-        return code not in NON_TRANSIENT_CODES
+        return code not in NON_TRANSIENT_CODES and code not in SERVER_TIMEOUT_CODES
 
     def _error_for(self, response: requests.Response, method: str, url: str) -> CrmApiError:
         error = super()._error_for(response, method, url)
@@ -584,12 +602,15 @@ class Dynamics365Hook(CrmHttpHook):
     def _bulk(
         self, mode: str, info: TableInfo, rows: list[dict[str, Any]], chunk_size: int
     ) -> list[WriteResult]:
+        """Write `rows` in chunks the table's `ChunkSizer` sizes (at most `chunk_size`), up to
+        `min(max_parallel, x-ms-dop-hint)` at a time. A chunk without an answer (a client or
+        server timeout) goes back to the queue in smaller chunks: for creates, only its rows
+        that do not exist yet (a create that timed out may still have committed)."""
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK}")
         started = time.monotonic()
         results: list[WriteResult | None] = [None] * len(rows)
-        chunks: list[list[int]] = []
-        pending: list[int] = []
+        pending: deque[int] = deque()
         for index, row in enumerate(rows):
             if not row.get(info.primary_id):
                 results[index] = WriteResult(
@@ -597,31 +618,126 @@ class Dynamics365Hook(CrmHttpHook):
                 )
             else:
                 pending.append(index)
-        chunks = [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
-        write = self._create_chunk if mode == "create" else self._update_chunk
-        for chunk_results in self._parallel(lambda chunk: write(info, rows, chunk), chunks):
-            for result in chunk_results:
-                results[result.index] = result
-        done = [r for r in results if r is not None]
+        sizer = self._sizer(info.entity_set)
+        attempts: Counter[int] = Counter()
+        requests_sent = 0
+        workers = self._workers()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataverse") as pool:
+            running: set[Future[_ChunkOutcome]] = set()
+            while pending or running:
+                while pending and len(running) < workers:
+                    size = min(sizer.size, chunk_size, len(pending))
+                    chunk = [pending.popleft() for _ in range(size)]
+                    for index in chunk:
+                        attempts[index] += 1
+                        if attempts[index] > MAX_WRITE_ATTEMPTS:
+                            raise ApiConnectionError(
+                                f"{info.entity_set}: {mode} of row {index} got no answer "
+                                f"{MAX_WRITE_ATTEMPTS} times, down to chunks of {size}: "
+                                "Dataverse is not answering in time",
+                                maybe_sent=True,
+                                service=self.service,
+                            )
+                    running.add(pool.submit(self._write_chunk, mode, info, rows, chunk, sizer))
+                    requests_sent += 1
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outcome = future.result()
+                    for result in outcome.results:
+                        results[result.index] = result
+                    pending.extendleft(reversed(outcome.again))
+        finished = [r for r in results if r is not None]
         log.info(
-            "%s_multiple %s: %d rows in %d chunks, %d ok, %d failed, %.1f s",
+            "%s_multiple %s: %d rows in %d requests (chunk size now %d), %d ok, %d failed, %.1f s",
             mode,
             info.entity_set,
             len(rows),
-            len(chunks),
-            sum(r.ok for r in done),
-            sum(not r.ok for r in done),
+            requests_sent,
+            sizer.size,
+            sum(r.ok for r in finished),
+            sum(not r.ok for r in finished),
             time.monotonic() - started,
         )
-        return done
+        return finished
+
+    def _sizer(self, entity_set: str) -> ChunkSizer:
+        """The table's chunk sizer: kept for the hook's life, as plug-in costs are per table."""
+        with self._tables_lock:
+            sizer = self._sizers.get(entity_set)
+            if sizer is None:
+                target = min(BULK_TARGET_SECONDS, self.timeout / 4)
+                sizer = self._sizers[entity_set] = ChunkSizer(
+                    start=self.first_chunk, maximum=MAX_CHUNK, target=target
+                )
+            return sizer
+
+    def _workers(self) -> int:
+        """Requests at once: the server's `x-ms-dop-hint` (4 until one arrived), at most
+        `max_parallel`."""
+        return max(1, min(self.max_parallel, self.dop_hint or DEFAULT_PARALLEL))
 
     def _parallel(self, work: Callable[[_Chunk], _Result], chunks: list[_Chunk]) -> list[_Result]:
         """Run `work` over the chunks, at most `min(max_parallel, x-ms-dop-hint)` at a time."""
-        workers = max(1, min(self.max_parallel, self.dop_hint or self.max_parallel, len(chunks)))
+        workers = max(1, min(self._workers(), len(chunks)))
         if workers == 1:
             return [work(chunk) for chunk in chunks]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataverse") as pool:
             return list(pool.map(work, chunks))
+
+    def _write_chunk(
+        self,
+        mode: str,
+        info: TableInfo,
+        rows: list[dict[str, Any]],
+        chunk: list[int],
+        sizer: ChunkSizer,
+    ) -> _ChunkOutcome:
+        """One chunk: `CreateMultiple` / `UpdateMultiple`, or row by row in a `$batch` when the
+        table does not support them or the action rejected the chunk."""
+        started = time.monotonic()
+        upsert = mode == "create"
+        try:
+            if info.entity_set in self._no_bulk_actions:
+                outcome = _ChunkOutcome(self._fallback(info, rows, chunk, None, upsert=upsert))
+            elif upsert:
+                outcome = _ChunkOutcome(self._create_chunk(info, rows, chunk))
+            else:
+                outcome = _ChunkOutcome(self._update_chunk(info, rows, chunk))
+        except (ApiConnectionError, ServerError) as error:
+            if isinstance(error, ServerError) and not _timed_out(error):
+                raise
+            sizer.timed_out()
+            log.info(
+                "%s: %s of %d rows got no answer in time (%s); next chunks of %d",
+                info.entity_set,
+                mode,
+                len(chunk),
+                type(error).__name__ if isinstance(error, ApiConnectionError) else error.code,
+                sizer.size,
+            )
+            return self._after_timeout(info, rows, chunk, creates=upsert)
+        sizer.answered(len(chunk), time.monotonic() - started)
+        return outcome
+
+    def _after_timeout(
+        self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int], *, creates: bool
+    ) -> _ChunkOutcome:
+        """What to send again after a chunk got no answer: updates are idempotent, so all of
+        it; of creates, the rows that do not exist (the rest committed: done)."""
+        if not creates:
+            return _ChunkOutcome([], chunk)
+        ids = {str(rows[i][info.primary_id]).lower(): i for i in chunk}
+        found = self.find(
+            info.entity_set,
+            info.primary_id,
+            [uuid.UUID(record_id) for record_id in ids],
+            select=[info.primary_id],
+        )
+        exist = {str(row[info.primary_id]).lower() for row in found}
+        done = [
+            WriteResult(i, True, id=record_id) for record_id, i in ids.items() if record_id in exist
+        ]
+        return _ChunkOutcome(done, [i for record_id, i in ids.items() if record_id not in exist])
 
     def _create_chunk(
         self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
@@ -634,10 +750,8 @@ class Dynamics365Hook(CrmHttpHook):
                 json={"Targets": targets},
                 replay_safe=False,
             )
-        except (ClientError, ApiConnectionError, ServerError) as error:
-            if isinstance(error, ServerError) and error.retryable:
-                raise
-            return self._fallback(info, rows, chunk, error, upsert=True)
+        except ClientError as error:
+            return self._rejected(info, rows, chunk, error, upsert=True)
         ids = [str(i) for i in (body or {}).get("Ids") or []]
         if len(ids) != len(chunk):
             ids = [str(rows[i][info.primary_id]) for i in chunk]
@@ -648,34 +762,58 @@ class Dynamics365Hook(CrmHttpHook):
     ) -> list[WriteResult]:
         targets = [{"@odata.type": f"{NS}.{info.logical_name}", **rows[i]} for i in chunk]
         try:
+            # Not replayed by the request's retries: a timeout shrinks the chunk instead.
             self.request(
                 "POST",
                 f"{API}/{info.entity_set}/{NS}.UpdateMultiple",
                 json={"Targets": targets},
-                replay_safe=True,
+                replay_safe=False,
             )
-        except (ClientError, ServerError) as error:
-            if isinstance(error, ServerError) and error.retryable:
-                raise
-            return self._fallback(info, rows, chunk, error, upsert=False)
+        except ClientError as error:
+            return self._rejected(info, rows, chunk, error, upsert=False)
         return [WriteResult(i, True, id=str(rows[i][info.primary_id])) for i in chunk]
+
+    def _rejected(
+        self,
+        info: TableInfo,
+        rows: list[dict[str, Any]],
+        chunk: list[int],
+        error: ClientError,
+        *,
+        upsert: bool,
+    ) -> list[WriteResult]:
+        """A bulk action refused the chunk: remember a table that does not support the bulk
+        actions, then write the chunk row by row, so only bad rows fail."""
+        if _bulk_unsupported(error):
+            with self._tables_lock:
+                if info.entity_set not in self._no_bulk_actions:
+                    log.warning(
+                        "%s does not support CreateMultiple/UpdateMultiple (%s); writing it "
+                        "row by row in $batch from now on",
+                        info.entity_set,
+                        f"HTTP {error.status} {error.code or ''}".strip(),
+                    )
+                self._no_bulk_actions.add(info.entity_set)
+        return self._fallback(info, rows, chunk, error, upsert=upsert)
 
     def _fallback(
         self,
         info: TableInfo,
         rows: list[dict[str, Any]],
         chunk: list[int],
-        cause: CrmApiError,
+        cause: CrmApiError | None,
         *,
         upsert: bool,
     ) -> list[WriteResult]:
-        """Write a rejected chunk row by row in `$batch` parts, so only bad rows fail."""
-        log.info(
-            "%s: chunk of %d rows rejected (%s); writing it row by row in $batch",
-            info.entity_set,
-            len(chunk),
-            f"HTTP {cause.status} {cause.code or ''}".strip(),
-        )
+        """Write a chunk row by row in `$batch` parts (creates as upserts of their chosen ids,
+        updates with `If-Match: *`), so only bad rows fail and a replay writes nothing twice."""
+        if cause is not None:
+            log.info(
+                "%s: chunk of %d rows rejected (%s); writing it row by row in $batch",
+                info.entity_set,
+                len(chunk),
+                f"HTTP {cause.status} {cause.code or ''}".strip(),
+            )
         headers = {} if upsert else {"If-Match": "*"}
         operations = []
         for i in chunk:
@@ -686,8 +824,9 @@ class Dynamics365Hook(CrmHttpHook):
             )
         responses: list[BatchResponse] = []
         for start in range(0, len(operations), MAX_BATCH_PARTS):
+            # Each part is idempotent, but a timeout must reach the sizer, not be replayed.
             responses += self.execute_batch(
-                operations[start : start + MAX_BATCH_PARTS], replay_safe=True
+                operations[start : start + MAX_BATCH_PARTS], replay_safe=False
             )
         results = []
         for position, i in enumerate(chunk):
@@ -695,6 +834,27 @@ class Dynamics365Hook(CrmHttpHook):
             part = responses[position] if position < len(responses) else None
             results.append(_row_result(i, record_id, part))
         return results
+
+
+@dataclass(frozen=True)
+class _ChunkOutcome:
+    """One chunk's results, and the rows to send again (in smaller chunks)."""
+
+    results: list[WriteResult]
+    again: list[int] = field(default_factory=list)
+
+
+def _timed_out(error: ServerError) -> bool:
+    """A server answer saying the request ran out of time (its writes were rolled back)."""
+    return error.code in SERVER_TIMEOUT_CODES or error.status == 504
+
+
+def _bulk_unsupported(error: ClientError) -> bool:
+    """The table does not support `CreateMultiple` / `UpdateMultiple`."""
+    message = error.message or ""
+    return error.code in BULK_UNSUPPORTED_CODES or (
+        "Multiple' method does not support entities" in message
+    )
 
 
 def _row_result(index: int, record_id: str, part: BatchResponse | None) -> WriteResult:

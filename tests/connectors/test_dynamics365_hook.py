@@ -61,6 +61,7 @@ def test_bulk_create_and_update_of_5000_rows_report_each_row(d365, counted) -> N
     too_long, unknown_column = 1234, 1500  # both in the second chunk of 1000
     rows[too_long]["lastname"] = "x" * 51
     rows[unknown_column]["nosuchcolumn"] = "?"
+    d365.first_chunk = 1000  # fixed chunks (fast answers keep the size at its maximum)
 
     created = d365.create_multiple("leads", rows)
 
@@ -96,6 +97,16 @@ def test_bulk_create_and_update_of_5000_rows_report_each_row(d365, counted) -> N
     assert titles[ids[7]] == "Title 7" and titles[ids[bad_title]] is None
     assert sum(1 for t in titles.values() if t) == 4997
     assert counted("d365", UPDATE_MULTIPLE) == {204: 3, 404: 1, 400: 1}
+
+
+def test_bulk_chunks_start_small_and_grow_while_answers_are_fast(d365, counted) -> None:
+    """Microsoft's advice for Dataverse writes: start small, grow while fast (one request at a
+    time here, so each size follows the previous answer): 100, 200, 400, 800, 1000..."""
+    d365.max_parallel = 1
+    created = d365.create_multiple("leads", [{"lastname": f"Grow {i}"} for i in range(4500)])
+    assert all(r.ok for r in created) and len({r.id for r in created}) == 4500
+    assert counted("d365", CREATE_MULTIPLE) == {200: 7}  # 100+200+400+800+1000+1000+1000
+    assert d365._sizer("leads").size == 1000
 
 
 def test_a_filter_value_cannot_change_the_filter(d365) -> None:
@@ -220,6 +231,7 @@ def test_service_protection_limits_are_respected(
     # At this scale: 2 concurrent requests (x-ms-dop-hint 2), 240 requests per 300 s.
     sandbox_env.set_limits("d365", enabled=True, scale=0.04)
     with Dynamics365Hook(max_parallel=8, retry_policy=fast_retries) as hook:
+        hook.first_chunk = 500  # fixed chunks: the counts below are per chunk of 500
         rows = [{"lastname": f"Limit {i}"} for i in range(3000)]
         assert all(r.ok for r in hook.create_multiple("leads", rows, chunk_size=500))
         assert hook.dop_hint == 2

@@ -84,6 +84,8 @@ CASES: list[Case] = [
     Case("A36", "ac", "listbox-style value in a text field", {"first": "List", "last": "Field", "JOB_TITLE": "||Sales||Marketing||"}, AS_IS),
     Case("A37", "ac", "text in a field mapped to a Dynamics choice column", {"first": "Wrong", "last": "Type", "LEAD_SOURCE": "8"}, QUARANTINED, "target_rejected"),
     Case("A38", "ac", "contact: company is not mapped for contacts", {"first": "Cora", "last": "Contact", "COMPANY": "Ignored Ltd", "JOB_TITLE": "Buyer"}, AS_IS, tags="contact"),
+    Case("A39", "ac", "26 emoji in a first name: 26 characters, 52 UTF-16 units over MaxLength 50", {"first": "😀" * 26, "last": "Wide"}, QUARANTINED, "too_long"),
+    Case("A40", "ac", "25 emoji in a first name: 50 UTF-16 units, exactly at MaxLength 50", {"first": "😀" * 25, "last": "Wide"}, AS_IS),
     # -- typed in Dynamics 365, synced to ActiveCampaign ---------------------------------------
     Case("D01", "lead", "plain lead", {"firstname": "Dana", "lastname": "Plain", "telephone1": "+1 555 0101", "companyname": "Globex", "jobtitle": "CEO"}, AS_IS),
     Case("D02", "contact", "plain contact", {"firstname": "Cole", "lastname": "Plain", "jobtitle": "Buyer"}, AS_IS),

@@ -18,7 +18,7 @@ from crm_sync.records import UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clea
 from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
-from crm_sync.validation import TargetRules, validate_records
+from crm_sync.validation import UTF16, TargetRules, validate_records
 
 DIRECTION = "activecampaign_to_dynamics365"
 WM_TAGGED = f"{DIRECTION}:tagged"
@@ -282,6 +282,7 @@ def validate(ctx: StepContext) -> dict[str, Any]:
             email_column="emailaddress1",
             required=tuple(rule["required"]),
             max_length={k: int(v) for k, v in rule["max_length"].items()},
+            length_unit=UTF16,
         )
         failures.update(validate_records(frame, rules).failures)
     return common.accept_valid(ctx, mapped, to_write, failures)

@@ -107,6 +107,7 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         counts[f"{entity.entity_set} changed"] = len(changed)
         counts[f"{entity.entity_set} retried from quarantine"] = len(retried)
     dv = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    dv, counts["contacts of qualified leads"] = _qualified_into(ctx, hook, dv)
     dv = _with_keys(ctx, dv)
     links = store.links_for(
         dataverse_ids=dv["dataverse_id"].tolist() if not dv.empty else [],
@@ -201,6 +202,38 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     )
     common.log_step("extract: Dynamics 365 rows", counts)
     return {"counts": counts}
+
+
+def _qualified_into(ctx: StepContext, hook: Any, dv: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Follow qualified leads to their contact through the lead's `parentcontactid` as well as
+    the contact's `originatingleadid`: a lead qualified into an existing contact leaves that
+    contact's `originatingleadid` empty (or naming another lead), and the contact may not have
+    changed. Such contacts are read too, and their `_originatingleadid_value` in the frame names
+    the lead, so the contact takes over the lead's AC contact as a contact QualifyLead created
+    would. Returns the frame and how many contacts were added to it."""
+    if dv.empty or "_parentcontactid_value" not in dv:
+        return dv, 0
+    state = pd.to_numeric(dv.get("statecode"), errors="coerce")
+    qualified = dv[
+        (dv["entity"] == Entity.LEAD.value) & (state == 1) & dv["_parentcontactid_value"].notna()
+    ]
+    if qualified.empty:
+        return dv, 0
+    lead_of = dict(
+        zip(qualified["_parentcontactid_value"].astype(str), qualified["dataverse_id"], strict=True)
+    )
+    read = set(dv.loc[dv["entity"] == Entity.CONTACT.value, "dataverse_id"].astype(str))
+    missing = [c for c in lead_of if c not in read]
+    added = pd.DataFrame()
+    if missing and Entity.CONTACT in _entities(ctx):
+        columns = [f.dynamics365 for f in ctx.settings.mapping(Entity.CONTACT)]
+        added = rows_by(hook, Entity.CONTACT, Entity.CONTACT.primary_id, missing, columns)
+        dv = pd.concat([dv, added], ignore_index=True)
+    contacts = dv["entity"] == Entity.CONTACT.value
+    origin = dv.get("_originatingleadid_value", pd.Series(pd.NA, index=dv.index)).astype(object)
+    named = dv["dataverse_id"].astype(str).map(lead_of)
+    dv["_originatingleadid_value"] = origin.where(~(contacts & named.notna()), named)
+    return dv, len(added)
 
 
 def _match_unlinked(

@@ -12,7 +12,7 @@ import pandas as pd
 
 from crm_sync.errors import ConfigurationError
 from crm_sync.settings import Entity, FieldMap
-from crm_sync.validation import TargetRules
+from crm_sync.validation import UTF16, TargetRules
 
 if TYPE_CHECKING:
     from crm_connectors.dynamics365 import Dynamics365Hook, TableInfo
@@ -24,7 +24,9 @@ SYSTEM_COLUMNS = ("modifiedon", "statecode")
 
 def select_columns(entity: Entity, columns: Iterable[str]) -> list[str]:
     """The `$select` list: primary id, the mapped columns, and the system columns we use."""
-    extra = ["_originatingleadid_value"] if entity is Entity.CONTACT else []
+    # A contact's origin lead (QualifyLead sets it), and the contact a lead was qualified into
+    # (set as well when a lead is qualified into an existing contact, which keeps its own).
+    extra = ["_originatingleadid_value"] if entity is Entity.CONTACT else ["_parentcontactid_value"]
     ordered = [entity.primary_id, *columns, *SYSTEM_COLUMNS, *extra]
     return list(dict.fromkeys(ordered))
 
@@ -147,6 +149,7 @@ def target_rules(
             for name, col in info.columns.items()
             if name in wanted and col.max_length
         },
+        length_unit=UTF16,
     )
 
 

@@ -1,0 +1,52 @@
+"""The Dataverse chunk sizer: grows on fast answers, shrinks on slow ones and on timeouts, and
+never leaves its bounds, whatever the answers (issue 14)."""
+
+from __future__ import annotations
+
+import pytest
+from crm_connectors.pacing import ChunkSizer
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def test_grows_holds_and_shrinks() -> None:
+    sizer = ChunkSizer(start=100, maximum=1000, target=30.0)
+    sizer.answered(100, 1.0)
+    assert sizer.size == 200
+    sizer.answered(200, 20.0)  # between half the target and the target: hold
+    assert sizer.size == 200
+    sizer.answered(200, 40.0)
+    assert sizer.size == 100
+    sizer.timed_out()
+    assert sizer.size == 25
+    sizer.answered(10, 0.1)  # a short last chunk says nothing about the size: no growth
+    assert sizer.size == 25
+
+
+def test_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="minimum"):
+        ChunkSizer(minimum=0)
+    assert ChunkSizer(start=5000, maximum=1000).size == 1000
+
+
+events = st.one_of(
+    st.tuples(st.just("answered"), st.integers(1, 2000), st.floats(0, 200)),
+    st.tuples(st.just("timed_out"), st.just(0), st.just(0.0)),
+)
+
+
+@given(st.integers(1, 1000), st.lists(events, max_size=60))
+def test_the_size_stays_within_bounds_and_a_timeout_never_grows_it(
+    start: int, sequence: list[tuple[str, int, float]]
+) -> None:
+    sizer = ChunkSizer(start=start, maximum=1000, minimum=1, target=30.0)
+    for kind, rows, seconds in sequence:
+        before = sizer.size
+        if kind == "timed_out":
+            sizer.timed_out()
+            assert sizer.size == max(1, before // 4)
+        else:
+            sizer.answered(rows, seconds)
+            if seconds > 30.0:
+                assert sizer.size <= before
+        assert 1 <= sizer.size <= 1000
