@@ -50,6 +50,9 @@ class ImportResult:
     ok: bool
     contact_id: str | None = None
     error: str | None = None
+    #: Not imported, and not known to be bad: AC's `failureReasons` named its position or the
+    #: one next to it (the index base is undocumented). Write it alone to learn which it was.
+    suspect: bool = False
 
 
 class ActiveCampaignHook(CrmHttpHook):
@@ -584,11 +587,24 @@ class ActiveCampaignHook(CrmHttpHook):
                 ):
                     self.import_budget.pause(60.0)
                     continue
-                bad = {chunk[p]: r for p, r in reasons.items() if 0 <= p < len(chunk)}
+                # `contact` is a position in the request, 0- or 1-based (undocumented): both
+                # readings' rows are set aside as suspects, for the caller to write one by one.
+                bad = {
+                    chunk[q]: r
+                    for p, r in reasons.items()
+                    for q in (p, p - 1)
+                    if 0 <= q < len(chunk)
+                }
                 if not bad:
                     raise
                 rejected += [
-                    ImportResult(index, contacts[index]["email"], False, error=mask_emails(reason))
+                    ImportResult(
+                        index,
+                        contacts[index]["email"],
+                        False,
+                        error=mask_emails(reason),
+                        suspect=True,
+                    )
                     for index, reason in bad.items()
                 ]
                 chunk = [i for i in chunk if i not in bad]

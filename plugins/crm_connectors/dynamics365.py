@@ -255,6 +255,9 @@ class Dynamics365Hook(CrmHttpHook):
         limit = SERVICE_PROTECTION_CODES.get(error.code or "")
         if limit is None:
             return error
+        with self._tables_lock:
+            for sizer in self._sizers.values():
+                sizer.throttled()  # smaller writes from now on, as Microsoft advises after a 429
         return RateLimitError(
             f"service protection limit ({limit}): {error.message}",
             service=error.service,

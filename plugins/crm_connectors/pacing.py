@@ -133,8 +133,9 @@ class ChunkSizer:
     """Rows per bulk write, sized as Microsoft advises for Dataverse: start small, grow while
     answers come back fast, shrink when they are slow, and cut hard after a timeout.
 
-    Additive-free AIMD on the answer time: an answer under half of `target` seconds doubles the
-    size (up to `maximum`), one over `target` halves it, a timeout quarters it (down to 1). With
+    Multiplicative steps on the answer time: an answer under half of `target` seconds doubles
+    the size (up to `maximum`), one over `target` halves it, so does a 429, and a timeout
+    quarters it (down to 1). With
     a realistic server cost per row (plug-ins, 10-50 ms) the size settles where one request takes
     about `target` seconds, well inside the client timeout.
     """
@@ -163,6 +164,11 @@ class ChunkSizer:
                 self._size = max(self.minimum, self._size // 2)
             elif seconds < self.target / 2 and rows >= self._size:
                 self._size = min(self.maximum, self._size * 2)
+
+    def throttled(self) -> None:
+        """The server refused a request for its service protection limits (429)."""
+        with self._lock:
+            self._size = max(self.minimum, self._size // 2)
 
     def timed_out(self) -> None:
         """A request got no answer in time (the client's or the server's timeout)."""

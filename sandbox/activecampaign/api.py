@@ -34,6 +34,8 @@ class Emulator:
     #: How list endpoints order rows equal on the sorted column: `shuffled` (AC: a new order on
     #: every request) or `stable` (by id; an admin switch for tests that need determinism).
     ties: str = "shuffled"
+    #: Where `failureReasons[].contact` of a refused bulk import counts from (undocumented).
+    import_index_base: int = 0
     #: How `filters[created_*|updated_*]` read their value (`store.DATE_READINGS`).
     date_filters: str = "date"
     #: The `Retry-After` of a 429 for being over the limit: None = the seconds until the bucket
@@ -612,7 +614,7 @@ def build_api(emu: Emulator) -> APIRouter:
             decision = emu.import_window.take(emu.import_limit(), time.monotonic())
             if not decision.allowed:
                 return reply(imports.RATE_LIMITED, 400)
-        contacts = imports.validate(body)
+        contacts = imports.validate(body, emu.import_index_base)
         batch_id = emu.imports.submit(contacts)
         return reply(
             {

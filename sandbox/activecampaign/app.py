@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox.activecampaign import ops
 from sandbox.activecampaign.api import Emulator, build_api
-from sandbox.activecampaign.imports import ImportQueue
+from sandbox.activecampaign.imports import BLANK_READINGS, ImportQueue
 from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, Trip, scaled_rate
 from sandbox.activecampaign.store import DATE_READINGS, ApiError, Store, iso, parse_when
 from sandbox.activecampaign.webhooks import WebhookDispatcher
@@ -179,6 +179,14 @@ class DateFiltersBody(BaseModel):
     reading: Literal["date", "timestamp", "local"]
 
 
+class ImportBlanksBody(BaseModel):
+    """How a bulk import treats an empty value (`imports.BLANK_READINGS`), and where the
+    positions in a refused import's `failureReasons` count from."""
+
+    blanks: Literal["ignore", "clear"] | None = None
+    index_base: Literal[0, 1] | None = None
+
+
 class ImportLimitBody(BaseModel):
     """Bulk-import requests allowed per minute; null = the default (100 x limit scale)."""
 
@@ -287,6 +295,21 @@ def admin_routes(emu: Emulator) -> APIRouter:
         emu.date_filters = body.reading
         return {"reading": emu.date_filters}
 
+    def import_readings() -> dict[str, Any]:
+        return {"blanks": emu.imports.blanks, "index_base": emu.import_index_base}
+
+    @router.get("/imports")
+    def get_import_readings() -> dict[str, Any]:
+        return import_readings()
+
+    @router.put("/imports")
+    def set_import_readings(body: ImportBlanksBody) -> dict[str, Any]:
+        if body.blanks is not None:
+            emu.imports.blanks = body.blanks
+        if body.index_base is not None:
+            emu.import_index_base = body.index_base
+        return import_readings()
+
     @router.get("/limits/bulk_import")
     def get_import_limit() -> dict[str, Any]:
         return {"per_minute": emu.import_limit(), "override": emu.imports_per_minute}
@@ -341,6 +364,8 @@ def create_app(data_dir: Path, *, limits: bool = True, limit_scale: float = 1.0)
         emu.imports_per_minute = None
         emu.ties = "shuffled"
         emu.date_filters = DATE_READINGS[0]
+        emu.imports.blanks = BLANK_READINGS[0]
+        emu.import_index_base = 0
         emu.throttle_retry_after = None
         emu.overload.clear()
         emu.webhooks.clear()

@@ -69,10 +69,11 @@ def _contact_problem(item: Any) -> str | None:
     return None
 
 
-def validate(body: Any) -> list[dict[str, Any]]:
+def validate(body: Any, index_base: int = 0) -> list[dict[str, Any]]:
     """The contacts of a POST /import/bulk_import body, or a 400 saying what is wrong.
 
-    `failureReasons[].contact` is the zero-based index of the contact in the request.
+    `failureReasons[].contact` is the index of the contact in the request, counted from
+    `index_base` (0 by default; AC does not document it).
     """
     contacts = body.get("contacts") if isinstance(body, dict) else None
     if not isinstance(contacts, list):
@@ -82,7 +83,7 @@ def validate(body: Any) -> list[dict[str, Any]]:
     if len(contacts) > MAX_CONTACTS:
         raise _rejected([f"Up to {MAX_CONTACTS} contacts may be imported per request"])
     reasons = [
-        {"contact": index, "failureReason": problem}
+        {"contact": index + index_base, "failureReason": problem}
         for index, item in enumerate(contacts)
         if (problem := _contact_problem(item)) is not None
     ]
@@ -95,8 +96,18 @@ def _text(item: dict[str, Any], key: str) -> str | None:
     return ops.as_text(item[key]).strip() if item.get(key) is not None else None
 
 
-def import_contacts(tx: Tx, contacts: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """Create or update (by email, any case) each contact; (success ids, failed emails)."""
+# How a bulk import treats an empty value (UNCONFIRMED: AC documents neither): `ignore` (the
+# default, the stricter reading: an import never clears a stored value, as import tools' "do not
+# overwrite with blanks" defaults do) or `clear`.
+BLANK_READINGS = ("ignore", "clear")
+
+
+def import_contacts(
+    tx: Tx, contacts: list[dict[str, Any]], blanks: str = BLANK_READINGS[0]
+) -> tuple[list[str], list[str]]:
+    """Create or update (by email, any case) each contact; (success ids, failed emails).
+
+    Under `blanks="ignore"` an empty name, phone or custom field value leaves the stored one."""
     success: list[str] = []
     failure: list[str] = []
     # One batch is applied at once: its contacts and tag associations share one second.
@@ -106,12 +117,20 @@ def import_contacts(tx: Tx, contacts: list[dict[str, Any]]) -> tuple[list[str], 
         if not ops.valid_email(email):
             failure.append(email)
             continue
+
+        def given(value: str | None) -> str | None:
+            return None if blanks == "ignore" and not value else value
+
         data = ops.ContactInput(
             email=email,
-            first_name=_text(item, "first_name"),
-            last_name=_text(item, "last_name"),
-            phone=_text(item, "phone"),
-            field_values=[(int(f["id"]), ops.as_text(f["value"])) for f in item.get("fields", [])],
+            first_name=given(_text(item, "first_name")),
+            last_name=given(_text(item, "last_name")),
+            phone=given(_text(item, "phone")),
+            field_values=[
+                (int(f["id"]), ops.as_text(f["value"]))
+                for f in item.get("fields", [])
+                if given(ops.as_text(f["value"]).strip()) is not None
+            ],
         )
         contact_id = ops.find_contact_by_email(tx.db, email)
         if contact_id is None:
@@ -147,6 +166,7 @@ class ImportQueue:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.blanks = BLANK_READINGS[0]
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -195,7 +215,7 @@ class ImportQueue:
             ).fetchone()
             if row is None:
                 return
-            success, failure = import_contacts(tx, json.loads(row[0]))
+            success, failure = import_contacts(tx, json.loads(row[0]), self.blanks)
             tx.db.execute(
                 "UPDATE import_batches SET status = 'completed', payload = NULL, success = ?,"
                 " failure = ?, completed = ? WHERE id = ?",

@@ -124,3 +124,33 @@ def test_an_update_just_after_the_watermark_syncs_once_however_updated_after_is_
     assert world.run(AC_TO_D365).state == "success"
     assert dv_writes(world) == before
     assert store.watermark(WM_UPDATED).value == update_at
+
+
+@pytest.mark.parametrize("blanks", ["ignore", "clear"])
+def test_a_value_cleared_in_dynamics_is_cleared_in_ac(world: World, blanks: str) -> None:
+    """AC documents no blank-value rule for bulk imports (the emulator's default reading: an
+    empty value leaves the stored one). A job title cleared in Dynamics is cleared in AC under
+    both readings, while the other changed records still go by bulk import."""
+    world.sandbox.admin("ac", "PUT", "imports", json={"blanks": blanks})
+    leads = [
+        world.dv_create(
+            "leads", emailaddress1=f"clear{i}@example.com", lastname=f"C{i}", subject="s",
+            jobtitle="Buyer",
+        )
+        for i in range(12)
+    ]  # fmt: skip
+    assert world.run(D365_TO_AC).state == "success"
+    assert world.ac_by_email("clear0@example.com")["fields"]["JOB_TITLE"] == "Buyer"
+    time.sleep(1.1)
+    world.dv_update("leads", leads[0], jobtitle=None)
+    for lead in leads[1:]:
+        world.dv_update("leads", lead, jobtitle="Manager")
+
+    assert world.run(D365_TO_AC).state == "success"
+
+    assert world.ac_by_email("clear0@example.com")["fields"].get("JOB_TITLE") in (None, "")
+    assert {world.ac_by_email(f"clear{i}@example.com")["fields"]["JOB_TITLE"] for i in range(1, 12)} == {"Manager"}  # fmt: skip
+    imports = [
+        r for r in world.counters("ac")["requests"] if r["path"] == "/api/3/import/bulk_import"
+    ]
+    assert sum(r["count"] for r in imports) == 2  # the first run's and the eleven changes'

@@ -17,10 +17,12 @@ def test_grows_holds_and_shrinks() -> None:
     assert sizer.size == 200
     sizer.answered(200, 40.0)
     assert sizer.size == 100
+    sizer.throttled()
+    assert sizer.size == 50
     sizer.timed_out()
-    assert sizer.size == 25
+    assert sizer.size == 12
     sizer.answered(10, 0.1)  # a short last chunk says nothing about the size: no growth
-    assert sizer.size == 25
+    assert sizer.size == 12
 
 
 def test_bounds_are_checked() -> None:
@@ -31,7 +33,7 @@ def test_bounds_are_checked() -> None:
 
 events = st.one_of(
     st.tuples(st.just("answered"), st.integers(1, 2000), st.floats(0, 200)),
-    st.tuples(st.just("timed_out"), st.just(0), st.just(0.0)),
+    st.tuples(st.sampled_from(["timed_out", "throttled"]), st.just(0), st.just(0.0)),
 )
 
 
@@ -45,6 +47,9 @@ def test_the_size_stays_within_bounds_and_a_timeout_never_grows_it(
         if kind == "timed_out":
             sizer.timed_out()
             assert sizer.size == max(1, before // 4)
+        elif kind == "throttled":
+            sizer.throttled()
+            assert sizer.size == max(1, before // 2)
         else:
             sizer.answered(rows, seconds)
             if seconds > 30.0:

@@ -10,7 +10,7 @@ import pandas as pd
 from crm_connectors.errors import ClientError
 
 from crm_sync.flows import common
-from crm_sync.records import NEW_ACTIONS, Reason
+from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
 from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, content_hash, utcnow
@@ -76,10 +76,17 @@ class ActiveCampaignLoader:
         if valid.empty:
             return {}
         valid = self._move_emails(valid)
-        if len(valid) < MIN_IMPORT:
+        # AC documents no blank-value rule for bulk imports, and import tools commonly leave a
+        # stored value when sent an empty one: an update that clears a value goes by
+        # contact/sync, which writes what it is given (one request per such record).
+        clearing = valid["action"].isin([a.value for a in UPDATE_ACTIONS]) & valid["payload"].map(
+            _clears_a_value
+        )
+        if (~clearing).sum() < MIN_IMPORT:
             self._sync_one_by_one(valid)
         else:
-            self._import(valid)
+            self._sync_one_by_one(valid[clearing])
+            self._import(valid[~clearing])
         self._finish_qualifications(valid)
         return dict(self.counts)
 
@@ -117,12 +124,18 @@ class ActiveCampaignLoader:
             if tags:
                 contact["tags"] = tags
             contacts.append(contact)
+        suspects: list[int] = []
         for batch in self.hook.iter_bulk_import(
             contacts, chunk_size=self.batch_size, resolve_ids=False
         ):
+            suspects += [r.index for r in batch if r.suspect]
+            done = [r for r in batch if not r.suspect]
             self._record(
-                rows.iloc[[r.index for r in batch]], [(r.ok, r.contact_id, r.error) for r in batch]
+                rows.iloc[[r.index for r in done]], [(r.ok, r.contact_id, r.error) for r in done]
             )
+        # Rows an import refused by position (its index base is undocumented): each is written
+        # alone, so AC says which one was bad, in its own words.
+        self._sync_one_by_one(rows.iloc[suspects])
 
     def _sync_one_by_one(self, rows: pd.DataFrame) -> None:
         outcomes: list[tuple[bool, str | None, str | None]] = []
@@ -245,3 +258,8 @@ def _rejection(error: ClientError, what: str) -> tuple[str, str]:
     )
     code = f" [{error.code}]" if error.code else ""
     return reason, f"ActiveCampaign refused {what}: HTTP {error.status}{code}: {detail}"
+
+
+def _clears_a_value(payload: str) -> bool:
+    """Whether a row's payload empties a field (a value cleared at the source)."""
+    return any(value in (None, "") for value in json.loads(payload).values())
