@@ -199,7 +199,10 @@ class ActiveCampaignHook(CrmHttpHook):
             floor = _utc(updated_after).replace(microsecond=0) if updated_after else None
             for contact in found:
                 self._note_offset(contact.get("cdate"))
-                if floor is None or _parse_time(contact.get("udate")) >= floor:
+                # A `udate` that cannot be read is kept: reading a contact twice costs less
+                # than missing its update.
+                updated = _parse_time(contact.get("udate"))
+                if floor is None or updated == datetime.min.replace(tzinfo=UTC) or updated >= floor:
                     yield contact
             return
         wanted = [str(i) for i in ids]

@@ -179,6 +179,8 @@ class Dynamics365Hook(CrmHttpHook):
         self.first_chunk = FIRST_CHUNK
         self._sizers: dict[str, ChunkSizer] = {}
         self._no_bulk_actions: set[str] = set()
+        # Per thread: the chunk sizer of the bulk write in progress (None outside one).
+        self._writing = threading.local()
 
     # -- connection and auth -------------------------------------------------------------------
 
@@ -248,16 +250,21 @@ class Dynamics365Hook(CrmHttpHook):
         return ErrorDetails(None, response.reason or f"HTTP {response.status_code}", body)
 
     def _transient(self, status: int, code: str | None) -> bool:
-        return code not in NON_TRANSIENT_CODES and code not in SERVER_TIMEOUT_CODES
+        if code in NON_TRANSIENT_CODES:
+            return False
+        # A bulk write that ran out of time is sent again smaller by `_bulk`, not replayed as it
+        # was; any other request that meets a server timeout is retried like a 5xx.
+        in_bulk = getattr(self._writing, "sizer", None) is not None
+        return not (in_bulk and (code in SERVER_TIMEOUT_CODES or status == 504))
 
     def _error_for(self, response: requests.Response, method: str, url: str) -> CrmApiError:
         error = super()._error_for(response, method, url)
         limit = SERVICE_PROTECTION_CODES.get(error.code or "")
         if limit is None:
             return error
-        with self._tables_lock:
-            for sizer in self._sizers.values():
-                sizer.throttled()  # smaller writes from now on, as Microsoft advises after a 429
+        sizer = getattr(self._writing, "sizer", None)
+        if sizer is not None:
+            sizer.throttled()  # smaller writes from now on, as Microsoft advises after a 429
         return RateLimitError(
             f"service protection limit ({limit}): {error.message}",
             service=error.service,
@@ -399,14 +406,16 @@ class Dynamics365Hook(CrmHttpHook):
         *,
         select: Sequence[str] | None = None,
         batch: int = 50,
+        filter: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Rows whose `column_name` equals one of `values` (queried `batch` values at a time,
-        several queries at once like the bulk writes)."""
+        several queries at once like the bulk writes), and that match `filter` if given."""
         wanted = list(dict.fromkeys(values))
         chunks = [wanted[start : start + batch] for start in range(0, len(wanted), batch)]
 
         def read(chunk: list[object]) -> list[dict[str, Any]]:
-            return list(self.query(entity_set, select=select, filter=any_of(column_name, chunk)))
+            query = all_of(any_of(column_name, chunk), filter)
+            return list(self.query(entity_set, select=select, filter=query))
 
         for rows in self._parallel(read, chunks):
             yield from rows
@@ -631,16 +640,20 @@ class Dynamics365Hook(CrmHttpHook):
                 while pending and len(running) < workers:
                     size = min(sizer.size, chunk_size, len(pending))
                     chunk = [pending.popleft() for _ in range(size)]
-                    for index in chunk:
-                        attempts[index] += 1
-                        if attempts[index] > MAX_WRITE_ATTEMPTS:
-                            raise ApiConnectionError(
-                                f"{info.entity_set}: {mode} of row {index} got no answer "
-                                f"{MAX_WRITE_ATTEMPTS} times, down to chunks of {size}: "
-                                "Dataverse is not answering in time",
-                                maybe_sent=True,
-                                service=self.service,
-                            )
+                    attempts.update(chunk)
+                    for index in [i for i in chunk if attempts[i] > MAX_WRITE_ATTEMPTS]:
+                        # Each try went unanswered, down to small chunks: the row fails alone
+                        # (a create that may have committed is found by the next run's check).
+                        results[index] = WriteResult(
+                            index,
+                            False,
+                            error_code="no_answer",
+                            message=f"no answer in time to {MAX_WRITE_ATTEMPTS} {mode} "
+                            f"requests, the last of {size} rows",
+                        )
+                    chunk = [i for i in chunk if attempts[i] <= MAX_WRITE_ATTEMPTS]
+                    if not chunk:
+                        continue
                     running.add(pool.submit(self._write_chunk, mode, info, rows, chunk, sizer))
                     requests_sent += 1
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -699,6 +712,7 @@ class Dynamics365Hook(CrmHttpHook):
         table does not support them or the action rejected the chunk."""
         started = time.monotonic()
         upsert = mode == "create"
+        self._writing.sizer = sizer
         try:
             if info.entity_set in self._no_bulk_actions:
                 outcome = _ChunkOutcome(self._fallback(info, rows, chunk, None, upsert=upsert))
@@ -706,41 +720,55 @@ class Dynamics365Hook(CrmHttpHook):
                 outcome = _ChunkOutcome(self._create_chunk(info, rows, chunk))
             else:
                 outcome = _ChunkOutcome(self._update_chunk(info, rows, chunk))
-        except (ApiConnectionError, ServerError) as error:
-            if isinstance(error, ServerError) and not _timed_out(error):
-                raise
-            sizer.timed_out()
-            log.info(
-                "%s: %s of %d rows got no answer in time (%s); next chunks of %d",
-                info.entity_set,
-                mode,
-                len(chunk),
-                type(error).__name__ if isinstance(error, ApiConnectionError) else error.code,
-                sizer.size,
-            )
-            return self._after_timeout(info, rows, chunk, creates=upsert)
+        except ServerError as error:
+            if _timed_out(error):
+                return self._timed_out_chunk(info, rows, chunk, sizer, mode, error.code)
+            if error.retryable or info.entity_set in self._no_bulk_actions:
+                raise  # the server kept failing after the retries: a run-level problem
+            # A decision, not an outage (e.g. duplicate detection): row by row, so only the
+            # rows it concerns fail.
+            return _ChunkOutcome(self._fallback(info, rows, chunk, error, upsert=upsert))
+        except ApiConnectionError:
+            return self._timed_out_chunk(info, rows, chunk, sizer, mode, "no answer")
+        finally:
+            self._writing.sizer = None
         sizer.answered(len(chunk), time.monotonic() - started)
         return outcome
 
-    def _after_timeout(
-        self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int], *, creates: bool
+    def _timed_out_chunk(
+        self,
+        info: TableInfo,
+        rows: list[dict[str, Any]],
+        chunk: list[int],
+        sizer: ChunkSizer,
+        mode: str,
+        what: str | None,
     ) -> _ChunkOutcome:
-        """What to send again after a chunk got no answer: updates are idempotent, so all of
-        it; of creates, the rows that do not exist (the rest committed: done)."""
-        if not creates:
-            return _ChunkOutcome([], chunk)
-        ids = {str(rows[i][info.primary_id]).lower(): i for i in chunk}
+        """A chunk that got no answer in time: smaller chunks from now on, and its rows sent
+        again (for creates, only those that do not exist)."""
+        self._writing.sizer = None  # the existence check is a read, retried as reads are
+        sizer.timed_out(len(chunk))
+        log.info(
+            "%s: %s of %d rows got no answer in time (%s); next chunks of %d",
+            info.entity_set,
+            mode,
+            len(chunk),
+            what,
+            sizer.size,
+        )
+        if mode != "create":
+            return _ChunkOutcome([], chunk)  # updates are idempotent: all of it again
+        # Of creates, the rows that exist committed (their ids were chosen here): done.
+        ids = [(str(rows[i][info.primary_id]).lower(), i) for i in chunk]
         found = self.find(
             info.entity_set,
             info.primary_id,
-            [uuid.UUID(record_id) for record_id in ids],
+            [uuid.UUID(record_id) for record_id, _ in ids],
             select=[info.primary_id],
         )
         exist = {str(row[info.primary_id]).lower() for row in found}
-        done = [
-            WriteResult(i, True, id=record_id) for record_id, i in ids.items() if record_id in exist
-        ]
-        return _ChunkOutcome(done, [i for record_id, i in ids.items() if record_id not in exist])
+        done = [WriteResult(i, True, id=record_id) for record_id, i in ids if record_id in exist]
+        return _ChunkOutcome(done, [i for record_id, i in ids if record_id not in exist])
 
     def _create_chunk(
         self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
@@ -848,7 +876,8 @@ class _ChunkOutcome:
 
 
 def _timed_out(error: ServerError) -> bool:
-    """A server answer saying the request ran out of time (its writes were rolled back)."""
+    """A server answer saying the request ran out of time (a bulk action's writes are rolled
+    back; a `$batch`'s finished parts stay, which re-sending finds or rewrites)."""
     return error.code in SERVER_TIMEOUT_CODES or error.status == 504
 
 

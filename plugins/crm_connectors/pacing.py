@@ -170,7 +170,9 @@ class ChunkSizer:
         with self._lock:
             self._size = max(self.minimum, self._size // 2)
 
-    def timed_out(self) -> None:
-        """A request got no answer in time (the client's or the server's timeout)."""
+    def timed_out(self, rows: int) -> None:
+        """A request of `rows` rows got no answer in time (the client's or the server's
+        timeout): a quarter of that request's size at most (several requests in flight that
+        time out together cut it once, not once each)."""
         with self._lock:
-            self._size = max(self.minimum, self._size // 4)
+            self._size = max(self.minimum, min(self._size, rows // 4))

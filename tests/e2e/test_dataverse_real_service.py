@@ -143,3 +143,26 @@ def test_a_lead_qualified_into_an_existing_contact_moves_its_ac_tag(world: World
     links = {(x.entity, x.dataverse_id): x.ac_contact_id for x in store.all_links()}
     assert links[("contact", contact)] == ac_id
     assert len(world.ac_contacts()) == 1
+
+
+def test_a_lead_qualified_with_account_and_opportunity_moves_its_ac_tag(world: World) -> None:
+    """QualifyLead creating an account and an opportunity as well as the contact: the contact
+    (parent customer: the new account) takes over the lead's AC contact; nothing else reaches
+    AC (accounts and opportunities are not synced yet)."""
+    lead = world.dv_create(
+        "leads", emailaddress1="full@example.com", lastname="Full", subject="s", companyname="Co"
+    )
+    assert world.run(TO_AC).state == "success"
+    ac_id = world.ac_by_email("full@example.com")["id"]
+
+    contact = world.qualify(lead, account=True, opportunity=True)
+    (account,) = world.dv_rows("accounts")
+    assert world.dv_rows("contacts")[0]["_parentcustomerid_value"] == account["accountid"]
+    assert world.run(TO_AC).state == "success"
+
+    found = world.ac_by_email("full@example.com")
+    assert found["id"] == ac_id
+    assert sorted(found["tags"]) == ["D365: Contact", "D365: Pushed from Dynamics"]
+    links = StateStore.from_url(world.state_url).links_for(dataverse_ids=[contact])
+    assert [(x.entity, x.ac_contact_id) for x in links] == [("contact", ac_id)]
+    assert len(world.ac_contacts()) == 1

@@ -134,11 +134,12 @@ class World:
     def dv_update(self, entity_set: str, row_id: str, **row: Any) -> None:
         self._dv("PATCH", f"{entity_set}({row_id})", json=row, headers={"If-Match": "*"})
 
-    def qualify(self, lead_id: str) -> str:
+    def qualify(self, lead_id: str, *, account: bool = False, opportunity: bool = False) -> str:
+        """QualifyLead creating a contact (and an account, an opportunity); the contact's id."""
         body = {
-            "CreateAccount": False,
+            "CreateAccount": account,
             "CreateContact": True,
-            "CreateOpportunity": False,
+            "CreateOpportunity": opportunity,
             "Status": 3,
         }
         value = self._dv(

@@ -19,7 +19,9 @@ def test_grows_holds_and_shrinks() -> None:
     assert sizer.size == 100
     sizer.throttled()
     assert sizer.size == 50
-    sizer.timed_out()
+    sizer.timed_out(50)
+    assert sizer.size == 12
+    sizer.timed_out(100)  # an older, larger request timing out too: cut from its size, not again
     assert sizer.size == 12
     sizer.answered(10, 0.1)  # a short last chunk says nothing about the size: no growth
     assert sizer.size == 12
@@ -33,7 +35,8 @@ def test_bounds_are_checked() -> None:
 
 events = st.one_of(
     st.tuples(st.just("answered"), st.integers(1, 2000), st.floats(0, 200)),
-    st.tuples(st.sampled_from(["timed_out", "throttled"]), st.just(0), st.just(0.0)),
+    st.tuples(st.just("timed_out"), st.integers(1, 2000), st.just(0.0)),
+    st.tuples(st.just("throttled"), st.just(0), st.just(0.0)),
 )
 
 
@@ -45,8 +48,8 @@ def test_the_size_stays_within_bounds_and_a_timeout_never_grows_it(
     for kind, rows, seconds in sequence:
         before = sizer.size
         if kind == "timed_out":
-            sizer.timed_out()
-            assert sizer.size == max(1, before // 4)
+            sizer.timed_out(rows)
+            assert sizer.size == max(1, min(before, rows // 4))
         elif kind == "throttled":
             sizer.throttled()
             assert sizer.size == max(1, before // 2)

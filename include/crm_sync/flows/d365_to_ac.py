@@ -16,6 +16,7 @@ from crm_sync.flows.activecampaign_io import ActiveCampaignReader
 from crm_sync.flows.dataverse_io import changed_rows, rows_by
 from crm_sync.identity import claimed_by_other_dataverse_records
 from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_writes
+from crm_sync.odata import all_of
 from crm_sync.records import (
     WRITE_ACTIONS,
     Action,
@@ -227,7 +228,11 @@ def _qualified_into(ctx: StepContext, hook: Any, dv: pd.DataFrame) -> tuple[pd.D
     added = pd.DataFrame()
     if missing and Entity.CONTACT in _entities(ctx):
         columns = [f.dynamics365 for f in ctx.settings.mapping(Entity.CONTACT)]
-        added = rows_by(hook, Entity.CONTACT, Entity.CONTACT.primary_id, missing, columns)
+        # Only contacts the data configuration syncs: active, and matching record_criteria.
+        criteria = all_of("statecode eq 0", ctx.settings.entities[Entity.CONTACT].record_criteria)
+        added = rows_by(
+            hook, Entity.CONTACT, Entity.CONTACT.primary_id, missing, columns, criteria=criteria
+        )
         dv = pd.concat([dv, added], ignore_index=True)
     contacts = dv["entity"] == Entity.CONTACT.value
     origin = dv.get("_originatingleadid_value", pd.Series(pd.NA, index=dv.index)).astype(object)

@@ -53,13 +53,18 @@ def rows_by(
     column: str,
     values: Sequence[str],
     columns: Sequence[str],
+    *,
+    criteria: str | None = None,
 ) -> pd.DataFrame:
-    """Rows whose `column` equals one of `values` (escaped literals, chunked)."""
+    """Rows whose `column` equals one of `values` (escaped literals, chunked) and that match
+    `criteria` (an OData filter) if given."""
     select = select_columns(entity, columns)
     unique: list[object] = [v for v in dict.fromkeys(values) if v]
     if column == entity.primary_id:
         unique = [uuid.UUID(str(v)) for v in unique]  # Edm.Guid literals are unquoted
-    rows = hook.find(entity.entity_set, column, unique, select=select, batch=LOOKUP_CHUNK)
+    rows = hook.find(
+        entity.entity_set, column, unique, select=select, batch=LOOKUP_CHUNK, filter=criteria
+    )
     return rows_frame(entity, rows, select)
 
 
