@@ -298,3 +298,15 @@ def test_connection_check_reports_a_bad_secret_without_showing_it(
     with Dynamics365Hook(retry_policy=fast_retries) as hook:
         ok, message = hook.test_connection()
     assert not ok and "entra-id" in message and secret not in message
+
+
+def test_rows_that_never_fit_the_server_timeout_fail_alone(sandbox, d365, counted) -> None:
+    """Every write outlasts the server's time limit (rolled back each time): the chunks shrink
+    to one row, and after six unanswered tries each row fails on its own (`no_answer`), with
+    nothing written and no exception for the caller."""
+    sandbox.admin("d365", "PUT", "config", json={"write_cost_ms": 2000, "server_timeout_s": 0.3})
+    results = d365.create_multiple("leads", [{"lastname": f"Never {i}"} for i in range(3)])
+    assert [r.index for r in results] == [0, 1, 2]
+    assert {(r.ok, r.error_code) for r in results} == {(False, "no_answer")}
+    assert counted("d365", CREATE_MULTIPLE).get(500, 0) >= 6
+    assert list(d365.query("leads", select=["lastname"])) == []
