@@ -419,7 +419,7 @@ def write_report(results_dir: Path, docs: Path) -> Path:
         "requests per user per 5 minutes, with every record written costing "
         f"{WRITE_COST_MS['value']:g} ms of server time (the emulator's `write_cost_ms`: "
         "plug-ins and workflows; Microsoft's examples range 10-50 ms). The sync runs in-process, each step called as its "
-        "Airflow task calls it (`crm_sync.flows.step_function` with a `StepContext`), against "
+        "Airflow task calls it (`crm_sync.steps.steps_of(flow)` with a `StepContext`), against "
         "`python -m sandbox serve` in its own process, with a SQLite state store.",
         "",
         f"Machine: {_machine(results)} (shared with other work while measured, so seconds "
