@@ -176,17 +176,17 @@ def run_flow(
     flow_name: str, sandbox: Sandbox, state_url: str, params: dict[str, Any] | None = None
 ) -> FlowRun:
     """Run the five steps of a flow in this process, as its DAG's tasks call them."""
-    from crm_sync.dag_factory import Flow
-    from crm_sync.flows import STEPS, step_function
-    from crm_sync.runner import StepContext
+    from crm_sync.context import StepContext
+    from crm_sync.core import Flow
     from crm_sync.settings import current_settings
+    from crm_sync.steps import steps_of
 
     flow = Flow(flow_name)
     sandbox.clear_counters()
     seconds: dict[str, float] = {}
     counts: dict[str, dict[str, Any]] = {}
     run_id = f"bench__{uuid.uuid4().hex[:12]}"
-    for step in STEPS:
+    for step, function in steps_of(flow).in_order():
         # A fresh context per step, as each Airflow task builds its own.
         ctx = StepContext(
             flow=flow,
@@ -197,7 +197,7 @@ def run_flow(
             state_url=state_url,
         )
         started = time.perf_counter()
-        summary = step_function(flow, step)(ctx)
+        summary = function(ctx)
         seconds[step] = time.perf_counter() - started
         counts[step] = summary.get("counts", {})
         if "store" in ctx.__dict__:

@@ -426,7 +426,7 @@ def write_report(results_dir: Path, docs: Path) -> Path:
         "pay it: benchmark 2's load, and the Dataverse writes of benchmark 3, whose figures are "
         "request counts and whose seconds were measured before the cost model existed). The "
         "sync runs in-process, each step called as its "
-        "Airflow task calls it (`crm_sync.flows.step_function` with a `StepContext`), against "
+        "Airflow task calls it (`crm_sync.steps.steps_of(flow)` with a `StepContext`), against "
         "`python -m sandbox serve` in its own process, with a SQLite state store.",
         "",
         f"Machine: {_machine(results)} (shared with other work while measured, so seconds "

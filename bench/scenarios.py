@@ -380,10 +380,10 @@ def _naive_loader() -> type:
 
 def _load_with(records: int, root: Path | None, naive: bool) -> dict[str, Any]:
     from crm_connectors.activecampaign import ActiveCampaignHook
-    from crm_sync.dag_factory import Flow
-    from crm_sync.flows import step_function
-    from crm_sync.runner import StepContext
+    from crm_sync.context import StepContext
+    from crm_sync.core import Flow
     from crm_sync.settings import current_settings
+    from crm_sync.steps import steps_of
 
     name = f"{'naive' if naive else 'project'}-{records}"
     with run_folder(root, name) as folder, Sandbox(folder / "sandbox") as sandbox:
@@ -398,8 +398,9 @@ def _load_with(records: int, root: Path | None, naive: bool) -> dict[str, Any]:
             settings=current_settings(),
             state_url=state,
         )
-        for step in ("extract", "tag_classify", "map_fields", "validate"):
-            step_function(Flow.BACKFILL, step)(ctx)
+        steps = steps_of(Flow.BACKFILL)
+        for step in (steps.extract, steps.tag_classify, steps.map_fields, steps.validate):
+            step(ctx)
         valid = ctx.staging.read_frame("validate", "valid")
         sandbox.clear_counters()
         started = time.perf_counter()
@@ -408,7 +409,7 @@ def _load_with(records: int, root: Path | None, naive: bool) -> dict[str, Any]:
             with ActiveCampaignHook() as hook:
                 _naive_loader()(ctx, hook, meta["field_ids"]).load(valid)
         else:
-            step_function(Flow.BACKFILL, "load")(ctx)
+            steps.load(ctx)
         seconds = time.perf_counter() - started
         requests_made = sandbox.requests_made()["ac"]
         after = _ac_contacts(sandbox)

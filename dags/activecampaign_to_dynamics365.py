@@ -20,6 +20,7 @@ job frequency set in `include/config/sync.yaml`.
 """
 
 from airflow.sdk import DAG
-from crm_sync.dag_factory import Flow, build_sync_dag
+from crm_sync.core import Flow
+from crm_sync.dag_factory import build_sync_dag
 
 dag: DAG = build_sync_dag(Flow.AC_TO_D365, doc_md=__doc__)

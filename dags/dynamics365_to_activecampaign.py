@@ -19,6 +19,7 @@ frequency set there.
 """
 
 from airflow.sdk import DAG
-from crm_sync.dag_factory import Flow, build_sync_dag
+from crm_sync.core import Flow
+from crm_sync.dag_factory import build_sync_dag
 
 dag: DAG = build_sync_dag(Flow.D365_TO_AC, doc_md=__doc__)

@@ -12,6 +12,7 @@ triggering it: a paused DAG's runs stay queued.
 """
 
 from airflow.sdk import DAG
-from crm_sync.dag_factory import Flow, build_sync_dag
+from crm_sync.core import Flow
+from crm_sync.dag_factory import build_sync_dag
 
 dag: DAG = build_sync_dag(Flow.BACKFILL, doc_md=__doc__)

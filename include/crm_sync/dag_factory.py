@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, task
 
+from crm_sync.core import STEPS, Flow
 from crm_sync.settings import current_settings
 
-
-class Flow(StrEnum):
-    """One sync DAG: a direction, or the initial (historical) sync."""
-
-    AC_TO_D365 = "activecampaign_to_dynamics365"
-    D365_TO_AC = "dynamics365_to_activecampaign"
-    BACKFILL = "initial_sync_backfill"
-
-
-TASK_IDS = ("extract", "tag_classify", "map_fields", "validate", "load")
+TASK_IDS = STEPS
 START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -121,29 +112,33 @@ def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
         def extract(**context: Any) -> dict[str, Any]:
             """Read what changed since the watermark; stage it as Parquet."""
             from crm_sync.runner import run_step
+            from crm_sync.steps import steps_of
 
-            return run_step(flow, "extract", context)
+            return run_step(flow, steps_of(flow).extract, context)
 
         @task(task_id="tag_classify")
         def tag_classify(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
             """Classify each record by its tags and links: new, update, not eligible, quarantine."""
             from crm_sync.runner import run_step
+            from crm_sync.steps import steps_of
 
-            return run_step(flow, "tag_classify", context, summary)
+            return run_step(flow, steps_of(flow).tag_classify, context, summary)
 
         @task(task_id="map_fields")
         def map_fields(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
             """Apply the field mapping, drop echoes, resolve conflicts by the declared rule."""
             from crm_sync.runner import run_step
+            from crm_sync.steps import steps_of
 
-            return run_step(flow, "map_fields", context, summary)
+            return run_step(flow, steps_of(flow).map_fields, context, summary)
 
         @task(task_id="validate")
         def validate(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
             """Check records against the target's rules (Great Expectations); quarantine failures."""
             from crm_sync.runner import run_step
+            from crm_sync.steps import steps_of
 
-            return run_step(flow, "validate", context, summary)
+            return run_step(flow, steps_of(flow).validate, context, summary)
 
         @task(
             task_id="load",
@@ -153,8 +148,9 @@ def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
         def load(summary: dict[str, Any], **context: Any) -> dict[str, Any]:
             """Write to the target in bulk, store links, advance the watermark, report the run."""
             from crm_sync.runner import run_step
+            from crm_sync.steps import steps_of
 
-            return run_step(flow, "load", context, summary)
+            return run_step(flow, steps_of(flow).load, context, summary)
 
         load(validate(map_fields(tag_classify(extract()))))
     return dag

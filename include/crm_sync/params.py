@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from crm_sync.dag_factory import Flow
+from crm_sync.core import Flow
 
 COMMON = ("dry_run", "confirm_mass_change")
 BACKFILL_ONLY = ("entities", "modified_since", "batch_size")
@@ -22,8 +21,6 @@ class TriggerParamsError(ValueError):
 
 def accepted(flow: Flow) -> tuple[str, ...]:
     """The parameters a run of `flow` accepts (the DAG's declared params), sorted."""
-    from crm_sync.dag_factory import Flow
-
     return tuple(sorted(COMMON + (BACKFILL_ONLY if flow is Flow.BACKFILL else ())))
 
 

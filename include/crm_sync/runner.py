@@ -4,73 +4,22 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+from crm_sync.context import Step, StepContext
+from crm_sync.core import CircuitBreakerTripped, Flow
 from crm_sync.errors import ConfigurationError
 from crm_sync.params import RunParams, TriggerParamsError
-from crm_sync.settings import SettingsError, SyncSettings, current_settings
-
-if TYPE_CHECKING:
-    from crm_sync.dag_factory import Flow
-    from crm_sync.staging import RunStaging
-    from crm_sync.state import StateStore
+from crm_sync.settings import SettingsError, current_settings
 
 log = logging.getLogger("crm_sync")
 
 
-class CircuitBreakerTripped(AirflowFailException):
-    """A safety limit stopped the run before any write; the message says how to proceed.
-
-    It fails the task at once: retrying cannot change the data that tripped it.
-    """
-
-
-@dataclass
-class StepContext:
-    """Everything a step needs: settings, run identity, params, staging and the state store."""
-
-    flow: Flow
-    dag_id: str
-    run_id: str
-    params: dict[str, Any]
-    settings: SyncSettings
-    upstream: dict[str, Any] = field(default_factory=dict)
-    state_url: str | None = None
-
-    @cached_property
-    def run_params(self) -> RunParams:
-        """The run's parameters, typed (checked once in `run_step` for a task)."""
-        return RunParams.parse(self.flow, self.params)
-
-    @property
-    def dry_run(self) -> bool:
-        """Whether this run only plans."""
-        return self.run_params.dry_run
-
-    @property
-    def flow_direction(self) -> str:
-        """The direction records move in this flow (the backfill moves Dynamics -> AC)."""
-        from crm_sync.dag_factory import Flow
-
-        return Flow.AC_TO_D365.value if self.flow is Flow.AC_TO_D365 else Flow.D365_TO_AC.value
-
-    @cached_property
-    def staging(self) -> RunStaging:
-        """This run's staging folder."""
-        from crm_sync.staging import RunStaging, staging_root
-
-        return RunStaging(staging_root(self.settings.staging), self.dag_id, self.run_id)
-
-    @cached_property
-    def store(self) -> StateStore:
-        """The sync state store of the `crm_sync_state` connection."""
-        from crm_sync.state import StateStore, state_url_from_connection
-
-        return StateStore.from_url(self.state_url or state_url_from_connection())
+class CircuitBreakerStop(AirflowFailException):
+    """A circuit breaker tripped (`CircuitBreakerTripped`): the task fails at once, without
+    Airflow's retries, which cannot change the data that tripped it."""
 
 
 def context_from_airflow(
@@ -118,20 +67,21 @@ def record_failed_run(context: dict[str, Any]) -> None:
 
 
 def run_step(
-    flow: Flow, step: str, context: dict[str, Any], upstream: dict[str, Any] | None = None
+    flow: Flow, step: Step, context: dict[str, Any], upstream: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run `step` of `flow` and return its small XCom summary.
+    """Run the step function `step` of `flow` in an Airflow task; return its XCom summary.
 
-    A configuration error (see `configuration_error`) fails the task at once, without Airflow's
-    retries, with a message that names the fix; any other error keeps its retries.
+    A tripped circuit breaker, and a configuration error (see `configuration_error`), fail the
+    task at once, without Airflow's retries, with a message that says what to do; any other
+    error keeps its retries.
     """
-    from crm_sync.flows import step_function
-
     try:
         step_context = context_from_airflow(flow, context, upstream)
-        return step_function(flow, step)(step_context)
+        return step(step_context)
     except AirflowFailException:
         raise
+    except CircuitBreakerTripped as error:
+        raise CircuitBreakerStop(str(error)) from error
     except Exception as error:
         message = configuration_error(error)
         if message is None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from crm_sync.dag_factory import TASK_IDS, Flow
+from crm_sync.core import Flow
+from crm_sync.dag_factory import TASK_IDS
 from crm_sync.settings import FREQUENCY_CRON
 
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"

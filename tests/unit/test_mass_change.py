@@ -7,8 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from crm_sync.core import CircuitBreakerTripped
 from crm_sync.flows.common import check_mass_change
-from crm_sync.runner import CircuitBreakerTripped
 from crm_sync.settings import DEFAULT_SETTINGS_PATH, load_settings
 from crm_sync.state import RecordLink, StateStore
 

@@ -21,11 +21,10 @@ from crm_connectors.errors import (
     UnknownColumnError,
     UnknownHostError,
 )
-from crm_sync import flows
-from crm_sync.dag_factory import Flow
+from crm_sync.core import CircuitBreakerTripped, Flow
 from crm_sync.errors import ConfigurationError
 from crm_sync.params import RunParams, TriggerParamsError
-from crm_sync.runner import CircuitBreakerTripped, run_step
+from crm_sync.runner import CircuitBreakerStop, run_step
 from crm_sync.settings import SettingsError
 
 SECRET = "s3cr3t-value-never-shown"
@@ -43,6 +42,11 @@ def airflow_context(flow: Flow, conf: dict[str, Any] | None = None) -> dict[str,
     }
 
 
+def recorded(ctx: Any) -> dict[str, Any]:
+    """The step function the tests run: the one `step()` installed."""
+    return recorded.function(ctx)  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def step(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Any]]:
     """`step(error=None)`: make every step record its context (and raise `error`, if given)."""
@@ -55,7 +59,7 @@ def step(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Any]]:
                 raise error
             return {"counts": {}}
 
-        monkeypatch.setattr(flows, "step_function", lambda flow, name: function)
+        monkeypatch.setattr(recorded, "function", function, raising=False)
         return seen
 
     return install
@@ -66,7 +70,7 @@ def test_an_unknown_trigger_key_fails_before_the_step_runs(step: Any) -> None:
     seen = step()
     context = airflow_context(Flow.AC_TO_D365, {"dry-run": True})
     with pytest.raises(AirflowFailException) as caught:
-        run_step(Flow.AC_TO_D365, "extract", context)
+        run_step(Flow.AC_TO_D365, recorded, context)
     assert seen == []
     assert "unknown trigger parameter 'dry-run'; accepted: confirm_mass_change, dry_run" in str(
         caught.value
@@ -77,7 +81,7 @@ def test_the_backfill_names_its_own_parameters(step: Any) -> None:
     step()
     context = airflow_context(Flow.BACKFILL, {"batchsize": 100})
     with pytest.raises(AirflowFailException, match="batch_size, confirm_mass_change, dry_run"):
-        run_step(Flow.BACKFILL, "extract", context)
+        run_step(Flow.BACKFILL, recorded, context)
 
 
 def test_an_unknown_key_only_in_the_conf_is_refused_too(step: Any) -> None:
@@ -85,7 +89,7 @@ def test_an_unknown_key_only_in_the_conf_is_refused_too(step: Any) -> None:
     context = airflow_context(Flow.D365_TO_AC)
     context["dag_run"].conf = {"confirm": True}  # conf not merged into params
     with pytest.raises(AirflowFailException, match="'confirm'"):
-        run_step(Flow.D365_TO_AC, "extract", context)
+        run_step(Flow.D365_TO_AC, recorded, context)
     assert seen == []
 
 
@@ -105,19 +109,19 @@ def test_a_wrong_type_fails_before_the_step_runs(
 ) -> None:
     seen = step()
     with pytest.raises(AirflowFailException, match=message):
-        run_step(flow, "extract", airflow_context(flow, conf))
+        run_step(flow, recorded, airflow_context(flow, conf))
     assert seen == []
 
 
 def test_valid_parameters_reach_the_step_typed(step: Any) -> None:
     seen = step()
     conf = {"dry_run": True, "entities": "lead", "modified_since": "2026-02-01", "batch_size": 50}
-    run_step(Flow.BACKFILL, "extract", airflow_context(Flow.BACKFILL, conf))
+    run_step(Flow.BACKFILL, recorded, airflow_context(Flow.BACKFILL, conf))
     (ctx,) = seen
     assert ctx.dry_run is True
     assert ctx.params == {**conf, "confirm_mass_change": False}
     assert ctx.run_params.modified_since.isoformat() == "2026-02-01"
-    run_step(Flow.AC_TO_D365, "extract", airflow_context(Flow.AC_TO_D365))
+    run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
     assert seen[1].params == {"dry_run": False, "confirm_mass_change": False}
 
 
@@ -176,7 +180,7 @@ def test_a_configuration_error_fails_the_task_at_once(
 ) -> None:
     step(error)
     with pytest.raises(AirflowFailException) as caught:
-        run_step(Flow.AC_TO_D365, "extract", airflow_context(Flow.AC_TO_D365))
+        run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
     message = str(caught.value)
     assert message.startswith("configuration error (not retried): ")
     for piece in expected:
@@ -199,17 +203,18 @@ TRANSIENT = [
 def test_other_errors_keep_airflow_retries(step: Any, error: BaseException) -> None:
     step(error)
     with pytest.raises(type(error)) as caught:
-        run_step(Flow.AC_TO_D365, "extract", airflow_context(Flow.AC_TO_D365))
+        run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
     assert caught.value is error
     assert not isinstance(caught.value, AirflowFailException)
 
 
-def test_a_circuit_breaker_passes_through_unchanged(step: Any) -> None:
+def test_a_circuit_breaker_fails_the_task_at_once_with_its_message(step: Any) -> None:
     tripped = CircuitBreakerTripped("too many changes")
     step(tripped)
-    with pytest.raises(CircuitBreakerTripped) as caught:
-        run_step(Flow.AC_TO_D365, "validate", airflow_context(Flow.AC_TO_D365))
-    assert caught.value is tripped
+    with pytest.raises(CircuitBreakerStop) as caught:
+        run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
+    assert isinstance(caught.value, AirflowFailException)  # no Airflow retries
+    assert caught.value.__cause__ is tripped and str(caught.value) == "too many changes"
 
 
 def test_the_checks_follow_the_dags_declared_params() -> None:

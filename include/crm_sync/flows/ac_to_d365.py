@@ -9,13 +9,13 @@ from typing import Any
 import pandas as pd
 
 from crm_sync.classify import attach_links, classify_for_dynamics
+from crm_sync.context import StepContext
 from crm_sync.flows import common
 from crm_sync.flows.activecampaign_io import TAG_FLAGS, ActiveCampaignReader
 from crm_sync.flows.dataverse_io import rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
 from crm_sync.mapping import D365, expand_synced, fields_towards, plan_writes
 from crm_sync.records import UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
-from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
 from crm_sync.validation import UTF16, TargetRules, validate_records

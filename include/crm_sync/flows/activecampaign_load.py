@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 from crm_connectors.errors import ClientError
 
+from crm_sync.context import StepContext
 from crm_sync.flows import common
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
-from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.tags import Tag

@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from crm_sync.context import StepContext
+from crm_sync.core import CircuitBreakerTripped
 from crm_sync.records import (
     NEW_ACTIONS,
     RECHECKED_EVERY_RUN,
@@ -17,7 +19,6 @@ from crm_sync.records import (
     mask_email,
 )
 from crm_sync.report import count_table, log, reason_counts
-from crm_sync.runner import CircuitBreakerTripped, StepContext
 
 SAMPLES = 5
 

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from crm_sync.classify import classify_for_activecampaign
+from crm_sync.context import StepContext
 from crm_sync.flows import common
 from crm_sync.flows.activecampaign_io import ActiveCampaignReader
 from crm_sync.flows.dataverse_io import changed_rows, rows_by
@@ -23,7 +24,6 @@ from crm_sync.records import (
     Reason,
     clean_frame,
 )
-from crm_sync.runner import StepContext
 from crm_sync.settings import Direction, Entity
 from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
 from crm_sync.tags import Tag
@@ -51,7 +51,7 @@ def _dv_hook() -> Any:
 
 
 def _is_backfill(ctx: StepContext) -> bool:
-    from crm_sync.dag_factory import Flow
+    from crm_sync.core import Flow
 
     return ctx.flow is Flow.BACKFILL
 

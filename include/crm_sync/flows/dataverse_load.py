@@ -8,11 +8,11 @@ from typing import Any
 
 import pandas as pd
 
+from crm_sync.context import StepContext
 from crm_sync.flows import common
 from crm_sync.flows.dataverse_io import rows_by
 from crm_sync.mapping import AC, D365, fields_towards, source_prevails
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
-from crm_sync.runner import StepContext
 from crm_sync.settings import Entity
 from crm_sync.state import RecordLink, content_hash, utcnow
 
