@@ -287,8 +287,7 @@ def check_columns(pf: Preflight) -> Iterator[Row]:
 
 def check_record_criteria(pf: Preflight) -> Iterator[Row]:
     from crm_connectors.errors import ClientError
-
-    from crm_sync.odata import check_filter
+    from crm_connectors.odata import check_filter
 
     for entity in _enabled(pf):
         label = f"record_criteria: {entity.value}"

@@ -133,7 +133,7 @@ class EntitySettings(_Strict):
     def _criteria(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        from crm_sync.odata import check_filter
+        from crm_connectors.odata import check_filter
 
         check_filter(value)
         return value.strip()

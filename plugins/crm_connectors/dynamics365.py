@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import requests
-from crm_sync.odata import all_of, any_of, check_filter, column, compare, literal
 
 from crm_connectors.base import CrmHttpHook, ErrorDetails, PinnedSession, secure_url
 from crm_connectors.entra import DEFAULT_AUTHORITY_HOST, TokenSource
@@ -31,6 +30,7 @@ from crm_connectors.errors import (
     ServerError,
     UnknownColumnError,
 )
+from crm_connectors.odata import all_of, any_of, check_filter, column, compare, literal
 from crm_connectors.odata_batch import (
     MAX_BATCH_PARTS,
     BatchOperation,
@@ -384,7 +384,7 @@ class Dynamics365Hook(CrmHttpHook):
     ) -> Iterator[dict[str, Any]]:
         """Rows of `entity_set`, following `@odata.nextLink` with `Prefer: odata.maxpagesize`.
 
-        Build `filter` with `crm_sync.odata` (`eq`, `any_of`, `compare`, `all_of`): their
+        Build `filter` with `crm_connectors.odata` (`eq`, `any_of`, `compare`, `all_of`): their
         literals are escaped, so a value can never change the filter's shape. The filter is
         syntax-checked before it is sent.
         """

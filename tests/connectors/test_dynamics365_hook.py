@@ -18,8 +18,8 @@ from crm_connectors.errors import (
     ServerError,
     UnknownColumnError,
 )
+from crm_connectors.odata import ODataFilterError, eq
 from crm_connectors.retry import RetryPolicy
-from crm_sync.odata import ODataFilterError, eq
 
 pytestmark = pytest.mark.sandbox
 

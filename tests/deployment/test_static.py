@@ -302,3 +302,17 @@ def test_a_pool_without_slots_is_reported() -> None:
         "pool activecampaign_api is missing or lacks slots/description",
         "pool dynamics365_api has 0 slots",
     ]
+
+
+def test_ci_lints_before_it_tests_with_the_pinned_ruff() -> None:
+    """`.ci/run` runs `make lint` before `make test`, and the pre-commit hooks use the ruff
+    version the lock installs (so a commit hook and CI agree)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    ci = (root / ".ci" / "run").read_text()
+    assert ci.index("make lint") < ci.index("make test")
+    pinned = re.search(r"^ruff==(\S+)$", (root / "constraints.txt").read_text(), re.M)
+    hooks = (root / ".pre-commit-config.yaml").read_text()
+    assert pinned and f"rev: v{pinned.group(1)}" in hooks
+    assert "ruff-check" in hooks and "ruff-format" in hooks

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from crm_connectors.activecampaign import ActiveCampaignHook
 from crm_connectors.dynamics365 import Dynamics365Hook
+from crm_connectors.odata import ODataFilterError
 from crm_connectors.retry import RetryPolicy
 from crm_sync.flows.dataverse_io import rows_by
-from crm_sync.odata import ODataFilterError
 from crm_sync.settings import Entity
 
 from tests.conftest import PROJECT_ROOT, Sandbox
@@ -101,7 +101,7 @@ def _hand_built(tree: ast.AST) -> list[int]:
 
 def hand_built_queries(root: Path) -> list[str]:
     """Hand-built filters or query strings in dags/, include/ and plugins/ (the helpers' own
-    module, `crm_sync/odata.py`, is where literals are made)."""
+    module, `crm_connectors/odata.py`, is where literals are made)."""
     found = []
     for folder in ("dags", "include", "plugins"):
         for path in sorted((root / folder).rglob("*.py")):

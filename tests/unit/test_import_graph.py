@@ -109,3 +109,14 @@ def test_no_import_cycle_in_include_and_plugins() -> None:
     graph = import_graph()
     assert "crm_sync.runner" in graph and "crm_connectors.dynamics365" in graph
     assert cycles(graph) == []
+
+
+def test_the_hooks_do_not_import_the_sync_library() -> None:
+    """The connectors only talk HTTP: nothing in `crm_connectors` imports `crm_sync`."""
+    graph = import_graph()
+    leaks = {
+        module: sorted(t for t in targets if t.startswith("crm_sync"))
+        for module, targets in graph.items()
+        if module.startswith("crm_connectors")
+    }
+    assert {m: t for m, t in leaks.items() if t} == {}

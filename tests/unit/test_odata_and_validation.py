@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
-from crm_sync.odata import ODataFilterError, all_of, any_of, check_filter, eq, literal
+from crm_connectors.odata import ODataFilterError, all_of, any_of, check_filter, eq, literal
 from crm_sync.records import clean_text, mask_email
 from crm_sync.validation import TargetRules, validate_records
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
+from crm_connectors.odata import all_of
 
 from crm_sync.classify import classify_for_activecampaign
 from crm_sync.context import StepContext
@@ -17,7 +18,6 @@ from crm_sync.flows.activecampaign_io import ActiveCampaignReader
 from crm_sync.flows.dataverse_io import changed_rows, rows_by
 from crm_sync.identity import claimed_by_other_dataverse_records
 from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_writes
-from crm_sync.odata import all_of
 from crm_sync.records import (
     WRITE_ACTIONS,
     Action,
