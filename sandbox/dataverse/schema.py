@@ -293,15 +293,7 @@ def _contact() -> Entity:
         Column(
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
-        Column(
-            "statecode",
-            "state",
-            "Status",
-            required="SystemRequired",
-            valid_for_create=False,
-            options={0: "Active", 1: "Inactive"},
-        ),
-        Column("statuscode", "status", "Status Reason", options={1: "Active", 2: "Inactive"}),
+        *_active_or_inactive(),
     ]
     return Entity(
         logical_name="contact",
@@ -313,6 +305,21 @@ def _contact() -> Entity:
         columns={c.name: c for c in columns},
         states={0: (1,), 1: (2,)},
     )
+
+
+def _active_or_inactive() -> list[Column]:
+    """`statecode` 0 Active / 1 Inactive and its `statuscode` (contacts, accounts)."""
+    return [
+        Column(
+            "statecode",
+            "state",
+            "Status",
+            required="SystemRequired",
+            valid_for_create=False,
+            options={0: "Active", 1: "Inactive"},
+        ),
+        Column("statuscode", "status", "Status Reason", options={1: "Active", 2: "Inactive"}),
+    ]
 
 
 def _system_columns() -> list[Column]:
@@ -334,15 +341,7 @@ def _account() -> Entity:
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
         *_system_columns(),
-        Column(
-            "statecode",
-            "state",
-            "Status",
-            required="SystemRequired",
-            valid_for_create=False,
-            options={0: "Active", 1: "Inactive"},
-        ),
-        Column("statuscode", "status", "Status Reason", options={1: "Active", 2: "Inactive"}),
+        *_active_or_inactive(),
     ]
     return Entity(
         logical_name="account",
