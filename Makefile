@@ -15,7 +15,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := True
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: help install demo test check up bench lint format soak lock clean screenshots
+.PHONY: help install demo test check up bench lint typecheck format soak lock clean screenshots
 
 help:
 	@echo "make demo   - install, start the sandbox, run the sync end to end, print a summary"
@@ -24,6 +24,7 @@ help:
 	@echo "make up     - the sandbox plus 'airflow standalone' with the project's DAGs"
 	@echo "make bench  - the benchmarks; writes docs/benchmarks.md"
 	@echo "make lint   - ruff check and ruff format --check"
+	@echo "make typecheck - mypy, strict, on include/ and plugins/"
 	@echo "make soak   - the reliability and security suites with larger batches and more kill points"
 	@echo "make screenshots - optional: retake the UI screenshots in docs/img (needs: apt-get install -y chromium)"
 
@@ -62,6 +63,9 @@ screenshots: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -137,7 +139,7 @@ def classify_for_activecampaign(records: pd.DataFrame, settings: SyncSettings) -
         qualified & exists & ~qualified_ok,
         qualified,
     ]
-    actions = [
+    actions: list[Any] = [
         Action.NOT_ELIGIBLE.value,
         Action.NOT_ELIGIBLE.value,
         Action.QUARANTINE.value,
@@ -146,7 +148,7 @@ def classify_for_activecampaign(records: pd.DataFrame, settings: SyncSettings) -
         Action.NOT_ELIGIBLE.value,
         Action.UPDATE_CONTACT.value,
     ]
-    reasons = [
+    reasons: list[Any] = [
         Reason.ENTITY_DISABLED,
         Reason.LEAD_QUALIFIED,
         Reason.LINKED_RECORD_MISSING,

@@ -152,5 +152,6 @@ def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
 
             return run_step(flow, steps_of(flow).load, context, summary)
 
-        load(validate(map_fields(tag_classify(extract()))))
+        # Airflow passes each task's XCom to the next at run time (typed XComArg here).
+        load(validate(map_fields(tag_classify(extract()))))  # type: ignore[arg-type]
     return dag

@@ -36,7 +36,7 @@ def _free_port(preferred: int) -> int:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return sock.getsockname()[1]
+            return int(sock.getsockname()[1])
     raise RuntimeError("no free port")
 
 
@@ -118,11 +118,11 @@ class Demo:
         return response.json()
 
     def ac_contacts(self) -> list[dict[str, Any]]:
-        return self.admin("ac", "GET", "contacts/export")["contacts"]
+        return list(self.admin("ac", "GET", "contacts/export")["contacts"])
 
     def dv_rows(self, entity_set: str) -> list[dict[str, Any]]:
         body = self.admin("d365", "GET", f"export/{entity_set}")
-        return body["value"] if isinstance(body, dict) else body
+        return list(body["value"] if isinstance(body, dict) else body)
 
     def ac_api(self, method: str, path: str, **kwargs: Any) -> Any:
         response = requests.request(

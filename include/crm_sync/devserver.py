@@ -271,7 +271,7 @@ class DevServer:
             timeout=30,
         )
         response.raise_for_status()
-        return response.json()["access_token"]
+        return str(response.json()["access_token"])
 
     def wait_for_dags(self, timeout: float = 180.0) -> list[str]:
         """Wait until the three DAGs are parsed; returns import errors (empty when all parsed)."""

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 SETTINGS_PATH_ENV = "CRM_SYNC_SETTINGS"
 FREQUENCY_ENV = "CRM_SYNC_JOB_FREQUENCY"
@@ -219,7 +220,7 @@ class SyncSettings(_Strict):
         return field.conflict or self.conflict_rule
 
 
-def _describe(error: dict[str, Any], source: str) -> str:
+def _describe(error: ErrorDetails, source: str) -> str:
     location = ".".join(str(part) for part in error["loc"] if part not in ("", "function-after"))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":

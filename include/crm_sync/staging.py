@@ -71,7 +71,7 @@ class RunStaging:
         """Write a DataFrame; returns its URL for the XCom summary."""
         target = self.path(step, name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("wb") as handle:
+        with target.open("wb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
             frame.to_parquet(handle, index=False)
         return str(target)
 
@@ -82,7 +82,7 @@ class RunStaging:
         source = self.path(step, name)
         if not source.exists():
             return pd.DataFrame()
-        with source.open("rb") as handle:
+        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
             return pd.read_parquet(handle)
 
     def write_json(self, step: str, name: str, value: Any) -> str:

@@ -130,8 +130,11 @@ def utcnow() -> datetime:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
+    return None if value is None else _utc(value)
+
+
+def _utc(value: datetime) -> datetime:
+    """`value` with its time zone (the database may return naive UTC)."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
@@ -416,7 +419,7 @@ class StateStore:
             row = connection.execute(select(watermarks).where(watermarks.c.name == name)).first()
         if row is None:
             return None
-        return Watermark(name=row.name, value=_aware(row.value), cursor=row.cursor)
+        return Watermark(name=row.name, value=_utc(row.value), cursor=row.cursor)
 
     def advance_watermark(self, mark: Watermark) -> None:
         """Store `mark`, never moving a watermark backwards."""
@@ -430,7 +433,7 @@ class StateStore:
                         name=mark.name, value=mark.value, cursor=mark.cursor, updated_at=utcnow()
                     )
                 )
-            elif _aware(row.value) <= mark.value:
+            elif _utc(row.value) <= mark.value:
                 connection.execute(
                     update(watermarks)
                     .where(watermarks.c.name == mark.name)

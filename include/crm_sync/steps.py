@@ -25,10 +25,9 @@ class FlowSteps:
 
 def steps_of(flow: Flow) -> FlowSteps:
     """The step functions of `flow` (the backfill runs the Dynamics 365 -> AC steps)."""
-    if flow is Flow.AC_TO_D365:
-        from crm_sync.flows import ac_to_d365 as direction
-    else:
-        from crm_sync.flows import d365_to_ac as direction
+    from crm_sync.flows import ac_to_d365, d365_to_ac
+
+    direction = ac_to_d365 if flow is Flow.AC_TO_D365 else d365_to_ac
     return FlowSteps(
         extract=direction.extract,
         tag_classify=direction.tag_classify,

@@ -142,7 +142,7 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
     # GX logs every registration and metric at INFO: keep the task log to our own summary.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    context.variables.progress_bars = {"globally": False, "metric_calculations": False}  # type: ignore[assignment]  # GX accepts the dict it documents
     definition = (
         context.data_sources.add_pandas(name="crm_sync")
         .add_dataframe_asset(name=rules.name)
@@ -169,6 +169,7 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
     failures: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for item in result.results:
         config = item.expectation_config
+        assert config is not None  # every result of a suite run names its expectation
         column = config.kwargs.get("column", "")
         if item.exception_info and item.exception_info.get("raised_exception"):
             raise RuntimeError(

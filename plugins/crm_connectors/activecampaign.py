@@ -225,7 +225,8 @@ class ActiveCampaignHook(CrmHttpHook):
             body = self.request_json("GET", f"{API}/contacts/{contact_id}")
         except NotFoundError:
             return None
-        return body.get("contact")
+        contact = body.get("contact")
+        return dict(contact) if contact is not None else None
 
     def find_contact_by_email(self, email: str) -> dict[str, Any] | None:
         """The contact with this email (AC allows one per email), or None."""
@@ -236,7 +237,7 @@ class ActiveCampaignHook(CrmHttpHook):
         body = self.request_json(
             "POST", f"{API}/contact/sync", json={"contact": contact}, replay_safe=True
         )
-        return body["contact"]
+        return dict(body["contact"])
 
     # -- tags ----------------------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class ActiveCampaignHook(CrmHttpHook):
     def create_tag(self, name: str, description: str = "") -> dict[str, Any]:
         """Create a contact tag; returns it."""
         body = {"tag": {"tag": name, "tagType": "contact", "description": description}}
-        return self.request_json("POST", f"{API}/tags", json=body)["tag"]
+        return dict(self.request_json("POST", f"{API}/tags", json=body)["tag"])
 
     def find_or_create_tags(self, names: Iterable[str]) -> dict[str, str]:
         """Tag ids by name, creating the tags that do not exist yet (cached per hook). Names
@@ -468,7 +469,7 @@ class ActiveCampaignHook(CrmHttpHook):
         field = self.request_json("POST", f"{API}/fields", json=body)["field"]
         relation = {"fieldRel": {"field": str(field["id"]), "relid": 0}}
         self.request("POST", f"{API}/fieldRels", json=relation)
-        return field
+        return dict(field)
 
     def contact_field_values(self, contact_id: str | int) -> list[dict[str, Any]]:
         """One contact's custom field values (`field`, `value`, `id`...)."""
@@ -644,7 +645,7 @@ class ActiveCampaignHook(CrmHttpHook):
         info = self.request_json("GET", f"{API}/import/info", params={"batchId": batch.batch_id})
         status = str(info.get("status", "")).lower()
         if status == "completed":
-            return info
+            return dict(info)
         if "fail" in status or "error" in status:
             raise BulkImportError(
                 f"import batch ended with status {status!r}",

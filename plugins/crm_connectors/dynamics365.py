@@ -286,7 +286,7 @@ class Dynamics365Hook(CrmHttpHook):
 
     def whoami(self) -> dict[str, Any]:
         """`WhoAmI`: the application user's `UserId`, `BusinessUnitId` and `OrganizationId`."""
-        return self.request_json("GET", f"{API}/WhoAmI")
+        return dict(self.request_json("GET", f"{API}/WhoAmI"))
 
     def user_privileges(self, user_id: str | None = None) -> dict[str, str]:
         """`RetrieveUserPrivileges`: the privileges a user holds through its security roles and
@@ -341,7 +341,8 @@ class Dynamics365Hook(CrmHttpHook):
             for row in self._values(
                 f"{definition}/Attributes/{NS}.{text_type}", {"$select": "LogicalName,MaxLength"}
             ):
-                max_lengths[row["LogicalName"]] = row.get("MaxLength")
+                if row.get("MaxLength") is not None:
+                    max_lengths[row["LogicalName"]] = int(row["MaxLength"])
         info = TableInfo(
             logical_name=found[0]["LogicalName"],
             entity_set=entity_set,
@@ -426,7 +427,8 @@ class Dynamics365Hook(CrmHttpHook):
         """One row by primary key, or None when it does not exist."""
         params = {"$select": ",".join(column(n) for n in select)} if select else None
         try:
-            return self.request_json("GET", _record_path(entity_set, record_id), params=params)
+            body = self.request_json("GET", _record_path(entity_set, record_id), params=params)
+            return dict(body) if body is not None else None
         except ClientError as error:
             if error.status == 404:
                 return None

@@ -93,7 +93,7 @@ class TokenSource:
                 )
             if result.get("token_source") != "cache":
                 self.issued += 1
-            return result["access_token"]
+            return str(result["access_token"])
 
     def invalidate(self) -> None:
         """Forget the cached token (the API refused it), so the next `token()` fetches anew."""

@@ -125,8 +125,9 @@ class _Parser:
 
     def parse(self) -> None:
         self.disjunction()
-        if self.peek() is not None:
-            raise ODataFilterError(f"unexpected {self.peek()[1]!r} after a complete expression")
+        extra = self.peek()
+        if extra is not None:
+            raise ODataFilterError(f"unexpected {extra[1]!r} after a complete expression")
 
     def disjunction(self) -> None:
         self.conjunction()

@@ -305,13 +305,13 @@ def test_a_pool_without_slots_is_reported() -> None:
 
 
 def test_ci_lints_before_it_tests_with_the_pinned_ruff() -> None:
-    """`.ci/run` runs `make lint` before `make test`, and the pre-commit hooks use the ruff
-    version the lock installs (so a commit hook and CI agree)."""
+    """`.ci/run` runs `make lint` and `make typecheck` before `make test`, and the pre-commit
+    hooks use the ruff version the lock installs (so a commit hook and CI agree)."""
     import re
 
     root = Path(__file__).resolve().parents[2]
     ci = (root / ".ci" / "run").read_text()
-    assert ci.index("make lint") < ci.index("make test")
+    assert ci.index("make lint") < ci.index("make typecheck") < ci.index("make test")
     pinned = re.search(r"^ruff==(\S+)$", (root / "constraints.txt").read_text(), re.M)
     hooks = (root / ".pre-commit-config.yaml").read_text()
     assert pinned and f"rev: v{pinned.group(1)}" in hooks

@@ -172,11 +172,12 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
 
 
 def _classify_message(reason: str) -> str:
-    return {
+    messages: dict[str, str] = {
         Reason.BOTH_TYPE_TAGS: "the contact carries both 'D365: Lead' and 'D365: Contact'; keep one",
         Reason.TYPE_TAG_MISMATCH: "the contact's type tag does not match the Dynamics table it is "
         "linked to",
-    }.get(reason, reason)
+    }
+    return messages.get(reason, reason)
 
 
 # -- map_fields --------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class ActiveCampaignReader:
     def __init__(self, hook: ActiveCampaignHook, fields: Sequence[FieldMap]) -> None:
         self.hook = hook
         self.tag_ids = hook.find_or_create_tags([t.value for t in ALL_TAGS])
-        self.custom = sorted({f.custom_field_tag for f in fields if f.is_custom})
+        self.custom = sorted({f.custom_field_tag for f in fields if f.custom_field_tag})
         self.field_ids: dict[str, str] = {}
         if self.custom:
             by_tag = {str(f.get("perstag", "")).upper(): str(f["id"]) for f in hook.list_fields()}
@@ -151,8 +151,8 @@ class ActiveCampaignReader:
         for tag, column in TAG_FLAGS.items():
             frame[column] = frame["ac_id"].isin(flags[tag])
         values = self.custom_values(present)
-        for tag in self.custom:
-            frame[f"field:{tag}"] = [values.get(i, {}).get(tag) for i in present]
+        for field_tag in self.custom:
+            frame[f"field:{field_tag}"] = [values.get(i, {}).get(field_tag) for i in present]
         frame["missing_ids"] = len(wanted) - len(present)
         return frame
 
@@ -173,13 +173,13 @@ class ActiveCampaignReader:
                 flags[tag].add(str(contact["id"]))
         return flags
 
-    def custom_values(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    def custom_values(self, ids: Sequence[str]) -> dict[str, dict[str, str | None]]:
         """Custom field values by contact id and personalization tag."""
         if not self.custom or not ids:
             return {}
         wanted = set(ids)
         by_field = {field_id: tag for tag, field_id in self.field_ids.items()}
-        values: dict[str, dict[str, str]] = {}
+        values: dict[str, dict[str, str | None]] = {}
         if len(ids) <= _PER_CONTACT_LIMIT or len(ids) <= self._scan_cost():
             for contact_id in ids:
                 for row in self.hook.contact_field_values(contact_id):

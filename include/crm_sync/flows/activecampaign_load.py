@@ -190,8 +190,7 @@ class ActiveCampaignLoader:
                     else pd.Timestamp(row.dv_modified_at).to_pydatetime(),
                 )
             )
-        refused = self.ctx.store.save_links(links)
-        for link in refused:
+        for link in self.ctx.store.save_links(links):
             key = f"{link.entity}:{link.dataverse_id}"
             failures[key] = [
                 (

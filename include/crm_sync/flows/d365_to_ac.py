@@ -148,10 +148,10 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         # Remember the ids: the next run need not look these emails up again. An id that a link
         # holds already stays with it, and one shared by a lead's and a contact's link goes to
         # the contact's (a qualified lead's AC contact belongs to the contact it became).
-        held = {link.ac_contact_id for link in store.links_for(ac_ids=list(resolved.values()))}
+        taken = {link.ac_contact_id for link in store.links_for(ac_ids=list(resolved.values()))}
         remembered: dict[str, RecordLink] = {}
         for link in sorted(links, key=lambda link: link.entity == Entity.CONTACT.value):
-            if not link.ac_contact_id and resolved.get(link.email) not in held | {None}:
+            if not link.ac_contact_id and resolved.get(link.email) not in taken | {None}:
                 remembered[resolved[link.email]] = replace(link, ac_contact_id=resolved[link.email])
         store.save_links(list(remembered.values()))
     link_rows = [
@@ -361,7 +361,7 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         classified["action"] != Action.NOT_ELIGIBLE.value
     )
     classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
-    reasons = {
+    reasons: dict[str, list[tuple[str, str]]] = {
         k: [(Reason.LINKED_RECORD_MISSING, "the linked ActiveCampaign contact no longer exists")]
         for k in classified.loc[classified["action"] == Action.QUARANTINE.value, "record_key"]
     }
@@ -433,7 +433,7 @@ def _typed_for_the_other_table(relinks: pd.DataFrame) -> dict[str, tuple[str, st
     """Relinked rows whose AC contact carries the other table's type tag: it stands for another
     Dynamics record, whose link was lost. (A contact qualified from a lead is not one of them:
     see `_relinked_qualifications`.)"""
-    found = {}
+    found: dict[str, tuple[str, str]] = {}
     for row in relinks.to_dict("records"):
         other = Tag.CONTACT if row["entity"] == Entity.LEAD.value else Tag.LEAD
         if row["ac_tag_contact" if other is Tag.CONTACT else "ac_tag_lead"]:

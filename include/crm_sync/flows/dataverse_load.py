@@ -224,7 +224,9 @@ class DataverseLoader:
         return refused
 
     def _record(self, entity: Entity, chunk: pd.DataFrame, results: list[Any], label: str) -> None:
-        links, failures, written = [], {}, []
+        links: list[RecordLink] = []
+        failures: dict[str, list[tuple[str, str]]] = {}
+        written: list[str] = []
         for row, result in zip(chunk.itertuples(), results, strict=True):
             if result.ok:
                 dataverse_id = str(result.id or row.dataverse_id)
