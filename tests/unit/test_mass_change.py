@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from crm_sync.core import CircuitBreakerTripped
 from crm_sync.flows.common import check_mass_change
+from crm_sync.params import RunParams
 from crm_sync.settings import DEFAULT_SETTINGS_PATH, load_settings
 from crm_sync.state import RecordLink, StateStore
 
@@ -33,7 +34,10 @@ def context(tmp_path: Path, links: int = 0, **params: bool) -> SimpleNamespace:
         ]
     )
     return SimpleNamespace(
-        settings=load_settings(DEFAULT_SETTINGS_PATH), store=store, params=params, dry_run=False
+        settings=load_settings(DEFAULT_SETTINGS_PATH),
+        store=store,
+        run_params=RunParams(confirm_mass_change=bool(params.get("confirm_mass_change"))),
+        dry_run=False,
     )
 
 

@@ -118,7 +118,7 @@ def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> N
     """
     safety = ctx.settings.safety
     linked = ctx.store.count_links()
-    if ctx.params.get("confirm_mass_change"):
+    if ctx.run_params.confirm_mass_change:
         return
     if linked >= safety.mass_change_min_linked:
         subject = f"change {changes} records" + (

@@ -57,7 +57,7 @@ def _is_backfill(ctx: StepContext) -> bool:
 
 
 def _entities(ctx: StepContext) -> list[Entity]:
-    chosen = str(ctx.params.get("entities") or "both") if _is_backfill(ctx) else "both"
+    chosen = ctx.run_params.entities if _is_backfill(ctx) else "both"
     return [
         e
         for e in Entity
@@ -69,8 +69,8 @@ def _entities(ctx: StepContext) -> list[Entity]:
 def _since(ctx: StepContext, entity: Entity, started: datetime) -> datetime | None:
     """Where this run's read starts: the backfill's form, or the watermark minus the overlap."""
     if _is_backfill(ctx):
-        value = ctx.params.get("modified_since")
-        return datetime.fromisoformat(str(value)).replace(tzinfo=UTC) if value else None
+        day = ctx.run_params.modified_since
+        return datetime(day.year, day.month, day.day, tzinfo=UTC) if day else None
     overlap = timedelta(minutes=ctx.settings.incremental.overlap_minutes)
     mark = ctx.store.watermark(watermark_name(entity))
     # No watermark and no backfill yet: start from now; the initial sync brings the history.
@@ -538,7 +538,7 @@ def load(ctx: StepContext) -> dict[str, Any]:
     from crm_sync.flows.activecampaign_load import ActiveCampaignLoader
 
     def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
-        batch_size = int(ctx.params.get("batch_size") or 250)
+        batch_size = ctx.run_params.batch_size
         loader = ActiveCampaignLoader(ctx, _ac_hook(), meta["field_ids"], batch_size=batch_size)
         return loader.load(valid), loader.synced_keys
 
