@@ -261,15 +261,7 @@ def _lead() -> Entity:
         Column("leadsourcecode", "picklist", "Lead Source", options=LEAD_SOURCES),
         Column("parentaccountid", "lookup", "Parent Account for lead", target="account"),
         Column("parentcontactid", "lookup", "Parent Contact for lead", target="contact"),
-        Column(
-            "statecode",
-            "state",
-            "Status",
-            required="SystemRequired",
-            valid_for_create=False,
-            options=LEAD_STATES,
-        ),
-        Column("statuscode", "status", "Status Reason", options=LEAD_STATUSES),
+        *_state_columns(LEAD_STATES, LEAD_STATUSES),
     ]
     return Entity(
         logical_name="lead",
@@ -293,7 +285,7 @@ def _contact() -> Entity:
         Column(
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
-        *_active_or_inactive(),
+        *_state_columns(),
     ]
     return Entity(
         logical_name="contact",
@@ -307,8 +299,11 @@ def _contact() -> Entity:
     )
 
 
-def _active_or_inactive() -> list[Column]:
-    """`statecode` 0 Active / 1 Inactive and its `statuscode` (contacts, accounts)."""
+def _state_columns(
+    states: dict[int, str] | None = None, statuses: dict[int, str] | None = None
+) -> list[Column]:
+    """`statecode` and its `statuscode` (by default 0 Active / 1 Inactive, as contacts and
+    accounts have)."""
     return [
         Column(
             "statecode",
@@ -316,9 +311,14 @@ def _active_or_inactive() -> list[Column]:
             "Status",
             required="SystemRequired",
             valid_for_create=False,
-            options={0: "Active", 1: "Inactive"},
+            options=states or {0: "Active", 1: "Inactive"},
         ),
-        Column("statuscode", "status", "Status Reason", options={1: "Active", 2: "Inactive"}),
+        Column(
+            "statuscode",
+            "status",
+            "Status Reason",
+            options=statuses or {1: "Active", 2: "Inactive"},
+        ),
     ]
 
 
@@ -341,7 +341,7 @@ def _account() -> Entity:
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
         *_system_columns(),
-        *_active_or_inactive(),
+        *_state_columns(),
     ]
     return Entity(
         logical_name="account",
@@ -378,15 +378,7 @@ def _opportunity() -> Entity:
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
         *_system_columns(),
-        Column(
-            "statecode",
-            "state",
-            "Status",
-            required="SystemRequired",
-            valid_for_create=False,
-            options=OPPORTUNITY_STATES,
-        ),
-        Column("statuscode", "status", "Status Reason", options=OPPORTUNITY_STATUSES),
+        *_state_columns(OPPORTUNITY_STATES, OPPORTUNITY_STATUSES),
     ]
     return Entity(
         logical_name="opportunity",
