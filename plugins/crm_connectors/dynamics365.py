@@ -718,10 +718,8 @@ class Dynamics365Hook(CrmHttpHook):
         try:
             if info.entity_set in self._no_bulk_actions:
                 outcome = _ChunkOutcome(self._fallback(info, rows, chunk, None, upsert=upsert))
-            elif upsert:
-                outcome = _ChunkOutcome(self._create_chunk(info, rows, chunk))
             else:
-                outcome = _ChunkOutcome(self._update_chunk(info, rows, chunk))
+                outcome = _ChunkOutcome(self._bulk_chunk(mode, info, rows, chunk))
         except ServerError as error:
             if _timed_out(error):
                 return self._timed_out_chunk(info, rows, chunk, sizer, mode, error.code)
@@ -772,39 +770,27 @@ class Dynamics365Hook(CrmHttpHook):
         done = [WriteResult(i, True, id=record_id) for record_id, i in ids if record_id in exist]
         return _ChunkOutcome(done, [i for record_id, i in ids if record_id not in exist])
 
-    def _create_chunk(
-        self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
+    def _bulk_chunk(
+        self, mode: str, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
     ) -> list[WriteResult]:
+        """One `CreateMultiple` / `UpdateMultiple` call. Not replayed by the request's retries:
+        a timeout shrinks the chunk instead (`_write_chunk`)."""
         targets = [{"@odata.type": f"{NS}.{info.logical_name}", **rows[i]} for i in chunk]
+        action = "CreateMultiple" if mode == "create" else "UpdateMultiple"
         try:
             body = self.request_json(
                 "POST",
-                f"{API}/{info.entity_set}/{NS}.CreateMultiple",
+                f"{API}/{info.entity_set}/{NS}.{action}",
                 json={"Targets": targets},
                 replay_safe=False,
             )
         except ClientError as error:
-            return self._rejected(info, rows, chunk, error, upsert=True)
-        ids = [str(i) for i in (body or {}).get("Ids") or []]
-        if len(ids) != len(chunk):
-            ids = [str(rows[i][info.primary_id]) for i in chunk]
+            return self._rejected(info, rows, chunk, error, upsert=mode == "create")
+        ids = [str(rows[i][info.primary_id]) for i in chunk]
+        returned = [str(i) for i in (body or {}).get("Ids") or []]
+        if len(returned) == len(chunk):
+            ids = returned  # what CreateMultiple answers: the ids, in input order
         return [WriteResult(i, True, id=record_id) for i, record_id in zip(chunk, ids, strict=True)]
-
-    def _update_chunk(
-        self, info: TableInfo, rows: list[dict[str, Any]], chunk: list[int]
-    ) -> list[WriteResult]:
-        targets = [{"@odata.type": f"{NS}.{info.logical_name}", **rows[i]} for i in chunk]
-        try:
-            # Not replayed by the request's retries: a timeout shrinks the chunk instead.
-            self.request(
-                "POST",
-                f"{API}/{info.entity_set}/{NS}.UpdateMultiple",
-                json={"Targets": targets},
-                replay_safe=False,
-            )
-        except ClientError as error:
-            return self._rejected(info, rows, chunk, error, upsert=False)
-        return [WriteResult(i, True, id=str(rows[i][info.primary_id])) for i in chunk]
 
     def _rejected(
         self,

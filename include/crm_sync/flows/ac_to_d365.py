@@ -188,10 +188,7 @@ def _mapped_frame(
     links = ctx.staging.read_frame("extract", "links")
     parts = []
     for entity in Entity:
-        rows = classified[
-            (classified["entity"] == entity.value)
-            & classified["action"].isin([a.value for a in WRITE_ACTIONS])
-        ].copy()
+        rows = common.rows_to_write(classified, entity)
         if rows.empty:
             continue
         fields = fields_towards(ctx.settings, entity, D365)

@@ -15,10 +15,12 @@ from crm_sync.records import (
     NEW_ACTIONS,
     RECHECKED_EVERY_RUN,
     UPDATE_ACTIONS,
+    WRITE_ACTIONS,
     Action,
     mask_email,
 )
 from crm_sync.report import count_table, log, reason_counts
+from crm_sync.settings import Entity
 
 SAMPLES = 5
 
@@ -106,6 +108,14 @@ def check_quarantine_share(
             "failures by reason are in the table above: fix the source data or the mapping and "
             "trigger the DAG again (or raise the limit in sync.yaml)."
         )
+
+
+def rows_to_write(classified: pd.DataFrame, entity: Entity) -> pd.DataFrame:
+    """The rows of `entity` whose action writes to the target (a copy, to add columns to)."""
+    return classified[
+        (classified["entity"] == entity.value)
+        & classified["action"].isin([a.value for a in WRITE_ACTIONS])
+    ].copy()
 
 
 def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> None:

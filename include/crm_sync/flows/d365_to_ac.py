@@ -459,10 +459,7 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
     for entity in Entity:
         if classified.empty:
             break
-        rows = classified[
-            (classified["entity"] == entity.value)
-            & classified["action"].isin([a.value for a in WRITE_ACTIONS])
-        ].copy()
+        rows = common.rows_to_write(classified, entity)
         if rows.empty:
             continue
         fields = fields_towards(ctx.settings, entity, AC)
