@@ -27,16 +27,16 @@ class RateBudget:
         self._paused_until = 0.0
 
     def acquire(self) -> float:
-        """Block until this caller may send one request; return the seconds it waited."""
+        """Block until this caller may send one request; return its slot (a `time.monotonic()`
+        moment: the caller left no earlier, however late its thread got to run after it)."""
         with self._lock:
             now = time.monotonic()
             slot = max(now, self._next_slot, self._paused_until)
             if self.rate is not None:
                 self._next_slot = slot + 1.0 / self.rate
-        wait = slot - now
-        if wait > 0:
-            time.sleep(wait)
-        return max(wait, 0.0)
+        if slot > now:
+            time.sleep(slot - now)
+        return slot
 
     def pause(self, seconds: float) -> None:
         """Hold every caller back for `seconds` (the server asked us to slow down)."""
@@ -70,7 +70,8 @@ class WindowBudget(RateBudget):
         self._open = 0
 
     def acquire(self) -> float:
-        """Block until this caller's slot on the schedule; return the seconds it waited."""
+        """Block until this caller's slot on the schedule; return the slot (a
+        `time.monotonic()` moment, possibly past when catching up)."""
         interval = self.window / self.limit
         with self._lock:
             now = time.monotonic()
@@ -78,10 +79,9 @@ class WindowBudget(RateBudget):
             if slot < now - self.catch_up * interval:
                 slot = now
             self._next_slot = slot + interval
-        wait = slot - now
-        if wait > 0:
-            time.sleep(wait)
-        return max(wait, 0.0)
+        if slot > now:
+            time.sleep(slot - now)
+        return slot
 
     @contextmanager
     def call(self) -> Iterator[None]:

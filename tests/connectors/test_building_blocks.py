@@ -34,9 +34,10 @@ def test_rate_budget_spaces_requests_across_threads() -> None:
 
     def worker() -> None:
         for _ in range(10):
-            budget.acquire()
+            slot = budget.acquire()
+            assert time.monotonic() >= slot  # nobody leaves before its slot
             with lock:
-                stamps.append(time.monotonic())
+                stamps.append(slot)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for thread in threads:
@@ -45,9 +46,11 @@ def test_rate_budget_spaces_requests_across_threads() -> None:
         thread.join()
     stamps.sort()
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    # 40 grants at 50/s need at least 39 intervals of 20 ms; no two grants closer than ~20 ms.
-    assert stamps[-1] - stamps[0] >= 39 / 50 - 0.01
-    assert min(gaps) >= 0.02 - 0.005
+    # 40 slots at 50/s: 39 intervals of 20 ms, none shorter. The slots, not the moments the
+    # threads got to run after them (a loaded machine delays a thread, never a slot; the test
+    # measured those moments and failed once under load).
+    assert stamps[-1] - stamps[0] >= 39 / 50 - 1e-6
+    assert min(gaps) >= 0.02 - 1e-6
 
 
 def test_rate_budget_pause_holds_everyone_back() -> None:
