@@ -163,18 +163,22 @@ def test_a_second_read_whole_is_checked_against_its_total_or_raises() -> None:
         scan(FakeAC([EPOCH] * 150 + [EPOCH - 5] * 150, cdate_filter=False, seed=5))
 
 
+class LeadTagHook(FakeHook):
+    """A hook whose account has `TAG` as the id of 'D365: Lead' (the other tags elsewhere)."""
+
+    def find_or_create_tags(self, names: Any) -> dict[str, str]:
+        from crm_sync.tags import Tag
+
+        return {name: (TAG if name == Tag.LEAD.value else f"9{i}") for i, name in enumerate(names)}
+
+
 def test_tagged_since_falls_back_to_the_tag_members_when_a_second_cannot_be_read() -> None:
     from crm_sync.flows.activecampaign_io import ActiveCampaignReader
     from crm_sync.tags import ALL_TAGS, Tag
 
     fake = FakeAC([EPOCH] * 300 + [EPOCH + 9] * 5, stable_default=False, seed=6)
 
-    class Hook(FakeHook):
-        def find_or_create_tags(self, names: Any) -> dict[str, str]:
-            return {name: (TAG if name == Tag.LEAD.value else f"9{i}") for i, name in
-                    enumerate(names)}  # fmt: skip
-
-    reader = ActiveCampaignReader(Hook(fake), [])
+    reader = ActiveCampaignReader(LeadTagHook(fake), [])
     ids, newest = reader.tagged_since(datetime.fromtimestamp(EPOCH - 60, UTC))
     assert ids == {r["contact"] for r in fake.rows}
     assert newest == datetime.fromtimestamp(EPOCH + 9, UTC)
@@ -192,16 +196,10 @@ def test_the_watermark_never_passes_an_unread_association() -> None:
     """A bulk run's second, then a newer association an hour later: the newest time becomes the
     watermark, so every association of the older second must have been read by then."""
     from crm_sync.flows.activecampaign_io import ActiveCampaignReader
-    from crm_sync.tags import Tag
 
     fake = FakeAC([EPOCH] * 300 + [EPOCH + 3600] * 5, seed=8)
 
-    class Hook(FakeHook):
-        def find_or_create_tags(self, names: Any) -> dict[str, str]:
-            return {name: (TAG if name == Tag.LEAD.value else f"9{i}") for i, name in
-                    enumerate(names)}  # fmt: skip
-
-    reader = ActiveCampaignReader(Hook(fake), [])
+    reader = ActiveCampaignReader(LeadTagHook(fake), [])
     ids, newest = reader.tagged_since(datetime.fromtimestamp(EPOCH - 60, UTC))
     assert newest == datetime.fromtimestamp(EPOCH + 3600, UTC)
     assert ids == {r["contact"] for r in fake.rows}
