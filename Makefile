@@ -24,7 +24,7 @@ help:
 	@echo "make up     - the sandbox plus 'airflow standalone' with the project's DAGs"
 	@echo "make bench  - the benchmarks; writes docs/benchmarks.md"
 	@echo "make lint   - ruff check and ruff format --check"
-	@echo "make typecheck - mypy, strict, on include/ and plugins/"
+	@echo "make typecheck - mypy, strict, on include/, plugins/ and devtools/"
 	@echo "make soak   - the reliability and security suites with larger batches and more kill points"
 	@echo "make screenshots - optional: retake the UI screenshots in docs/img (needs: apt-get install -y chromium)"
 
@@ -40,7 +40,7 @@ $(STAMP): $(VENV)/bin/python requirements.txt requirements-dev.txt constraints.t
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m crm_sync.demo
+	$(PY) -m devtools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -52,7 +52,7 @@ soak: $(STAMP)
 	CRM_SYNC_SOAK=1 $(PY) -m pytest -m "soak or not soak" tests/reliability tests/security
 
 up: $(STAMP)
-	$(PY) -m crm_sync.devserver
+	$(PY) -m devtools.devserver
 
 bench: $(STAMP)
 	$(PY) -m bench

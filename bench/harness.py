@@ -178,6 +178,7 @@ def run_flow(
     """Run the five steps of a flow in this process, as its DAG's tasks call them."""
     from crm_sync.context import StepContext
     from crm_sync.core import Flow
+    from crm_sync.params import RunParams
     from crm_sync.settings import current_settings
     from crm_sync.steps import steps_of
 
@@ -192,8 +193,8 @@ def run_flow(
             flow=flow,
             dag_id=flow.value,
             run_id=run_id,
-            params=dict(params or {}),
             settings=current_settings(),
+            run_params=RunParams.parse(flow, dict(params or {})),
             state_url=state_url,
         )
         started = time.perf_counter()

@@ -95,7 +95,8 @@ def synthetic(start: int, rows: int, rng: np.random.Generator) -> tuple[pd.DataF
 def process(records: pd.DataFrame, links: pd.DataFrame, settings: Any) -> dict[str, float]:
     """The three functions, as the AC -> Dynamics steps call them; seconds of each."""
     from crm_sync.classify import attach_links, classify_for_dynamics
-    from crm_sync.mapping import D365, expand_synced, fields_towards, plan_writes
+    from crm_sync.core import Direction
+    from crm_sync.mapping import expand_synced, fields_towards, plan_writes
     from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS
     from crm_sync.settings import Entity
     from crm_sync.validation import TargetRules, validate_records
@@ -112,7 +113,7 @@ def process(records: pd.DataFrame, links: pd.DataFrame, settings: Any) -> dict[s
             [a.value for a in (*NEW_ACTIONS, *UPDATE_ACTIONS)]
         )
         rows = classified.loc[chosen]
-        fields = fields_towards(settings, entity, D365)
+        fields = fields_towards(settings, entity, Direction.TO_DYNAMICS365)
         keys = [m.key for m in fields]
         syn = expand_synced(rows["dataverse_id"].astype(object).map(synced), keys)
         # The columns `plan_writes` reads, built at once: the source (AC) values, the Dataverse
@@ -129,7 +130,7 @@ def process(records: pd.DataFrame, links: pd.DataFrame, settings: Any) -> dict[s
                 **syn,
             }
         )
-        out, _ = plan_writes(frame, fields, source="activecampaign")
+        out, _ = plan_writes(frame, fields, direction=Direction.TO_DYNAMICS365)
         planned.append((entity, keys, out))
     seconds["map_fields"] = time.perf_counter() - started
     started = time.perf_counter()

@@ -319,14 +319,16 @@ def incremental(records: int, changes: list[int], root: Path | None) -> dict:
     """Benchmark 3: requests per direction per run with `records` linked, after 0..N changes."""
 
     def measure(sandbox: Sandbox, state: str) -> dict[str, Any]:
-        from crm_sync.flows.ac_to_d365 import WM_TAGGED, WM_UPDATED
+        from crm_sync.core import Direction
+        from crm_sync.cursors import TAGGED, UPDATED, cursor
         from crm_sync.state import StateStore, Watermark
 
         # The first AC -> Dynamics run after a backfill reads every D365 tag association once;
         # its watermarks stand in for it here (it changes nothing else).
         store = StateStore.from_url(state)
         now = datetime.now(UTC)
-        for name in (WM_TAGGED, WM_UPDATED):
+        for stream in (TAGGED, UPDATED):
+            name = cursor(Direction.TO_DYNAMICS365, stream, 0).name
             store.advance_watermark(Watermark(name, now))
         store.engine.dispose()
         # Leads and contacts alike, a different set for each change.
@@ -366,7 +368,7 @@ def incremental(records: int, changes: list[int], root: Path | None) -> dict:
 
 # -- 5: the load path against a naive per-record path --------------------------------------------
 def _naive_loader() -> type:
-    from crm_sync.flows.activecampaign_load import ActiveCampaignLoader
+    from crm_sync.flows.activecampaign import ActiveCampaignLoader
 
     class NaiveLoader(ActiveCampaignLoader):
         """The baseline: `contact/sync` plus one `POST /contactTags` per tag, per record."""
@@ -394,7 +396,6 @@ def _load_with(records: int, root: Path | None, naive: bool) -> dict[str, Any]:
             flow=Flow.BACKFILL,
             dag_id=BACKFILL,
             run_id="bench__side_by_side",
-            params={},
             settings=current_settings(),
             state_url=state,
         )

@@ -65,6 +65,8 @@ def _serve(args: argparse.Namespace) -> None:
         ac_tls=ac_tls,
     )
     info.save(data_dir)
+    if args.env_file:
+        _write_env_file(args.env_file, data_dir)
     print(f"ActiveCampaign API v3 emulator: {info.ac_url}/api/3", flush=True)
     print(f"Dataverse Web API emulator:     {info.d365_url}/api/data/v9.2", flush=True)
     print(f"Sandbox CA certificate:         {tls.ca_path}", flush=True)
@@ -75,6 +77,21 @@ def _serve(args: argparse.Namespace) -> None:
         await asyncio.gather(*(server.serve() for server in servers))
 
     asyncio.run(run_both())
+
+
+def _write_env_file(path: Path, data_dir: Path) -> None:
+    """The two API connections as `export` lines for a shell to source (the Airflow image's
+    entrypoint), readable by this user only; the state store's connection stays the deployment's."""
+    from sandbox.credentials import connection_env
+
+    env = connection_env(data_dir)
+    env.pop("AIRFLOW_CONN_CRM_SYNC_STATE")
+    partial = path.with_name(f".{path.name}.partial")
+    handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(handle, 0o600)
+    with os.fdopen(handle, "w") as out:
+        out.writelines(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+    os.replace(partial, path)  # a reader never sees half a file
 
 
 def _seed(args: argparse.Namespace) -> None:
@@ -115,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--token-lifetime", type=int, default=3600, help="access token seconds")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="also write the AC and Dataverse AIRFLOW_CONN_* exports to this file (mode 600)",
+    )
     serve.set_defaults(run=_serve)
 
     seed = commands.add_parser("seed", help="fill both emulators with deterministic fake data")

@@ -1,6 +1,6 @@
 """Screenshots of the Airflow UI for docs/img/, taken in headless Chromium from a fresh `make up`.
 
-Starts the devserver (`crm_sync.devserver`) in a throw-away home on free ports, runs the initial
+Starts the devserver (`devtools.devserver`) in a throw-away home on free ports, runs the initial
 sync and both direction DAGs against the seeded sandbox, then drives Chromium over the DevTools
 protocol: logged in through the UI's `_token` cookie (a JWT from `POST /auth/token`), it opens each
 page, waits for what the shot must show, and saves a PNG.
@@ -27,7 +27,8 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-from crm_sync.devserver import DevServer, DevServerOptions
+
+from devtools.devserver import DevServer, DevServerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 1440, 900

@@ -1,7 +1,7 @@
 """`python -m crm_sync <command>`: the project's command line.
 
-`check` runs the preflight (`crm_sync.preflight`). The demo and the dev server keep their own
-entry points: `python -m crm_sync.demo`, `python -m crm_sync.devserver`.
+`check` runs the preflight (`crm_sync.preflight`). The demo and the dev server are developer
+tools outside the library: `python -m devtools.demo`, `python -m devtools.devserver`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crm_sync.core import Direction
 from crm_sync.records import Action, Reason
-from crm_sync.settings import Direction, Entity, SyncSettings
+from crm_sync.settings import Entity, SyncSettings
 
 TAG_COLUMNS = ("tag_lead", "tag_contact", "tag_pulled", "tag_pushed")
 LINK_COLUMNS = ("link_entity", "dataverse_id", "link_origin")

@@ -1,4 +1,5 @@
-"""The context one step runs with: settings, run identity, typed params, staging, state store."""
+"""The context one step runs with: settings, run identity, typed params, staging, state store,
+and the two API hooks (real ones unless a test hands in others)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,37 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from crm_sync.core import Flow
+from crm_sync.core import Direction, Flow
 from crm_sync.params import RunParams
 
 if TYPE_CHECKING:
+    from crm_connectors.activecampaign import ActiveCampaignHook
+    from crm_connectors.dynamics365 import Dynamics365Hook
+
+    from crm_sync.cursors import Cursor
     from crm_sync.settings import SyncSettings
     from crm_sync.staging import RunStaging
     from crm_sync.state import StateStore
+
+
+def _activecampaign() -> ActiveCampaignHook:
+    from crm_connectors.activecampaign import ActiveCampaignHook
+
+    return ActiveCampaignHook()
+
+
+def _dynamics365() -> Dynamics365Hook:
+    from crm_connectors.dynamics365 import Dynamics365Hook
+
+    return Dynamics365Hook()
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a step gets its API hooks: from the Airflow connections, or (tests) fakes."""
+
+    activecampaign: Callable[[], Any] = _activecampaign
+    dynamics365: Callable[[], Any] = _dynamics365
 
 
 @dataclass
@@ -23,15 +48,11 @@ class StepContext:
     flow: Flow
     dag_id: str
     run_id: str
-    params: dict[str, Any]
     settings: SyncSettings
+    run_params: RunParams = field(default_factory=RunParams)
     upstream: dict[str, Any] = field(default_factory=dict)
     state_url: str | None = None
-
-    @cached_property
-    def run_params(self) -> RunParams:
-        """The run's parameters, typed (checked once in `run_step` for a task)."""
-        return RunParams.parse(self.flow, self.params)
+    hooks: Hooks = field(default_factory=Hooks)
 
     @property
     def dry_run(self) -> bool:
@@ -39,9 +60,30 @@ class StepContext:
         return self.run_params.dry_run
 
     @property
-    def flow_direction(self) -> str:
+    def direction(self) -> Direction:
         """The direction records move in this flow (the backfill moves Dynamics -> AC)."""
-        return Flow.AC_TO_D365.value if self.flow is Flow.AC_TO_D365 else Flow.D365_TO_AC.value
+        return self.flow.direction
+
+    @property
+    def is_backfill(self) -> bool:
+        """Whether this is the initial sync, which reads every matching record."""
+        return self.flow is Flow.BACKFILL
+
+    def cursor(self, stream: str) -> Cursor:
+        """The cursor of one stream this flow's direction polls (see `crm_sync.cursors`)."""
+        from crm_sync.cursors import cursor
+
+        return cursor(self.direction, stream, self.settings.incremental.overlap_minutes)
+
+    @cached_property
+    def ac_hook(self) -> Any:
+        """The ActiveCampaign hook of this step (one per step)."""
+        return self.hooks.activecampaign()
+
+    @cached_property
+    def dv_hook(self) -> Any:
+        """The Dynamics 365 hook of this step (one per step)."""
+        return self.hooks.dynamics365()
 
     @cached_property
     def staging(self) -> RunStaging:

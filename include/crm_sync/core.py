@@ -1,9 +1,35 @@
-"""What every layer shares, light enough to import anywhere: the flows (one per DAG), their five
-steps, and the circuit breaker's exception. The context a step runs with is `crm_sync.context`."""
+"""What every layer shares, light enough to import anywhere: the two systems, the two
+directions records move in, the flows (one per DAG) and their five steps, and the circuit
+breaker's exception. The context a step runs with is `crm_sync.context`."""
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+
+class System(StrEnum):
+    """One side of the sync (also a link's `origin`: where the record was first created)."""
+
+    ACTIVECAMPAIGN = "activecampaign"
+    DYNAMICS365 = "dynamics365"
+
+
+class Direction(StrEnum):
+    """Which way records move. The one key of quarantine entries, write locks, watermarks and
+    the fields a mapping writes; its value names the DAG that moves records that way."""
+
+    TO_DYNAMICS365 = "activecampaign_to_dynamics365"
+    TO_ACTIVECAMPAIGN = "dynamics365_to_activecampaign"
+
+    @property
+    def source(self) -> System:
+        """The system records are read from."""
+        return System.ACTIVECAMPAIGN if self is Direction.TO_DYNAMICS365 else System.DYNAMICS365
+
+    @property
+    def target(self) -> System:
+        """The system records are written to."""
+        return System.DYNAMICS365 if self is Direction.TO_DYNAMICS365 else System.ACTIVECAMPAIGN
 
 
 class Flow(StrEnum):
@@ -12,6 +38,11 @@ class Flow(StrEnum):
     AC_TO_D365 = "activecampaign_to_dynamics365"
     D365_TO_AC = "dynamics365_to_activecampaign"
     BACKFILL = "initial_sync_backfill"
+
+    @property
+    def direction(self) -> Direction:
+        """The direction this flow moves records in (the backfill moves Dynamics 365 -> AC)."""
+        return Direction.TO_DYNAMICS365 if self is Flow.AC_TO_D365 else Direction.TO_ACTIVECAMPAIGN
 
 
 # The five tasks of every DAG, in order; each is a step function of the flow's direction module.

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from crm_sync.core import Direction, System
 from crm_sync.identity import relink_snapshot
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS
 from crm_sync.settings import (
@@ -31,9 +32,6 @@ from crm_sync.settings import (
     FieldMap,
     SyncSettings,
 )
-
-AC = "activecampaign"
-D365 = "dynamics365"
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,14 @@ class MappedField:
     rule: ConflictRule
 
 
-def fields_towards(settings: SyncSettings, entity: Entity, target: str) -> list[MappedField]:
-    """The mapped fields of `entity` that may be written to `target` (AC or D365)."""
-    allowed = FieldDirection.TO_DYNAMICS365 if target == D365 else FieldDirection.TO_ACTIVECAMPAIGN
+def fields_towards(
+    settings: SyncSettings, entity: Entity, direction: Direction
+) -> list[MappedField]:
+    """The mapped fields of `entity` that are written in `direction`."""
     return [
         MappedField(key=f.dynamics365, field=f, rule=settings.conflict_rule_for(f))
         for f in settings.mapping(entity)
-        if f.direction in (FieldDirection.TWO_WAY, allowed)
+        if f.direction.allows(direction)
     ]
 
 
@@ -60,12 +59,12 @@ def _text(series: pd.Series) -> pd.Series:
 
 
 def _source_wins(
-    rule: ConflictRule, source: str, src: pd.Series, tgt: pd.Series, newer: pd.Series
+    rule: ConflictRule, source: System, src: pd.Series, tgt: pd.Series, newer: pd.Series
 ) -> pd.Series:
     if rule is ConflictRule.PREFER_ACTIVECAMPAIGN:
-        return pd.Series(source == AC, index=src.index)
+        return pd.Series(source is System.ACTIVECAMPAIGN, index=src.index)
     if rule is ConflictRule.PREFER_DYNAMICS365:
-        return pd.Series(source == D365, index=src.index)
+        return pd.Series(source is System.DYNAMICS365, index=src.index)
     if rule is ConflictRule.PREFER_NON_EMPTY:
         src_empty, tgt_empty = src == "", tgt == ""
         return (~src_empty & tgt_empty) | (~(src_empty ^ tgt_empty) & newer)
@@ -73,7 +72,7 @@ def _source_wins(
 
 
 def source_prevails(
-    mapped: MappedField, source: str, src: str, tgt: str, *, source_newer: bool
+    mapped: MappedField, direction: Direction, src: str, tgt: str, *, source_newer: bool
 ) -> bool:
     """For one relinked field whose sides differ: whether the source's value is kept (the
     scalar form of the rule `plan_writes` applies to relinks through `relink_snapshot`)."""
@@ -84,7 +83,11 @@ def source_prevails(
     if mapped.field.direction is not FieldDirection.TWO_WAY:
         return True
     wins = _source_wins(
-        mapped.rule, source, pd.Series([src]), pd.Series([tgt]), pd.Series([source_newer])
+        mapped.rule,
+        direction.source,
+        pd.Series([src]),
+        pd.Series([tgt]),
+        pd.Series([source_newer]),
     )
     return bool(wins.iloc[0])
 
@@ -93,9 +96,9 @@ def plan_writes(
     records: pd.DataFrame,
     fields: Sequence[MappedField],
     *,
-    source: str,
+    direction: Direction,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decide, per record and field, what to write to the target.
+    """Decide, per record and field, what to write to `direction`'s target.
 
     `records` has, per field key `k`: `src:k` (source value, cleaned), `tgt:k` (target's current
     value, empty for new records), `syn:k` (value at the last sync); and `action`, `src_time`,
@@ -104,6 +107,7 @@ def plan_writes(
     `payload` (JSON of the fields to write), `n_fields`, `synced_values` (JSON after the write),
     `src_hash`, `unchanged`; `conflicts` has one row per decided conflict.
     """
+    source = direction.source
     out = records.copy()
     relink = (
         out["relink"].fillna(False).astype(bool)
@@ -149,7 +153,7 @@ def plan_writes(
                         "record_key": out.loc[conflict, "record_key"],
                         "field": key,
                         "rule": mapped.rule.value,
-                        "winner": np.where(wins[conflict], source, "target"),
+                        "winner": np.where(wins[conflict], source.value, "target"),
                     }
                 )
             )

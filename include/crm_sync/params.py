@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
@@ -61,15 +61,6 @@ class RunParams:
         if "batch_size" in params:
             values["batch_size"] = _integer("batch_size", params["batch_size"], BATCH_SIZE_RANGE)
         return cls(**values)
-
-    def as_params(self, flow: Flow) -> dict[str, Any]:
-        """The parameters as the steps read them (`ctx.params`): only those `flow` accepts,
-        `modified_since` as an ISO date string."""
-        names = set(accepted(flow))
-        values = asdict(self)
-        if self.modified_since is not None:
-            values["modified_since"] = self.modified_since.isoformat()
-        return {k: v for k, v in values.items() if k in names}
 
 
 def _wrong(name: str, value: Any, expected: str) -> TriggerParamsError:

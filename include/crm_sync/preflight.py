@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crm_sync.settings import Direction, Entity, SyncSettings, load_settings, settings_path
+from crm_sync.core import Direction
+from crm_sync.settings import Entity, SyncSettings, load_settings, settings_path
 from crm_sync.tags import ALL_TAGS
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from crm_connectors.dynamics365 import Dynamics365Hook
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-DV_API = "/api/data/v9.2"
-AC_API = "/api/3"
 
 # What each prerequisite is called when a check that needs it is skipped.
 _PREREQUISITES = {
@@ -127,7 +126,7 @@ def check_activecampaign_login(pf: Preflight) -> Iterator[Row]:
     from crm_connectors.activecampaign import ActiveCampaignHook
 
     pf.ac = ActiveCampaignHook(retry_policy=_retry_policy())
-    pf.ac.request("GET", f"{AC_API}/users/me")
+    pf.ac.current_user()
     pf.ready.add("activecampaign")
     yield Row(
         "activecampaign login",
@@ -261,8 +260,8 @@ def _privilege_row(settings: SyncSettings, entity: Entity, held: dict[str, str])
 
 
 def check_columns(pf: Preflight) -> Iterator[Row]:
-    from crm_sync.flows.dataverse_io import target_rules
-    from crm_sync.mapping import D365, fields_towards
+    from crm_sync.flows.dataverse import target_rules
+    from crm_sync.mapping import fields_towards
 
     for entity in Entity:
         fields = pf.conf.mapping(entity)
@@ -271,7 +270,7 @@ def check_columns(pf: Preflight) -> Iterator[Row]:
         label = f"dataverse columns: {entity.value}"
         columns = [f.dynamics365 for f in fields]
         # The same columns and writes the ActiveCampaign → Dynamics 365 run checks.
-        written = [m.field for m in fields_towards(pf.conf, entity, D365)]
+        written = [m.field for m in fields_towards(pf.conf, entity, Direction.TO_DYNAMICS365)]
         try:
             target_rules(pf.dv_hook, entity, columns, written=written)
         except Exception as error:
@@ -287,7 +286,6 @@ def check_columns(pf: Preflight) -> Iterator[Row]:
 
 def check_record_criteria(pf: Preflight) -> Iterator[Row]:
     from crm_connectors.errors import ClientError
-    from crm_connectors.odata import check_filter
 
     for entity in _enabled(pf):
         label = f"record_criteria: {entity.value}"
@@ -298,13 +296,10 @@ def check_record_criteria(pf: Preflight) -> Iterator[Row]:
         if not conf.record_criteria:
             yield Row(label, OK, f"not set: every {entity.value} syncs")
             continue
-        params = {
-            "$select": entity.primary_id,
-            "$filter": check_filter(conf.record_criteria),
-            "$top": "1",
-        }
         try:
-            pf.dv_hook.request_json("GET", f"{DV_API}/{entity.entity_set}", params=params)
+            pf.dv_hook.first_row(
+                entity.entity_set, select=[entity.primary_id], filter=conf.record_criteria
+            )
         except ClientError as error:
             if error.status != 400:
                 raise
@@ -375,8 +370,7 @@ def check_custom_fields(pf: Preflight) -> Iterator[Row]:
 
 def check_tags(pf: Preflight) -> Iterator[Row]:
     label = "activecampaign tags"
-    params = {"filters[search][starts_with]": "D365"}
-    names = [str(t.get("tag", "")) for t in pf.ac_hook.iter_items("tags", "tags", params=params)]
+    names = [str(t.get("tag", "")) for t in pf.ac_hook.list_tags(starts_with="D365")]
     missing, variants = [], []
     for tag in (t.value for t in ALL_TAGS):
         others = [n for n in names if n.lower() == tag.lower() and n != tag]
@@ -404,9 +398,9 @@ def check_tags(pf: Preflight) -> Iterator[Row]:
 
 
 def check_activecampaign_rate(pf: Preflight) -> Iterator[Row]:
-    response = pf.ac_hook.request("GET", f"{AC_API}/users/me")
-    limit = response.headers.get("RateLimit-Limit")
-    remaining = response.headers.get("RateLimit-Remaining")
+    headers = pf.ac_hook.rate_limit_headers()
+    limit = headers.get("ratelimit-limit")
+    remaining = headers.get("ratelimit-remaining")
     rate = pf.ac_hook.budget.rate
     paced = (
         f"the sync sends at most {rate:g} requests/s (the connection's rate_limit extra, "
@@ -423,7 +417,7 @@ def check_activecampaign_rate(pf: Preflight) -> Iterator[Row]:
 
 
 def check_dynamics365_rate(pf: Preflight) -> Iterator[Row]:
-    headers = pf.dv_hook.request("GET", f"{DV_API}/WhoAmI").headers
+    headers = pf.dv_hook.rate_limit_headers()
     parts = []
     if requests_left := headers.get("x-ms-ratelimit-burst-remaining-xrm-requests"):
         parts.append(f"{requests_left} requests left in the 5-minute window")

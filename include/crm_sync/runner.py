@@ -38,11 +38,10 @@ def context_from_airflow(
         flow=flow,
         dag_id=dag_run.dag_id,
         run_id=dag_run.run_id,
-        params=run_params.as_params(flow),
         settings=current_settings(),
+        run_params=run_params,
         upstream=dict(upstream or {}),
     )
-    step_context.__dict__["run_params"] = run_params
     return step_context
 
 

@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from crm_sync.core import Direction
+
 SETTINGS_PATH_ENV = "CRM_SYNC_SETTINGS"
 FREQUENCY_ENV = "CRM_SYNC_JOB_FREQUENCY"
 DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parents[1] / "config" / "sync.yaml"
@@ -56,20 +58,28 @@ class Entity(StrEnum):
         return f"{self.value}id"
 
 
-class Direction(StrEnum):
-    """Which way records of an entity move."""
+class EntityDirection(StrEnum):
+    """Which way records of an entity move, as `sync.yaml` says it (a `Direction`, or both)."""
 
     TWO_WAY = "two_way"
-    TO_DYNAMICS365 = "activecampaign_to_dynamics365"
-    TO_ACTIVECAMPAIGN = "dynamics365_to_activecampaign"
+    TO_DYNAMICS365 = Direction.TO_DYNAMICS365.value
+    TO_ACTIVECAMPAIGN = Direction.TO_ACTIVECAMPAIGN.value
+
+    def allows(self, direction: Direction) -> bool:
+        """Whether records move in `direction`."""
+        return self is EntityDirection.TWO_WAY or self.value == direction.value
 
 
 class FieldDirection(StrEnum):
-    """Which way one mapped field moves."""
+    """Which way one mapped field moves, as `sync.yaml` says it."""
 
     TWO_WAY = "two_way"
     TO_DYNAMICS365 = "to_dynamics365"
     TO_ACTIVECAMPAIGN = "to_activecampaign"
+
+    def allows(self, direction: Direction) -> bool:
+        """Whether the field is written in `direction`."""
+        return self is FieldDirection.TWO_WAY or self.value == f"to_{direction.target.value}"
 
 
 class ConflictRule(StrEnum):
@@ -125,7 +135,7 @@ class EntitySettings(_Strict):
     """The data configuration of one entity."""
 
     enabled: bool = True
-    direction: Direction = Direction.TWO_WAY
+    direction: EntityDirection = EntityDirection.TWO_WAY
     record_criteria: str | None = None
     lead_topic: str = "ActiveCampaign lead"
 
@@ -140,8 +150,8 @@ class EntitySettings(_Strict):
         return value.strip()
 
     def moves(self, direction: Direction) -> bool:
-        """Whether records of this entity move in `direction` (a one-way DAG direction)."""
-        return self.enabled and self.direction in (Direction.TWO_WAY, direction)
+        """Whether records of this entity move in `direction`."""
+        return self.enabled and self.direction.allows(direction)
 
 
 class Safety(_Strict):
@@ -196,7 +206,10 @@ class SyncSettings(_Strict):
                 if f.activecampaign == "email" and f.direction != FieldDirection.TWO_WAY:
                     raise ValueError(f"{where}: the email mapping must be two_way")
                 entity_direction = self.entities[entity].direction
-                if entity_direction != Direction.TWO_WAY and f.direction != FieldDirection.TWO_WAY:
+                if (
+                    entity_direction != EntityDirection.TWO_WAY
+                    and f.direction != FieldDirection.TWO_WAY
+                ):
                     raise ValueError(
                         f"{where}.{f.activecampaign}: a per-field direction is allowed only when "
                         f"entities.{entity.value}.direction is two_way (it is {entity_direction.value})"

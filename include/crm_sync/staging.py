@@ -6,6 +6,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,40 @@ STAGING_ENV = "CRM_SYNC_STAGING"
 # A failed run keeps its folder for its task retries; a later successful run of the same DAG
 # deletes it once nothing in it has changed for this long.
 STALE_AFTER = timedelta(days=1)
+
+
+class StageContractError(RuntimeError):
+    """A step wrote a frame without a column its stage declares (a bug, not bad data)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A frame one step hands to the next: where it is staged and the columns (name -> pandas
+    dtype) the steps after it rely on. A frame may carry more columns (the mapped fields)."""
+
+    step: str
+    name: str
+    columns: Mapping[str, str]
+
+    def empty(self) -> pd.DataFrame:
+        """The frame with no rows: every declared column, typed."""
+        import pandas as pd
+
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in self.columns.items()})
+
+    def conform(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """`frame` as this stage hands it on: a frame with no rows becomes `empty()` plus its own
+        columns; one with rows must hold every declared column (`StageContractError` otherwise)."""
+        if frame.empty:
+            extra = [c for c in frame.columns if c not in self.columns]
+            typed = self.empty()
+            return typed.assign(**{c: frame[c].to_numpy() for c in extra})
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise StageContractError(
+                f"{self.step}/{self.name}: the frame lacks declared column(s) {', '.join(missing)}"
+            )
+        return frame
 
 
 def staging_root(configured: str) -> str:
@@ -84,6 +120,14 @@ class RunStaging:
             return pd.DataFrame()
         with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
             return pd.read_parquet(handle)
+
+    def write(self, stage: Stage, frame: pd.DataFrame) -> str:
+        """Stage `frame` as `stage` (checked against its declared columns); returns its URL."""
+        return self.write_frame(stage.step, stage.name, stage.conform(frame))
+
+    def read(self, stage: Stage) -> pd.DataFrame:
+        """The frame staged as `stage`; its typed empty frame when none was written."""
+        return stage.conform(self.read_frame(stage.step, stage.name))
 
     def write_json(self, step: str, name: str, value: Any) -> str:
         """Write a small JSON document (metadata, plans)."""

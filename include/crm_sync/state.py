@@ -600,6 +600,15 @@ class StateStore:
             ).first()
         return None if row is None else dict(row._mapping)
 
+    # -- for the operational tools (devtools) ---------------------------------------------------
+    def last_run_report(self, dag_id: str) -> dict[str, Any] | None:
+        """The row of the DAG's most recently recorded run, or None when it never ran."""
+        with self.begin() as connection:
+            row = connection.execute(
+                select(runs).where(runs.c.dag_id == dag_id).order_by(runs.c.id.desc()).limit(1)
+            ).first()
+        return None if row is None else dict(row._mapping)
+
 
 def _waiting(direction: str, started: float, wait: float) -> None:
     """Between two tries of a busy lock: log at first and every minute, give up after `wait`."""

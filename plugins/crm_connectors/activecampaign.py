@@ -134,10 +134,25 @@ class ActiveCampaignHook(CrmHttpHook):
     def test_connection(self) -> tuple[bool, str]:
         """Check the URL and the token with `GET /api/3/users/me`."""
         try:
-            self.request("GET", f"{API}/users/me")
+            self.current_user()
         except Exception as error:
             return False, str(error)
         return True, "Connected to ActiveCampaign"
+
+    def current_user(self) -> dict[str, Any]:
+        """The user the API token belongs to (`GET /users/me`)."""
+        body = self.request_json("GET", f"{API}/users/me") or {}
+        return dict(body.get("user") or {})
+
+    def rate_limit_headers(self) -> dict[str, str]:
+        """The `RateLimit-*` headers of one cheap call (`GET /users/me`), by lower-case name:
+        what the account's limit leaves. Empty when the answer carries none."""
+        response = self.request("GET", f"{API}/users/me")
+        return {
+            name.lower(): value
+            for name, value in response.headers.items()
+            if name.lower().startswith("ratelimit-")
+        }
 
     # -- paging --------------------------------------------------------------------------------
 
@@ -231,6 +246,17 @@ class ActiveCampaignHook(CrmHttpHook):
     def find_contact_by_email(self, email: str) -> dict[str, Any] | None:
         """The contact with this email (AC allows one per email), or None."""
         return next(iter(self.list_contacts(email=email)), None)
+
+    def count_contacts(self) -> int:
+        """How many contacts the account holds (`meta.total` of a one-contact page)."""
+        body = self.request_json("GET", f"{API}/contacts", params={"limit": 1}) or {}
+        return int((body.get("meta") or {}).get("total") or 0)
+
+    def update_contact(self, contact_id: str | int, fields: dict[str, Any]) -> dict[str, Any]:
+        """`PUT /contacts/{id}`: change the given fields of one contact (its email too, which
+        `sync_contact` cannot); returns the contact."""
+        body = self.request_json("PUT", f"{API}/contacts/{contact_id}", json={"contact": fields})
+        return dict((body or {}).get("contact") or {})
 
     def sync_contact(self, contact: dict[str, Any]) -> dict[str, Any]:
         """`POST /contact/sync`: create or update by email; returns the contact."""
@@ -361,6 +387,12 @@ class ActiveCampaignHook(CrmHttpHook):
             message, service=self.service, method="GET", endpoint=f"{API}/contactTags"
         )
 
+    def list_tags(self, *, starts_with: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every tag, or those whose name starts with `starts_with`
+        (`filters[search][starts_with]`)."""
+        params = {"filters[search][starts_with]": starts_with} if starts_with is not None else None
+        return self.iter_items("tags", "tags", params=params)
+
     def find_tag(self, name: str) -> dict[str, Any] | None:
         """The contact tag named `name` in any case (AC tag names are unique regardless of
         case: `d365: lead` is the tag `D365: Lead`), or None. The exact spelling wins."""
@@ -391,8 +423,7 @@ class ActiveCampaignHook(CrmHttpHook):
         prefix = _common_prefix(unknown) if len(unknown) > 1 else ""
         if len(prefix.strip()) >= 3:
             by_lower = {name.lower(): name for name in unknown}
-            params = {"filters[search][starts_with]": prefix}
-            for tag in self.iter_items("tags", "tags", params=params):
+            for tag in self.list_tags(starts_with=prefix):
                 self._note_offset(tag.get("cdate"))
                 name = by_lower.get(str(tag.get("tag", "")).lower())
                 if name is None or tag.get("tagType", "contact") != "contact":
@@ -475,6 +506,17 @@ class ActiveCampaignHook(CrmHttpHook):
         """One contact's custom field values (`field`, `value`, `id`...)."""
         body = self.request_json("GET", f"{API}/contacts/{contact_id}/fieldValues")
         return body.get("fieldValues") or []
+
+    def list_field_values(self, field_id: str | int) -> Iterator[dict[str, Any]]:
+        """Every value of one custom field, across contacts (`contact`, `value`...), 100 per
+        request (`GET /fieldValues?filters[fieldid]=`)."""
+        return self.iter_items("fieldValues", "fieldValues", params={"filters[fieldid]": field_id})
+
+    def count_field_values(self, field_id: str | int) -> int:
+        """How many values one custom field holds, across contacts (`meta.total`, one request)."""
+        params = {"filters[fieldid]": field_id, "limit": 1}
+        body = self.request_json("GET", f"{API}/fieldValues", params=params) or {}
+        return int((body.get("meta") or {}).get("total") or 0)
 
     def set_field_value(self, contact_id: str | int, field_id: str | int, value: str) -> None:
         """Set one custom field of a contact (`POST /fieldValues`)."""

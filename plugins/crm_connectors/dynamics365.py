@@ -288,6 +288,17 @@ class Dynamics365Hook(CrmHttpHook):
         """`WhoAmI`: the application user's `UserId`, `BusinessUnitId` and `OrganizationId`."""
         return dict(self.request_json("GET", f"{API}/WhoAmI"))
 
+    def rate_limit_headers(self) -> dict[str, str]:
+        """The service protection headers of one cheap call (`WhoAmI`), by lower-case name:
+        `x-ms-ratelimit-*` (what the user's limits leave) and `x-ms-dop-hint`. Empty when the
+        answer carries none."""
+        response = self.request("GET", f"{API}/WhoAmI")
+        return {
+            name.lower(): value
+            for name, value in response.headers.items()
+            if name.lower().startswith("x-ms-ratelimit-") or name.lower() == "x-ms-dop-hint"
+        }
+
     def user_privileges(self, user_id: str | None = None) -> dict[str, str]:
         """`RetrieveUserPrivileges`: the privileges a user holds through its security roles and
         teams, as privilege name (`prvReadLead`) -> depth (`Basic`, `Local`, `Deep` or `Global`;
@@ -398,6 +409,24 @@ class Dynamics365Hook(CrmHttpHook):
             params["$orderby"] = orderby
         for page in self._pages(f"{API}/{entity_set}", params, _max_page(page_size)):
             yield from page.get("value") or []
+
+    def first_row(
+        self,
+        entity_set: str,
+        *,
+        select: Sequence[str] | None = None,
+        filter: str | None = None,
+    ) -> dict[str, Any] | None:
+        """The first row matching `filter` (`$top=1`: one request), or None. A filter Dataverse
+        refuses raises `ClientError` (400), so this also checks a filter against the table."""
+        params: dict[str, str] = {}
+        if select:
+            params["$select"] = ",".join(column(name) for name in select)
+        if filter:
+            params["$filter"] = check_filter(filter)
+        params["$top"] = "1"
+        rows = (self.request_json("GET", f"{API}/{entity_set}", params=params) or {}).get("value")
+        return dict(rows[0]) if rows else None
 
     def find(
         self,

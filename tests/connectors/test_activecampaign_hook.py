@@ -144,6 +144,54 @@ def test_filters_by_email_ids_and_update_time(ac) -> None:
     assert list(ac.list_contacts(updated_after=future)) == []
 
 
+def test_counts_and_an_email_change_by_id(ac, counted) -> None:
+    """What the sync's reader sizes its reads by, and the load's email move: one request each."""
+    assert ac.count_contacts() == 0
+    made = [ac.sync_contact({"email": f"count.{i}@example.com"}) for i in range(3)]
+    assert ac.count_contacts() == 3
+    assert counted("ac", CONTACTS, "GET") == {200: 2}
+
+    moved = ac.update_contact(made[2]["id"], {"email": "moved@example.com"})
+    assert (moved["id"], moved["email"]) == (made[2]["id"], "moved@example.com")
+    assert ac.find_contact_by_email("count.2@example.com") is None
+    assert ac.find_contact_by_email("moved@example.com")["id"] == made[2]["id"]
+    # Moving onto another contact's email is refused (the load quarantines the record).
+    with pytest.raises(ClientError) as refused:
+        ac.update_contact(made[2]["id"], {"email": "count.0@example.com"})
+    assert (refused.value.status, refused.value.code) == (422, "duplicate")
+    assert ac.count_contacts() == 3
+
+
+def test_one_fields_values_across_contacts(ac) -> None:
+    """`list_field_values` pages a field's values across contacts; `count_field_values` costs
+    one request whatever their number."""
+    field = ac.create_field("Department", "DEPARTMENT")
+    other = ac.create_field("Region", "REGION")
+    made = [ac.sync_contact({"email": f"dept.{i}@example.com"}) for i in range(105)]
+    for contact in made:
+        ac.set_field_value(contact["id"], field["id"], f"D{contact['id']}")
+    ac.set_field_value(made[0]["id"], other["id"], "North")
+    assert ac.count_field_values(field["id"]) == 105
+    assert ac.count_field_values(other["id"]) == 1
+    values = {(v["contact"], v["value"]) for v in ac.list_field_values(field["id"])}
+    assert values == {(c["id"], f"D{c['id']}") for c in made}  # two pages of 100
+    assert [v["value"] for v in ac.list_field_values(other["id"])] == ["North"]
+
+
+def test_tags_by_prefix_the_tokens_user_and_the_rate_limit_headers(sandbox_env, ac) -> None:
+    ac.find_or_create_tags(["D365: Lead", "D365: Contact", "Newsletter"])
+    d365 = sorted(t["tag"] for t in ac.list_tags(starts_with="D365"))
+    assert d365 == ["D365: Contact", "D365: Lead"]
+    assert {"D365: Lead", "Newsletter"} <= {t["tag"] for t in ac.list_tags()}
+
+    assert ac.current_user()["username"] == "sandbox"
+    assert ac.rate_limit_headers() == {}  # the sandbox's limits are off: no RateLimit headers
+    sandbox_env.set_limits("ac", enabled=True, scale=1.0)
+    headers = ac.rate_limit_headers()
+    assert set(headers) == {"ratelimit-limit", "ratelimit-remaining"}
+    assert 0 <= int(headers["ratelimit-remaining"]) <= int(headers["ratelimit-limit"])
+
+
 @pytest.mark.parametrize("offset", [None, timedelta(hours=-5), timedelta(hours=10)])
 def test_updated_after_bound_is_early_enough_under_every_reading(
     offset: timedelta | None,

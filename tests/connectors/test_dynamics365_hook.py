@@ -14,6 +14,7 @@ from crm_connectors.dynamics365 import Dynamics365Hook
 from crm_connectors.errors import (
     ChangeTrackingExpiredError,
     ChangeTrackingNotEnabledError,
+    ClientError,
     NotFoundError,
     ServerError,
     UnknownColumnError,
@@ -298,6 +299,40 @@ def test_connection_check_reports_a_bad_secret_without_showing_it(
     with Dynamics365Hook(retry_policy=fast_retries) as hook:
         ok, message = hook.test_connection()
     assert not ok and "entra-id" in message and secret not in message
+
+
+def test_first_row_checks_a_filter_in_one_request(d365, counted) -> None:
+    """What preflight checks `record_criteria` with: `$top=1`, a refused filter a 400."""
+    assert d365.first_row("leads", select=["leadid"]) is None
+    d365.create_multiple("leads", [{"lastname": f"Top {i}", "jobtitle": "CTO"} for i in range(3)])
+    row = d365.first_row("leads", select=["leadid", "lastname"], filter=eq("jobtitle", "CTO"))
+    assert row is not None and row["lastname"].startswith("Top ")
+    assert d365.first_row("leads", filter=eq("jobtitle", "CEO")) is None
+    with pytest.raises(ClientError) as refused:
+        d365.first_row("leads", select=["leadid"], filter="nosuchcolumn eq 1")
+    assert refused.value.status == 400
+    with pytest.raises(ODataFilterError):  # caught before anything is sent
+        d365.first_row("leads", filter="lastname eq 'x' or")
+    assert counted("d365", LEADS, "GET") == {200: 3, 400: 1}
+
+
+def test_privileges_and_the_service_protection_headers(sandbox_env, d365) -> None:
+    held = d365.user_privileges()
+    assert held["prvReadLead"] == held["prvWriteContact"] == "Global"
+    assert d365.user_privileges(d365.whoami()["UserId"]) == held
+    sandbox_env.admin(
+        "d365", "PUT", "privileges", json={"prvWriteLead": None, "prvReadContact": "Basic"}
+    )
+    held = d365.user_privileges()
+    assert "prvWriteLead" not in held and held["prvReadContact"] == "Basic"
+
+    headers = d365.rate_limit_headers()
+    assert set(headers) == {
+        "x-ms-ratelimit-burst-remaining-xrm-requests",
+        "x-ms-ratelimit-time-remaining-xrm-requests",
+        "x-ms-dop-hint",
+    }
+    assert int(headers["x-ms-dop-hint"]) >= 1
 
 
 def test_rows_that_never_fit_the_server_timeout_fail_alone(sandbox, d365, counted) -> None:

@@ -8,7 +8,7 @@ import json
 import re
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ REQUIRED_SERVICES = ("postgres", "redis", *AIRFLOW_SERVICES, "sandbox")
 # Run to completion (init) or by hand (the debug CLI): no healthcheck.
 ONE_SHOT_SERVICES = frozenset({"airflow-init", "airflow-cli"})
 SANDBOX_MOUNT = "/opt/sandbox"
+# The sandbox service writes the two API connections here; the image's entrypoint sources them.
+SANDBOX_ENV_FILE = f"{SANDBOX_MOUNT}/connections.env"
+# Dockerfile targets: the Airflow services' image (the last stage, the default) and the sandbox's.
+PRODUCTION_TARGET = "production"
+SANDBOX_TARGET = "sandbox"
+# Repo folders the production image must not hold: the emulators and the developer tools.
+NOT_IN_PRODUCTION = ("sandbox", "devtools")
 STAGING_MOUNT = "/opt/airflow/staging"
 # Mount target in every Airflow container -> the repo folder bound there (None: a named volume).
 AIRFLOW_MOUNTS: dict[str, str | None] = {
@@ -71,6 +78,7 @@ URL_PASSWORD = re.compile(r"://[^/:@\s]*:(?P<password>[^@\s]+)@")
 # Shapes of real secrets: a Fernet key, long hex or base64url tokens.
 SECRET_SHAPES = re.compile(r"\b[A-Za-z0-9_-]{43}=|\b[0-9a-f]{32,}\b|\b[A-Za-z0-9_-]{40,}\b")
 IN_IMAGE_FILE = re.compile(r"/opt/airflow/(?P<path>(?:scripts|config)/[\w./-]+)")
+IMPORT_CHECK = re.compile(r"""python3? -c ["']import (?P<modules>[\w., ]+)["']""")
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,53 @@ class Mount:
     @property
     def is_bind(self) -> bool:
         return bool(self.source) and self.source.startswith((".", "/", "~"))
+
+
+@dataclass
+class Stage:
+    """One build stage of the Dockerfile: its name, what it starts from, its instructions."""
+
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def dockerfile_stages(text: str) -> list[Stage]:
+    """The Dockerfile's stages in order (an unnamed stage is named by its index, as in Docker)."""
+    stages: list[Stage] = []
+    for op, args in _instructions(text):
+        if op == "FROM":
+            words = [w for w in args.split() if not w.startswith("--")]
+            named = len(words) == 3 and words[1].upper() == "AS"
+            stages.append(Stage(words[2] if named else str(len(stages)), words[0]))
+        elif stages:
+            stages[-1].instructions.append((op, args))
+    return stages
+
+
+def lineage(stages: list[Stage], stage: Stage) -> list[Stage]:
+    """`stage` and the earlier stages it is built on, the first one first."""
+    earlier = {s.name: s for s in stages[: stages.index(stage)]}
+    chain = [stage]
+    while chain[-1].base in earlier:
+        chain.append(earlier.pop(chain[-1].base))
+    return chain[::-1]
+
+
+def _copied(stage: Stage) -> list[str]:
+    """The build-context sources a stage's COPY and ADD instructions take (no `--from`)."""
+    sources = []
+    for op, args in stage.instructions:
+        words = shlex.split(args)
+        if op in ("COPY", "ADD") and not any(w.startswith("--from") for w in words):
+            sources += [w for w in words if not w.startswith("--")][:-1]
+    return sources
+
+
+def build_target(service: dict[str, Any]) -> str | None:
+    """The Dockerfile target a service builds (None: the last stage)."""
+    build = service.get("build")
+    return build.get("target") if isinstance(build, dict) else None
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:
@@ -152,7 +207,8 @@ def check_compose(compose: dict[str, Any], root: Path) -> list[str]:
         if name in services:
             problems += _check_airflow_service(name, services[name])
     if "sandbox" in services:
-        problems += _check_sandbox(services["sandbox"])
+        airflow_images = {services[n].get("image") for n in AIRFLOW_SERVICES if n in services}
+        problems += _check_sandbox(services["sandbox"], airflow_images - {None})
     return problems
 
 
@@ -178,6 +234,13 @@ def _check_service_basics(
         )
         if not (root / context / dockerfile).is_file():
             problems.append(f"{name} builds from {context}/{dockerfile}, which does not exist")
+        else:
+            target = build_target(service)
+            stages = {s.name for s in dockerfile_stages((root / context / dockerfile).read_text())}
+            if target is not None and target not in stages:
+                problems.append(
+                    f"{name} builds target {target}, which {dockerfile} does not define"
+                )
     env = environment(service)
     problems += [f"{name}: {problem}" for problem in _literal_secrets(env)]
     if "_PIP_ADDITIONAL_REQUIREMENTS" in env:
@@ -193,6 +256,9 @@ def _check_airflow_service(name: str, service: dict[str, Any]) -> list[str]:
     problems = []
     if not service.get("build"):
         problems.append(f"{name} is not built from the project's Dockerfile")
+    target = build_target(service)
+    if target not in (None, PRODUCTION_TARGET):
+        problems.append(f"{name} builds the {target} target, expected {PRODUCTION_TARGET}")
     by_target = {mount.target: mount for mount in mounts(service)}
     for target, folder in AIRFLOW_MOUNTS.items():
         mount = by_target.get(target)
@@ -245,10 +311,14 @@ def _check_connection(
     return problems
 
 
-def _check_sandbox(service: dict[str, Any]) -> list[str]:
+def _check_sandbox(service: dict[str, Any], airflow_images: set[str]) -> list[str]:
     problems = []
     if "sandbox" not in (service.get("profiles") or []):
         problems.append("the sandbox service is not in the sandbox profile")
+    if build_target(service) != SANDBOX_TARGET:
+        problems.append(f"the sandbox service does not build the {SANDBOX_TARGET} target")
+    if service.get("image") in airflow_images:
+        problems.append(f"the sandbox service tags the Airflow services' image {service['image']}")
     command = service.get("command") or []
     words = shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
     if words[:4] != ["python", "-m", "sandbox", "serve"] or "--host" not in words:
@@ -260,6 +330,8 @@ def _check_sandbox(service: dict[str, Any]) -> list[str]:
         problems.append(f"the sandbox service must mount its data dir {SANDBOX_MOUNT} read-write")
     elif "--data-dir" not in words or words[words.index("--data-dir") + 1] != SANDBOX_MOUNT:
         problems.append(f"the sandbox does not keep its data in {SANDBOX_MOUNT}")
+    if "--env-file" not in words or words[words.index("--env-file") + 1] != SANDBOX_ENV_FILE:
+        problems.append(f"the sandbox service does not write the connections to {SANDBOX_ENV_FILE}")
     return problems
 
 
@@ -295,12 +367,15 @@ def check_dockerfile(text: str, root: Path, airflow_version: str, python_version
     """Every problem with the Dockerfile: base image, copied files, installs, secrets."""
     problems = []
     instructions = _instructions(text)
-    bases = [args for op, args in instructions if op == "FROM"]
+    stages = dockerfile_stages(text)
+    bases = [s.base for i, s in enumerate(stages) if s.base not in {e.name for e in stages[:i]}]
     expected = f"apache/airflow:{airflow_version}-python{python_version}"
     if bases != [expected]:
         problems.append(
             f"the image is based on {bases}, expected {expected} (requirements.txt pin)"
         )
+    if stages:
+        problems += _check_targets(stages)
     for op, args in instructions:
         words = shlex.split(args)
         if op in ("COPY", "ADD"):
@@ -332,6 +407,55 @@ def check_dockerfile(text: str, root: Path, airflow_version: str, python_version
         problems.append("the project is not installed (pip install -e .)")
     if "_PIP_ADDITIONAL_REQUIREMENTS" in text:
         problems.append("the Dockerfile uses _PIP_ADDITIONAL_REQUIREMENTS")
+    return problems
+
+
+def _check_targets(stages: list[Stage]) -> list[str]:
+    """The last stage (the default target) is the production image, without the emulators or the
+    developer tools and checked to import the sync; the sandbox target adds the emulators."""
+    problems = []
+    production = stages[-1]
+    if production.name != PRODUCTION_TARGET:
+        problems.append(
+            f"the last stage (the default target) is {production.name}, expected {PRODUCTION_TARGET}"
+        )
+    built = lineage(stages, production)
+    for source in (s for stage in built for s in _copied(stage)):
+        top = source.removeprefix("./").split("/")[0]
+        if top in ("", ".") or top in NOT_IN_PRODUCTION:
+            problems.append(f"the production image copies {source}")
+    imported = [
+        {m.strip() for m in match["modules"].split(",")}
+        for stage in built
+        for op, args in stage.instructions
+        if op == "RUN"
+        for match in IMPORT_CHECK.finditer(args)
+    ]
+    if not any({"crm_sync", "crm_connectors"} <= modules for modules in imported):
+        problems.append("the production image does not check `import crm_sync, crm_connectors`")
+    for modules in imported:
+        problems += [
+            f"the production image imports {m}" for m in sorted(modules) if m in NOT_IN_PRODUCTION
+        ]
+    sandbox = [s for s in stages if s.name == SANDBOX_TARGET]
+    if not sandbox or not any(
+        c.removeprefix("./").rstrip("/") == "sandbox"
+        for stage in lineage(stages, sandbox[0])
+        for c in _copied(stage)
+    ):
+        problems.append(f"no {SANDBOX_TARGET} target that adds sandbox/ to the image")
+    return problems
+
+
+def check_entrypoint(text: str) -> list[str]:
+    """In sandbox mode the image's entrypoint sources the connections the sandbox service wrote,
+    and never runs the sandbox package (the production image does not contain it)."""
+    problems = []
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    if re.search(r"-m\s+sandbox\b|import\s+sandbox\b|from\s+sandbox\b", code):
+        problems.append("the entrypoint uses the sandbox package, which the image does not contain")
+    if SANDBOX_ENV_FILE not in code:
+        problems.append(f"the entrypoint does not read {SANDBOX_ENV_FILE}")
     return problems
 
 

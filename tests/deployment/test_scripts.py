@@ -1,8 +1,9 @@
-"""The helper scripts that airflow-init runs in the image, run here against real services."""
+"""The helper scripts of the image (airflow-init's, the entrypoint), run here against real services."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -68,3 +69,66 @@ def test_a_missing_state_url_fails() -> None:
     )
     assert result.returncode == 1
     assert "CRM_SYNC_STATE_URL is not set" in result.stderr
+
+
+# -- the image's entrypoint in sandbox mode ---------------------------------------------------
+
+ENTRYPOINT = Path(__file__).resolve().parents[2] / "scripts" / "airflow-entrypoint.sh"
+PRINT_CONNECTIONS = (
+    "import json, os; "
+    "print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('AIRFLOW_CONN_')}))"
+)
+
+
+def _run_entrypoint(tmp_path: Path, env_file: Path) -> subprocess.CompletedProcess[str]:
+    """The entrypoint with CRM_SYNC_SANDBOX=true, handing over to a Python that prints the
+    connections it was given instead of to the official image's /entrypoint."""
+    script = tmp_path / "entrypoint.sh"
+    script.write_text(ENTRYPOINT.read_text().replace("exec /entrypoint", f"exec {sys.executable}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
+    env |= {
+        "CRM_SYNC_SANDBOX": "true",
+        "CRM_SYNC_SANDBOX_ENV_FILE": str(env_file),
+        "AIRFLOW_CONN_CRM_SYNC_STATE": '{"conn_type": "generic", "host": "sqlite:///state.db"}',
+    }
+    return subprocess.run(
+        ["bash", str(script), "-c", PRINT_CONNECTIONS],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_sandbox_mode_sources_the_connections_the_sandbox_service_wrote(tmp_path: Path) -> None:
+    """`sandbox serve --env-file` writes the two API connections (mode 600); the entrypoint of the
+    production image, which has no `sandbox` package, sources them and keeps the state store's."""
+    from sandbox.__main__ import _write_env_file
+    from sandbox.credentials import RuntimeInfo, connection_env, load_or_create
+
+    data_dir = tmp_path / "sandbox"
+    load_or_create(data_dir)
+    RuntimeInfo("sandbox", 8081, 8443, str(data_dir / "ca.pem"), pid=1, ac_tls=True).save(data_dir)
+    env_file = data_dir / "connections.env"
+    _write_env_file(env_file, data_dir)
+    assert env_file.stat().st_mode & 0o777 == 0o600
+
+    result = _run_entrypoint(tmp_path, env_file)
+    assert result.returncode == 0, result.stderr
+    expected = connection_env(data_dir)
+    expected["AIRFLOW_CONN_CRM_SYNC_STATE"] = (
+        '{"conn_type": "generic", "host": "sqlite:///state.db"}'
+    )
+    assert json.loads(result.stdout) == expected
+    assert result.stderr == ""
+
+
+def test_sandbox_mode_refuses_a_file_with_anything_but_connections(tmp_path: Path) -> None:
+    env_file = tmp_path / "connections.env"
+    env_file.write_text("export AIRFLOW_CONN_X='{}'\ntouch hacked\n")
+    result = _run_entrypoint(tmp_path, env_file)
+    assert result.returncode == 1
+    assert "not sourced" in result.stderr
+    assert not (tmp_path / "hacked").exists()

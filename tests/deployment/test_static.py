@@ -18,9 +18,11 @@ from .deploy_checks import (
     ONE_SHOT_SERVICES,
     REQUIRED_ENV,
     REQUIRED_SERVICES,
+    SANDBOX_ENV_FILE,
     check_compose,
     check_dockerfile,
     check_dockerignore,
+    check_entrypoint,
     check_env_example,
     check_pools,
     check_script_references,
@@ -35,6 +37,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 DOCKERIGNORE = (ROOT / ".dockerignore").read_text()
 ENV_EXAMPLE = (ROOT / ".env.example").read_text()
+ENTRYPOINT = (ROOT / "scripts" / "airflow-entrypoint.sh").read_text()
 AIRFLOW_VERSION = pinned_airflow_version((ROOT / "requirements.txt").read_text())
 PYTHON_VERSION = "3.11"
 
@@ -56,6 +59,31 @@ def test_compose_passes_every_check() -> None:
 
 def test_dockerfile_passes_every_check() -> None:
     assert _dockerfile_problems() == []
+
+
+def test_entrypoint_takes_the_sandbox_connections_from_the_sandbox_service() -> None:
+    assert check_entrypoint(ENTRYPOINT) == []
+
+
+def test_the_production_install_finds_only_the_sync_packages(tmp_path: Path) -> None:
+    """pyproject.toml finds its packages, so the production image, which has no sandbox/ and no
+    devtools/, installs crm_sync and crm_connectors alone instead of failing; a checkout gets all."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    def found(project: Path) -> set[str]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = read_configuration(project / "pyproject.toml", expand=True)
+        return {p for p in config["tool"]["setuptools"]["packages"] if "." not in p}
+
+    for name in ("pyproject.toml", "README.md"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    for folder in ("include", "plugins"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    assert found(tmp_path) == {"crm_sync", "crm_connectors"}
+    assert found(ROOT) == {"crm_sync", "crm_connectors", "sandbox", "devtools"}
 
 
 def test_env_example_lists_every_variable_and_no_secret() -> None:
@@ -246,6 +274,48 @@ def test_a_missing_init_script_is_reported() -> None:
     )
 
 
+def _set_build(service: str, build: Any) -> Callable[[dict[str, Any]], None]:
+    def change(compose: dict[str, Any]) -> None:
+        compose["services"][service]["build"] = build
+
+    return change
+
+
+def test_the_sandbox_service_building_the_production_image_is_reported() -> None:
+    problems = _mutated(_set_build("sandbox", "."))
+    assert "the sandbox service does not build the sandbox target" in problems
+
+
+def test_an_airflow_service_building_the_sandbox_image_is_reported() -> None:
+    problems = _mutated(_set_build("airflow-worker", {"context": ".", "target": "sandbox"}))
+    assert "airflow-worker builds the sandbox target, expected production" in problems
+
+
+def test_a_build_target_the_dockerfile_lacks_is_reported() -> None:
+    problems = _mutated(_set_build("sandbox", {"context": ".", "target": "emulators"}))
+    assert "sandbox builds target emulators, which Dockerfile does not define" in problems
+
+
+def test_the_sandbox_tagging_the_airflow_image_is_reported() -> None:
+    def same_image(compose: dict[str, Any]) -> None:
+        compose["services"]["sandbox"]["image"] = compose["services"]["airflow-worker"]["image"]
+
+    assert any(
+        p.startswith("the sandbox service tags the Airflow services' image")
+        for p in _mutated(same_image)
+    )
+
+
+def test_a_sandbox_that_writes_no_connections_file_is_reported() -> None:
+    def no_env_file(compose: dict[str, Any]) -> None:
+        command = compose["services"]["sandbox"]["command"]
+        at = command.index("--env-file")
+        compose["services"]["sandbox"]["command"] = command[:at] + command[at + 2 :]
+
+    problems = _mutated(no_env_file)
+    assert f"the sandbox service does not write the connections to {SANDBOX_ENV_FILE}" in problems
+
+
 def test_a_sandbox_outside_its_profile_is_reported() -> None:
     problems = _mutated(lambda c: c["services"]["sandbox"].pop("profiles"))
     assert "the sandbox service is not in the sandbox profile" in problems
@@ -254,6 +324,54 @@ def test_a_sandbox_outside_its_profile_is_reported() -> None:
 def test_an_airflow_version_other_than_the_pin_is_reported() -> None:
     other = DOCKERFILE.replace(f"apache/airflow:{AIRFLOW_VERSION}-", "apache/airflow:3.0.0-")
     assert any("expected apache/airflow:" in p for p in _dockerfile_problems(other))
+
+
+@pytest.mark.parametrize("source", ["sandbox/", "devtools/", "."])
+def test_the_production_image_copying_the_emulators_or_tools_is_reported(source: str) -> None:
+    copy_dags = "COPY --chown=airflow:0 dags/ /opt/airflow/dags/\n"
+    assert DOCKERFILE.count(copy_dags) == 1
+    other = DOCKERFILE.replace(
+        copy_dags, f"{copy_dags}COPY --chown=airflow:0 {source} /opt/airflow/{source}\n"
+    )
+    assert f"the production image copies {source}" in _dockerfile_problems(other)
+
+
+def test_a_production_image_built_on_the_sandbox_target_is_reported() -> None:
+    other = DOCKERFILE.replace("FROM base AS production", "FROM sandbox AS production")
+    assert "the production image copies sandbox/" in _dockerfile_problems(other)
+
+
+def test_a_default_target_other_than_production_is_reported() -> None:
+    other = DOCKERFILE.replace("FROM base AS production", "")
+    problems = _dockerfile_problems(other)
+    assert "the last stage (the default target) is sandbox, expected production" in problems
+    assert "the production image copies sandbox/" in problems
+
+
+def test_a_dockerfile_without_the_sandbox_target_is_reported() -> None:
+    other = DOCKERFILE.replace("FROM base AS sandbox", "FROM base AS emulators")
+    assert "no sandbox target that adds sandbox/ to the image" in _dockerfile_problems(other)
+
+
+def test_a_production_image_importing_the_sandbox_is_reported() -> None:
+    check = 'python -c "import crm_sync, crm_connectors"'
+    assert DOCKERFILE.count(check) == 1
+    other = DOCKERFILE.replace(check, 'python -c "import crm_sync, crm_connectors, sandbox"')
+    assert "the production image imports sandbox" in _dockerfile_problems(other)
+    other = DOCKERFILE.replace(check, 'python -c "import crm_sync"')
+    assert "the production image does not check `import crm_sync, crm_connectors`" in (
+        _dockerfile_problems(other)
+    )
+
+
+def test_an_entrypoint_that_runs_the_sandbox_package_is_reported() -> None:
+    old = (
+        'eval "$(python -m sandbox env --data-dir /opt/sandbox --state-url "$CRM_SYNC_STATE_URL")"'
+    )
+    assert check_entrypoint(old) == [
+        "the entrypoint uses the sandbox package, which the image does not contain",
+        f"the entrypoint does not read {SANDBOX_ENV_FILE}",
+    ]
 
 
 def test_a_copy_of_a_missing_file_is_reported() -> None:

@@ -1,4 +1,4 @@
-"""`make up` (`python -m crm_sync.devserver`): the UI answers, lists the DAGs and connections, stops clean."""
+"""`make up` (`python -m devtools.devserver`): the UI answers, lists the DAGs and connections, stops clean."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class Running:
 
 @pytest.fixture
 def devserver(tmp_path: Path) -> Iterator[Running]:
-    """`python -m crm_sync.devserver` on free ports with its own AIRFLOW_HOME and sandbox data."""
+    """`python -m devtools.devserver` on free ports with its own AIRFLOW_HOME and sandbox data."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env["AIRFLOW_HOME"] = str(tmp_path / "airflow")
     ports = free_port(), free_port(), free_port()
@@ -84,7 +84,7 @@ def devserver(tmp_path: Path) -> Iterator[Running]:
     with output.open("wb") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "crm_sync.devserver",
+                sys.executable, "-m", "devtools.devserver",
                 "--port", str(ports[0]), "--ac-port", str(ports[1]), "--d365-port", str(ports[2]),
                 "--data-dir", str(tmp_path / "sandbox"),
             ],

@@ -35,9 +35,9 @@ def _warm_up() -> dict[str, Any]:
     import crm_connectors.activecampaign
     import crm_connectors.dynamics365  # noqa: F401
     import crm_sync.flows.ac_to_d365
-    import crm_sync.flows.activecampaign_load
+    import crm_sync.flows.activecampaign
     import crm_sync.flows.d365_to_ac
-    import crm_sync.flows.dataverse_load  # noqa: F401
+    import crm_sync.flows.dataverse  # noqa: F401
     import great_expectations  # noqa: F401
     import pyarrow.parquet  # noqa: F401
     from airflow.dag_processing.dagbag import DagBag

@@ -21,8 +21,6 @@ from tests.e2e.world import World
 CONNECTIONS = ("AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT", "AIRFLOW_CONN_DYNAMICS365_DEFAULT")
 # What the sync reads from the environment, besides Airflow's own connection lookup.
 ALLOWED_ENV = {"CRM_SYNC_STAGING", "CRM_SYNC_SETTINGS", "CRM_SYNC_JOB_FREQUENCY", "AIRFLOW_HOME"}
-# Developer commands (`make demo`, `make up`) that start Airflow with the sandbox's connections.
-DEV_TOOLS = {"demo.py", "devserver.py"}
 
 PROBE = """
 import json
@@ -133,8 +131,6 @@ def environment_reads(root: Path) -> list[str]:
     found = []
     for folder in ("dags", "include", "plugins"):
         for path in sorted((root / folder).rglob("*.py")):
-            if path.name in DEV_TOOLS:
-                continue
             tree = ast.parse(path.read_text())
             constants = {
                 target.id: node.value.value

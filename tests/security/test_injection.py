@@ -11,7 +11,7 @@ from crm_connectors.activecampaign import ActiveCampaignHook
 from crm_connectors.dynamics365 import Dynamics365Hook
 from crm_connectors.odata import ODataFilterError
 from crm_connectors.retry import RetryPolicy
-from crm_sync.flows.dataverse_io import rows_by
+from crm_sync.flows.dataverse import rows_by
 from crm_sync.settings import Entity
 
 from tests.conftest import PROJECT_ROOT, Sandbox

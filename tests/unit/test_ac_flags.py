@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 from crm_sync.flows.d365_to_ac import ac_flags
+from crm_sync.stages import AC_CURRENT
 
 
 def contacts(**tags: list[bool]) -> pd.DataFrame:
@@ -39,5 +40,6 @@ def test_rows_meet_their_contacts_and_tags() -> None:
 
 
 def test_nothing_read() -> None:
-    flags = ac_flags(pd.Series(["5"], dtype="string"), pd.DataFrame())
+    # No contact read: the extract stages the typed empty frame of its stage.
+    flags = ac_flags(pd.Series(["5"], dtype="string"), AC_CURRENT.empty())
     assert all(v.tolist() == [False] for v in flags.values())

@@ -11,7 +11,7 @@ import pytest
 from crm_connectors.dynamics365 import ColumnInfo, TableInfo
 from crm_connectors.errors import ClientError, ServerError
 from crm_sync.errors import ConfigurationError
-from crm_sync.flows.dataverse_io import changed_rows, target_rules
+from crm_sync.flows.dataverse import changed_rows, target_rules
 from crm_sync.settings import Entity, FieldMap
 
 COLUMNS = {

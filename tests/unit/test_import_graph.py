@@ -120,3 +120,28 @@ def test_the_hooks_do_not_import_the_sync_library() -> None:
         if module.startswith("crm_connectors")
     }
     assert {m: t for m, t in leaks.items() if t} == {}
+
+
+def imports_of_tools(source: str) -> list[str]:
+    """What `source` imports from `sandbox` or `devtools`, at any depth of its code."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            targets = [node.module or ""]
+        else:
+            continue
+        found += [t for t in targets if t.split(".")[0] in ("sandbox", "devtools")]
+    return found
+
+
+def test_the_product_does_not_import_the_sandbox_or_the_developer_tools() -> None:
+    """The production image has neither `sandbox` nor `devtools`: no product module imports them
+    (`devtools` imports the product, not the other way round)."""
+    leaks = {name: imports_of_tools(path.read_text()) for name, path in _modules().items()}
+    assert {name: found for name, found in leaks.items() if found} == {}
+    lazy = (
+        "def f():\n    from sandbox.credentials import connection_env\n    import devtools.demo\n"
+    )
+    assert imports_of_tools(lazy) == ["sandbox.credentials", "devtools.demo"]

@@ -6,7 +6,8 @@ import json
 
 import pandas as pd
 import pytest
-from crm_sync.mapping import AC, D365, fields_towards, plan_writes
+from crm_sync.core import Direction
+from crm_sync.mapping import fields_towards, plan_writes
 from crm_sync.settings import (
     DEFAULT_SETTINGS_PATH,
     ConflictRule,
@@ -20,13 +21,13 @@ T0, T1, T2 = (pd.Timestamp(f"2026-11-0{d}T10:00:00Z") for d in (1, 2, 3))
 
 
 def one(action: str, src: dict, tgt: dict, syn: dict, src_time=T2, tgt_time=T1, settings=SETTINGS):
-    fields = fields_towards(settings, Entity.LEAD, D365)
+    fields = fields_towards(settings, Entity.LEAD, Direction.TO_DYNAMICS365)
     row = {"record_key": "ac:1", "action": action, "src_time": src_time, "tgt_time": tgt_time}
     for m in fields:
         row[f"src:{m.key}"] = src.get(m.key, "")
         row[f"tgt:{m.key}"] = tgt.get(m.key, "")
         row[f"syn:{m.key}"] = syn.get(m.key, "")
-    out, conflicts = plan_writes(pd.DataFrame([row]), fields, source=AC)
+    out, conflicts = plan_writes(pd.DataFrame([row]), fields, direction=Direction.TO_DYNAMICS365)
     return json.loads(out.at[0, "payload"]), bool(out.at[0, "unchanged"]), conflicts, out
 
 
@@ -67,7 +68,7 @@ def test_both_changed_most_recent_wins() -> None:
         "record_key": "ac:1",
         "field": "firstname",
         "rule": "most_recent",
-        "winner": AC,
+        "winner": "activecampaign",
     }
     payload, unchanged, conflicts, out = one(
         "update_lead", src, tgt, BASE, src_time=T0, tgt_time=T1
@@ -106,23 +107,30 @@ def test_one_way_field_is_not_mapped_back() -> None:
     raw = SETTINGS.model_dump(mode="json")
     raw["field_mapping"]["lead"][3]["direction"] = "to_activecampaign"
     settings = parse_settings(raw)
-    keys = [m.key for m in fields_towards(settings, Entity.LEAD, D365)]
+    keys = [m.key for m in fields_towards(settings, Entity.LEAD, Direction.TO_DYNAMICS365)]
     assert "telephone1" not in keys
-    assert "telephone1" in [m.key for m in fields_towards(settings, Entity.LEAD, AC)]
+    towards_ac = fields_towards(settings, Entity.LEAD, Direction.TO_ACTIVECAMPAIGN)
+    assert "telephone1" in [m.key for m in towards_ac]
 
 
 # -- relinks: matched by email with no link ---------------------------------------------------
-def relink(src: dict, tgt: dict, *, source_newer: bool, settings=SETTINGS, source=AC):
+def relink(
+    src: dict,
+    tgt: dict,
+    *,
+    source_newer: bool,
+    settings=SETTINGS,
+    direction=Direction.TO_DYNAMICS365,
+):
     """A relinked record (action new, `relink` set) through `plan_writes`: payload, synced."""
-    target = D365 if source == AC else AC
-    fields = fields_towards(settings, Entity.LEAD, target)
+    fields = fields_towards(settings, Entity.LEAD, direction)
     times = (T2, T1) if source_newer else (T1, T2)
     row = {"record_key": "k", "action": "new_lead", "relink": True}
     row.update({"src_time": times[0], "tgt_time": times[1]})
     for m in fields:
         row.update({f"src:{m.key}": src.get(m.key, ""), f"tgt:{m.key}": tgt.get(m.key, "")})
         row[f"syn:{m.key}"] = ""
-    out, conflicts = plan_writes(pd.DataFrame([row]), fields, source=source)
+    out, conflicts = plan_writes(pd.DataFrame([row]), fields, direction=direction)
     assert conflicts.empty
     return json.loads(out.at[0, "payload"]), json.loads(out.at[0, "synced_values"])
 
@@ -172,6 +180,8 @@ def test_a_relink_writes_a_one_way_field_from_its_source_even_when_older() -> No
     raw["field_mapping"]["lead"][5]["direction"] = "to_activecampaign"  # jobtitle
     settings = parse_settings(raw)
     src, tgt = {**BASE, "jobtitle": "CEO"}, {**BASE, "jobtitle": "Intern"}
-    payload, synced = relink(src, tgt, source_newer=False, settings=settings, source=D365)
+    payload, synced = relink(
+        src, tgt, source_newer=False, settings=settings, direction=Direction.TO_ACTIVECAMPAIGN
+    )
     assert payload == {"jobtitle": "CEO"}
     assert synced["jobtitle"] == "CEO"

@@ -4,6 +4,7 @@ the task at once (`AirflowFailException`, no retries) while transient faults sta
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import date
 from types import SimpleNamespace
 from typing import Any
 
@@ -119,10 +120,11 @@ def test_valid_parameters_reach_the_step_typed(step: Any) -> None:
     run_step(Flow.BACKFILL, recorded, airflow_context(Flow.BACKFILL, conf))
     (ctx,) = seen
     assert ctx.dry_run is True
-    assert ctx.params == {**conf, "confirm_mass_change": False}
-    assert ctx.run_params.modified_since.isoformat() == "2026-02-01"
+    assert ctx.run_params == RunParams(
+        dry_run=True, entities="lead", modified_since=date(2026, 2, 1), batch_size=50
+    )
     run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
-    assert seen[1].params == {"dry_run": False, "confirm_mass_change": False}
+    assert seen[1].run_params == RunParams()
 
 
 def test_run_params_parse_on_its_own() -> None:

@@ -9,8 +9,8 @@ import yaml
 from crm_sync.settings import (
     DEFAULT_SETTINGS_PATH,
     ConflictRule,
-    Direction,
     Entity,
+    EntityDirection,
     SettingsError,
     load_settings,
     parse_settings,
@@ -26,7 +26,7 @@ def test_shipped_file_is_valid_and_complete() -> None:
     assert settings.job_frequency == "1h"
     assert settings.schedule == "0 * * * *"
     for entity in Entity:
-        assert settings.entities[entity].direction is Direction.TWO_WAY
+        assert settings.entities[entity].direction is EntityDirection.TWO_WAY
         columns = {f.dynamics365 for f in settings.mapping(entity)}
         assert {"emailaddress1", "firstname", "lastname", "telephone1", "jobtitle"} <= columns
     assert "companyname" in {f.dynamics365 for f in settings.mapping(Entity.LEAD)}
@@ -114,3 +114,17 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("job_frequency: [1h\n")
     with pytest.raises(SettingsError, match="not valid YAML"):
         load_settings(bad)
+
+
+def test_entity_and_field_directions_allow_the_directions_they_name() -> None:
+    from crm_sync.core import Direction
+    from crm_sync.settings import FieldDirection
+
+    for direction in Direction:
+        assert EntityDirection.TWO_WAY.allows(direction)
+        assert FieldDirection.TWO_WAY.allows(direction)
+        assert EntityDirection(direction.value).allows(direction)
+    assert FieldDirection.TO_DYNAMICS365.allows(Direction.TO_DYNAMICS365)
+    assert not FieldDirection.TO_DYNAMICS365.allows(Direction.TO_ACTIVECAMPAIGN)
+    assert FieldDirection.TO_ACTIVECAMPAIGN.allows(Direction.TO_ACTIVECAMPAIGN)
+    assert not EntityDirection.TO_ACTIVECAMPAIGN.allows(Direction.TO_DYNAMICS365)

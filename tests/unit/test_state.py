@@ -93,3 +93,18 @@ def test_run_rows(state_url: str) -> None:
 def test_content_hash_is_stable_and_treats_none_as_empty() -> None:
     assert content_hash({"b": 1, "a": None}) == content_hash({"a": "", "b": "1"})
     assert content_hash({"a": "x"}) != content_hash({"a": "y"})
+
+
+def test_last_run_report_is_the_dags_most_recently_recorded_run(state_url: str) -> None:
+    store = StateStore.from_url(state_url)
+    assert store.last_run_report("dag") is None
+    store.start_run("dag", "run1", dry_run=False)
+    store.finish_run("dag", "run1", status="success", counts={"create": 1})
+    store.start_run("dag", "run2", dry_run=False)
+    store.start_run("other", "run3", dry_run=True)
+    latest = store.last_run_report("dag")
+    assert latest is not None
+    assert (latest["run_id"], latest["status"], latest["counts"]) == ("run2", "running", {})
+    store.finish_run("dag", "run2", status="failed", counts={"quarantined": 2})
+    assert store.last_run_report("dag") == store.run_report("dag", "run2")
+    assert store.last_run_report("missing") is None

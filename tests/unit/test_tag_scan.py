@@ -173,7 +173,7 @@ class LeadTagHook(FakeHook):
 
 
 def test_tagged_since_falls_back_to_the_tag_members_when_a_second_cannot_be_read() -> None:
-    from crm_sync.flows.activecampaign_io import ActiveCampaignReader
+    from crm_sync.flows.activecampaign import ActiveCampaignReader
     from crm_sync.tags import ALL_TAGS, Tag
 
     fake = FakeAC([EPOCH] * 300 + [EPOCH + 9] * 5, stable_default=False, seed=6)
@@ -195,7 +195,7 @@ def test_tagged_since_falls_back_to_the_tag_members_when_a_second_cannot_be_read
 def test_the_watermark_never_passes_an_unread_association() -> None:
     """A bulk run's second, then a newer association an hour later: the newest time becomes the
     watermark, so every association of the older second must have been read by then."""
-    from crm_sync.flows.activecampaign_io import ActiveCampaignReader
+    from crm_sync.flows.activecampaign import ActiveCampaignReader
 
     fake = FakeAC([EPOCH] * 300 + [EPOCH + 3600] * 5, seed=8)
 

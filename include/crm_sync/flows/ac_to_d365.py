@@ -3,39 +3,24 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 
 from crm_sync.classify import attach_links, classify_for_dynamics
 from crm_sync.context import StepContext
+from crm_sync.cursors import TAGGED, UPDATED
 from crm_sync.flows import common
-from crm_sync.flows.activecampaign_io import TAG_FLAGS, ActiveCampaignReader
-from crm_sync.flows.dataverse_io import rows_by, target_rules
+from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader
+from crm_sync.flows.dataverse import DataverseLoader, rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
-from crm_sync.mapping import D365, expand_synced, fields_towards, plan_writes
+from crm_sync.mapping import expand_synced, fields_towards, plan_writes
 from crm_sync.records import UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
 from crm_sync.settings import Entity
-from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
+from crm_sync.stages import AC_CLASSIFIED, AC_LINKS, AC_MAPPED, AC_QUEUED, CONFLICTS, DV_CURRENT
+from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.validation import UTF16, TargetRules, validate_records
-
-DIRECTION = "activecampaign_to_dynamics365"
-WM_TAGGED = f"{DIRECTION}:tagged"
-WM_UPDATED = f"{DIRECTION}:updated"
-ORIGIN = "activecampaign"
-
-
-def _ac_hook() -> Any:
-    from crm_connectors.activecampaign import ActiveCampaignHook
-
-    return ActiveCampaignHook()
-
-
-def _dv_hook() -> Any:
-    from crm_connectors.dynamics365 import Dynamics365Hook
-
-    return Dynamics365Hook()
 
 
 def _ac_fields(ctx: StepContext) -> list[Any]:
@@ -58,21 +43,22 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     """Contacts newly queued or changed since the watermarks, plus quarantined ones; and the
     current Dataverse rows of those already linked."""
     started = utcnow()
-    overlap = timedelta(minutes=ctx.settings.incremental.overlap_minutes)
     store = ctx.store
     store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
-    reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx))
-    tagged_mark, updated_mark = store.watermark(WM_TAGGED), store.watermark(WM_UPDATED)
-    tagged_ids, newest_tag = reader.tagged_since(
-        tagged_mark.value - overlap if tagged_mark else None
-    )
+    reader = ActiveCampaignReader(ctx.ac_hook, _ac_fields(ctx))
+    tagged, changed = ctx.cursor(TAGGED), ctx.cursor(UPDATED)
+    tag_read, update_read = tagged.read(store, started), changed.read(store, started)
+    tagged_ids: set[str] = set()
+    newest_tag: datetime | None = None
+    if not tag_read.skip:
+        tagged_ids, newest_tag = reader.tagged_since(tag_read.since)
     updated: list[dict[str, Any]] = []
-    newest_update = None
-    if updated_mark is not None:
-        updated, newest_update = reader.updated_since(updated_mark.value - overlap)
+    newest_update: datetime | None = None
+    if not update_read.skip and update_read.since is not None:
+        updated, newest_update = reader.updated_since(update_read.since)
     quarantined = {
         e.record_key.removeprefix("ac:")
-        for e in store.open_quarantine(DIRECTION)
+        for e in store.open_quarantine(ctx.direction)
         if e.record_key.startswith("ac:")
     }
     candidates = tagged_ids | {str(c["id"]) for c in updated} | quarantined
@@ -90,7 +76,7 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     links = store.links_for(
         ac_ids=contacts["ac_id"].tolist(), emails=contacts["email_key"].dropna().tolist()
     )
-    dv_hook = _dv_hook()
+    dv_hook = ctx.dv_hook
     current = []
     rules: dict[str, Any] = {}
     for entity in Entity:
@@ -98,33 +84,21 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         # Nothing to write, nothing to check: a quiet run costs Dataverse no metadata reads.
         if not columns or contacts.empty:
             continue
-        written = [m.field for m in fields_towards(ctx.settings, entity, D365)]
+        written = [m.field for m in fields_towards(ctx.settings, entity, ctx.direction)]
         rule = target_rules(dv_hook, entity, columns, written=written)
         rules[entity.value] = {"required": rule.required, "max_length": rule.max_length}
         ids = [link.dataverse_id for link in links if link.entity == entity.value]
         if ids:
             current.append(rows_by(dv_hook, entity, entity.primary_id, ids, columns))
-    staging = ctx.staging
-    staging.write_frame("extract", "ac", contacts)
-    staging.write_frame("extract", "links", _links_frame(links))
-    staging.write_frame(
-        "extract",
-        "dv_current",
-        pd.concat(current, ignore_index=True) if current else pd.DataFrame(),
-    )
-    staging.write_json(
+    ctx.staging.write_json(
         "extract",
         "meta",
         {
             "started": started.isoformat(),
             "rules": rules,
             "watermarks": {
-                WM_TAGGED: (
-                    newest_tag or (tagged_mark.value if tagged_mark else started)
-                ).isoformat(),
-                WM_UPDATED: (
-                    newest_update or (updated_mark.value if updated_mark else started)
-                ).isoformat(),
+                tagged.name: newest_tag.isoformat() if newest_tag else None,
+                changed.name: newest_update.isoformat() if newest_update else None,
             },
         },
     )
@@ -135,20 +109,21 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         "contacts read": len(contacts),
         "linked": len(links),
     }
-    common.log_step("extract: ActiveCampaign contacts", counts)
-    return {"counts": counts}
+    return common.finish(
+        ctx,
+        "extract: ActiveCampaign contacts",
+        counts,
+        (AC_QUEUED, contacts),
+        (AC_LINKS, _links_frame(links)),
+        (DV_CURRENT, common.concat(DV_CURRENT, current)),
+    )
 
 
 # -- tag_classify ------------------------------------------------------------------------------
 def tag_classify(ctx: StepContext) -> dict[str, Any]:
     """Apply the mission's tag rules; quarantine contradictory records."""
-    staging = ctx.staging
-    contacts = staging.read_frame("extract", "ac")
-    links = staging.read_frame("extract", "links")
-    if contacts.empty:
-        staging.write_frame("tag_classify", "classified", contacts)
-        common.log_step("tag_classify", {})
-        return {"counts": {}}
+    contacts = ctx.staging.read(AC_QUEUED)
+    links = ctx.staging.read(AC_LINKS)
     classified = classify_for_dynamics(attach_links(contacts, links, by="ac_id"), ctx.settings)
     waiting = common.still_quarantined(ctx, classified) & classified["action"].isin(
         [a.value for a in (*WRITE_ACTIONS, Action.QUARANTINE)]
@@ -165,10 +140,10 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         for row in bad.itertuples()
     }
     common.quarantine_rows(ctx, classified, "tag_classify", reasons)
-    staging.write_frame("tag_classify", "classified", classified)
     counts = common.action_summary(classified)
-    common.log_step("tag_classify: records by action", counts)
-    return {"counts": counts}
+    return common.finish(
+        ctx, "tag_classify: records by action", counts, (AC_CLASSIFIED, classified)
+    )
 
 
 def _classify_message(reason: str) -> str:
@@ -183,32 +158,25 @@ def _classify_message(reason: str) -> str:
 # -- map_fields --------------------------------------------------------------------------------
 def _mapped_frame(
     ctx: StepContext, classified: pd.DataFrame, current: pd.DataFrame
-) -> pd.DataFrame:
+) -> list[tuple[Entity, list[Any], pd.DataFrame]]:
     """Per entity, the src/tgt/syn columns `plan_writes` needs, for creates and updates."""
-    links = ctx.staging.read_frame("extract", "links")
+    links = ctx.staging.read(AC_LINKS)
     parts = []
-    for entity in Entity:
-        rows = common.rows_to_write(classified, entity)
-        if rows.empty:
-            continue
-        fields = fields_towards(ctx.settings, entity, D365)
+    for entity, fields, rows in common.rows_to_write(ctx, classified):
         keys = [m.key for m in fields]
         for mapped in fields:
             rows[f"src:{mapped.key}"] = rows[mapped.field.activecampaign]
-        dv = current[current["entity"] == entity.value] if not current.empty else pd.DataFrame()
-        dv = dv.set_index("dataverse_id") if not dv.empty else pd.DataFrame()
+        dv = current[current["entity"] == entity.value].set_index("dataverse_id")
         for key in keys:
             rows[f"tgt:{key}"] = rows["dataverse_id"].map(dv[key]) if key in dv else None
         rows["tgt_time"] = (
             rows["dataverse_id"].map(dv["dv_modified_at"]) if "dv_modified_at" in dv else pd.NaT
         )
-        rows["dv_exists"] = rows["dataverse_id"].isin(dv.index) if not dv.empty else False
+        rows["dv_exists"] = rows["dataverse_id"].isin(dv.index)
         synced = (
             links[links["entity"] == entity.value]
             .drop_duplicates("dataverse_id")
             .set_index("dataverse_id")["synced_values"]
-            if not links.empty
-            else pd.Series(dtype=object)
         )
         rows = pd.concat(
             [rows, expand_synced(rows["dataverse_id"].astype(object).map(synced), keys)], axis=1
@@ -220,14 +188,11 @@ def _mapped_frame(
 
 def map_fields(ctx: StepContext) -> dict[str, Any]:
     """Map AC fields to Dataverse columns; drop echoes; decide conflicts by the declared rule."""
-    staging = ctx.staging
-    classified = staging.read_frame("tag_classify", "classified")
-    current = staging.read_frame("extract", "dv_current")
+    classified = ctx.staging.read(AC_CLASSIFIED)
+    current = ctx.staging.read(DV_CURRENT)
     planned, conflicts = [], []
     missing_reasons: dict[str, list[tuple[str, str]]] = {}
-    for entity, fields, rows in (
-        _mapped_frame(ctx, classified, current) if not classified.empty else []
-    ):
+    for entity, fields, rows in _mapped_frame(ctx, classified, current):
         gone = rows["action"].isin([a.value for a in UPDATE_ACTIONS]) & ~rows["dv_exists"]
         for key in rows.loc[gone, "record_key"]:
             missing_reasons[key] = [
@@ -236,7 +201,7 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
                     f"the linked Dynamics {entity.value} no longer exists",
                 )
             ]
-        out, decided = plan_writes(rows[~gone], fields, source="activecampaign")
+        out, decided = plan_writes(rows[~gone], fields, direction=ctx.direction)
         if entity is Entity.LEAD:
             topic = ctx.settings.entities[Entity.LEAD].lead_topic
             is_new = out["action"] == Action.NEW_LEAD.value
@@ -247,29 +212,24 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
         planned.append(out)
         conflicts.append(decided)
     common.quarantine_rows(ctx, classified, "map_fields", missing_reasons)
-    mapped = pd.concat(planned, ignore_index=True) if planned else pd.DataFrame()
-    decided = pd.concat(conflicts, ignore_index=True) if conflicts else pd.DataFrame()
-    staging.write_frame("map_fields", "mapped", mapped)
-    staging.write_frame("map_fields", "conflicts", decided)
+    mapped, decided = common.concat(AC_MAPPED, planned), common.concat(CONFLICTS, conflicts)
     counts = common.plan_counts(mapped, decided, **{"linked record missing": len(missing_reasons)})
-    common.log_step("map_fields: plan", counts)
-    return {"counts": counts}
+    return common.finish(ctx, "map_fields: plan", counts, (AC_MAPPED, mapped), (CONFLICTS, decided))
 
 
 # -- validate ----------------------------------------------------------------------------------
 def validate(ctx: StepContext) -> dict[str, Any]:
     """Check every record to write against the Dataverse table's rules; trip the breakers."""
-    staging = ctx.staging
-    mapped = staging.read_frame("map_fields", "mapped")
-    meta = staging.read_json("extract", "meta")
+    mapped = ctx.staging.read(AC_MAPPED)
+    meta = ctx.staging.read_json("extract", "meta")
     failures: dict[str, list[tuple[str, str]]] = {}
-    to_write = mapped[~mapped["unchanged"]] if not mapped.empty else mapped
+    to_write = mapped[~mapped["unchanged"]]
     for entity in Entity:
-        rows = to_write[to_write["entity"] == entity.value] if not to_write.empty else to_write
-        if rows.empty:
+        rows = to_write[to_write["entity"] == entity.value]
+        if rows.empty:  # no rules were read for a table nothing is written to
             continue
         rule = meta["rules"][entity.value]
-        keys = [m.key for m in fields_towards(ctx.settings, entity, D365)]
+        keys = [m.key for m in fields_towards(ctx.settings, entity, ctx.direction)]
         frame = pd.DataFrame({"record_key": rows["record_key"].to_numpy()})
         for key in keys:
             frame[key] = rows[f"src:{key}"].astype("string").replace("", pd.NA).to_numpy()
@@ -289,16 +249,9 @@ def validate(ctx: StepContext) -> dict[str, Any]:
 # -- load --------------------------------------------------------------------------------------
 def load(ctx: StepContext) -> dict[str, Any]:
     """Create and update in bulk, link as results arrive, then advance the watermarks."""
-    from crm_sync.flows.dataverse_load import DataverseLoader
 
     def write(valid: pd.DataFrame, _meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
-        loader = DataverseLoader(ctx, _dv_hook())
+        loader = DataverseLoader(ctx, ctx.dv_hook)
         return loader.load(valid), loader.synced_keys
 
-    def advance(meta: dict[str, Any]) -> None:
-        for name, value in meta["watermarks"].items():
-            ctx.store.advance_watermark(
-                Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
-            )
-
-    return common.run_load(ctx, write, advance)
+    return common.run_load(ctx, write)

@@ -1,16 +1,20 @@
-"""Pieces both directions share: quarantine writes, circuit breakers, the run report."""
+"""Pieces both directions share: the end of a step, quarantine writes, circuit breakers, the
+load around a direction's writer, the run report."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 
 from crm_sync.context import StepContext
 from crm_sync.core import CircuitBreakerTripped
+from crm_sync.cursors import cursor_named
+from crm_sync.mapping import MappedField, fields_towards
 from crm_sync.records import (
     NEW_ACTIONS,
     RECHECKED_EVERY_RUN,
@@ -21,8 +25,33 @@ from crm_sync.records import (
 )
 from crm_sync.report import count_table, log, reason_counts
 from crm_sync.settings import Entity
+from crm_sync.stages import CONFLICTS, PLANS
+from crm_sync.staging import Stage
 
 SAMPLES = 5
+
+
+def finish(
+    ctx: StepContext, title: str, counts: Mapping[str, int], *outputs: tuple[Stage, pd.DataFrame]
+) -> dict[str, Any]:
+    """The end of every step before `load`: stage its frames, log its counts, return them."""
+    for stage, frame in outputs:
+        ctx.staging.write(stage, frame)
+    log_step(title, counts)
+    return {"counts": dict(counts)}
+
+
+def lookup(values: pd.Series, keys: pd.Series) -> pd.Series:
+    """`values` (indexed by key) at `keys`, NA where absent, with the index of `keys` (pandas
+    cannot map through an empty series of times)."""
+    if values.empty:
+        return pd.Series(pd.NA, index=keys.index, dtype=values.dtype)
+    return keys.map(values)
+
+
+def concat(stage: Stage, frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The parts of a frame of `stage`, one frame (the stage's typed empty frame if none)."""
+    return pd.concat(frames, ignore_index=True) if frames else stage.empty()
 
 
 def quarantine_rows(
@@ -31,11 +60,11 @@ def quarantine_rows(
     """Record failed rows in the quarantine (not in a dry run); returns how many."""
     if not reasons:
         return 0
-    hashes = frame.set_index("record_key")["source_hash"].to_dict() if not frame.empty else {}
+    hashes = frame.set_index("record_key")["source_hash"].to_dict()
     entries = [
         (
             key,
-            ctx.flow_direction,
+            ctx.direction,
             step,
             ",".join(sorted({code for code, _ in items})),
             "; ".join(message for _, message in items),
@@ -77,10 +106,10 @@ def still_quarantined(ctx: StepContext, frame: pd.DataFrame) -> pd.Series:
     that depend on other records (`RECHECKED_EVERY_RUN`) are checked again instead."""
     open_entries = {
         e.record_key: e.source_hash
-        for e in ctx.store.open_quarantine(ctx.flow_direction)
+        for e in ctx.store.open_quarantine(ctx.direction)
         if not set(e.reason_code.split(",")) & RECHECKED_EVERY_RUN
     }
-    if not open_entries or frame.empty:
+    if not open_entries:
         return pd.Series(False, index=frame.index)
     known = frame["record_key"].map(open_entries)
     return known.notna() & (known == frame["source_hash"])
@@ -110,12 +139,16 @@ def check_quarantine_share(
         )
 
 
-def rows_to_write(classified: pd.DataFrame, entity: Entity) -> pd.DataFrame:
-    """The rows of `entity` whose action writes to the target (a copy, to add columns to)."""
-    return classified[
-        (classified["entity"] == entity.value)
-        & classified["action"].isin([a.value for a in WRITE_ACTIONS])
-    ].copy()
+def rows_to_write(
+    ctx: StepContext, classified: pd.DataFrame
+) -> Iterator[tuple[Entity, list[MappedField], pd.DataFrame]]:
+    """Per entity with rows whose action writes to the target: the entity, the fields this
+    direction writes, and those rows (a copy, to add columns to)."""
+    writing = classified["action"].isin([a.value for a in WRITE_ACTIONS])
+    for entity in Entity:
+        rows = classified[writing & (classified["entity"] == entity.value)].copy()
+        if not rows.empty:
+            yield entity, fields_towards(ctx.settings, entity, ctx.direction), rows
 
 
 def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> None:
@@ -157,16 +190,12 @@ def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> N
 
 def action_summary(frame: pd.DataFrame) -> dict[str, int]:
     """Counts by `action: reason`."""
-    if frame.empty:
-        return {}
     return dict(reason_counts(zip(frame["action"], frame["reason"], strict=True)))
 
 
 def plan_samples(frame: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
     """A few masked examples per action, for the dry-run plan."""
     samples: dict[str, list[dict[str, Any]]] = {}
-    if frame.empty:
-        return samples
     for action, group in frame.groupby("action"):
         samples[str(action)] = [
             {
@@ -181,8 +210,6 @@ def plan_samples(frame: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
 
 def count_writes(frame: pd.DataFrame) -> tuple[int, int]:
     """(creates, updates) that a mapped frame would send."""
-    if frame.empty:
-        return 0, 0
     creates = int(frame["action"].isin([a.value for a in NEW_ACTIONS]).sum())
     updates = int(
         (frame["action"].isin([a.value for a in UPDATE_ACTIONS]) & ~frame["unchanged"]).sum()
@@ -211,15 +238,11 @@ QUARANTINE_PREFIXES = ("quarantine:", "quarantined:")
 def plan_counts(mapped: pd.DataFrame, decided: pd.DataFrame, **extra: int) -> dict[str, int]:
     """The `map_fields` summary: creates, updates, unchanged, and conflicts by field and winner."""
     creates, updates = count_writes(mapped)
-    conflicts = (
-        decided.groupby(["field", "rule", "winner"]).size().reset_index(name="n")
-        if not decided.empty
-        else pd.DataFrame(columns=["field", "rule", "winner", "n"])
-    )
+    conflicts = decided.groupby(["field", "rule", "winner"]).size().reset_index(name="n")
     return {
         "to create": creates,
         "to update": updates,
-        "unchanged (no write)": int(mapped["unchanged"].sum()) if not mapped.empty else 0,
+        "unchanged (no write)": int(mapped["unchanged"].sum()),
         **extra,
         **{
             f"conflict on {r.field}: {r.rule} -> {r.winner}": int(r.n)
@@ -243,9 +266,7 @@ def accept_valid(
     """
     check_quarantine_share(ctx, failures, len(to_write))
     quarantine_rows(ctx, mapped, "validate", failures)
-    valid = (
-        to_write[~to_write["record_key"].isin(list(failures))] if not to_write.empty else to_write
-    )
+    valid = to_write[~to_write["record_key"].isin(list(failures))]
     creates, updates = count_writes(valid)
     relinked = (
         int((valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)).sum())
@@ -257,10 +278,8 @@ def accept_valid(
         updates + relinked + (creates - relinked if count_creates else 0),
         relinked=relinked,
     )
-    ctx.staging.write_frame("validate", "valid", valid)
     counts = {"valid": len(valid), "quarantined": len(failures), **_reason_counts(failures)}
-    log_step("validate: Great Expectations", counts)
-    return {"counts": counts}
+    return finish(ctx, "validate: Great Expectations", counts, (PLANS[ctx.direction].valid, valid))
 
 
 def skip_written_meanwhile(ctx: StepContext, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -303,10 +322,19 @@ def refresh_agreed_links(ctx: StepContext, unchanged: pd.DataFrame) -> int:
     return len(stale)
 
 
+def advance_cursors(ctx: StepContext, meta: Mapping[str, Any]) -> None:
+    """Move each watermark the extract read (`meta["watermarks"]`: name -> newest row read)."""
+    started = datetime.fromisoformat(meta["started"])
+    for name, newest in meta["watermarks"].items():
+        value = pd.Timestamp(newest).to_pydatetime() if newest else None
+        cursor_named(name, ctx.settings.incremental.overlap_minutes).advance(
+            ctx.store, value, started
+        )
+
+
 def run_load(
     ctx: StepContext,
     write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
-    advance_watermarks: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
 
@@ -321,39 +349,39 @@ def run_load(
         staging.clean_up()
         log.info("load: this run's load already finished; nothing left to do")
         return {"counts": report["counts"], "dry_run": report["status"] == "dry_run"}
-    valid = staging.read_frame("validate", "valid")
-    mapped = staging.read_frame("map_fields", "mapped")
+    stages = PLANS[ctx.direction]
+    valid = staging.read(stages.valid)
+    mapped = staging.read(stages.mapped)
     meta = staging.read_json("extract", "meta")
     previous = {
         k: v
-        for k, v in action_summary(staging.read_frame("tag_classify", "classified")).items()
+        for k, v in action_summary(staging.read(stages.classified)).items()
         if not k.startswith(("new_", "update_"))
     }
     if ctx.dry_run:
         creates, updates = count_writes(valid)
+        planned = {**previous, "create": creates, "update": updates}
         plan = {
-            "counts": {**previous, "create": creates, "update": updates},
+            "counts": planned,
             "samples": plan_samples(valid),
-            "conflicts": staging.read_frame("map_fields", "conflicts").shape[0],
+            "conflicts": len(staging.read(CONFLICTS)),
         }
-        ctx.store.finish_run(
-            ctx.dag_id, ctx.run_id, status="dry_run", counts=plan["counts"], plan=plan
-        )
-        log_step("load (dry run): nothing written; the plan", plan["counts"])
+        ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="dry_run", counts=planned, plan=plan)
+        log_step("load (dry run): nothing written; the plan", planned)
         staging.clean_up()
-        return {"counts": plan["counts"], "dry_run": True}
-    with ctx.store.direction_lock(ctx.flow_direction):
+        return {"counts": planned, "dry_run": True}
+    with ctx.store.direction_lock(ctx.direction):
         valid, done = skip_written_meanwhile(ctx, valid)
         counts, synced = write(valid, meta)
-        unchanged = mapped[mapped["unchanged"]] if not mapped.empty else mapped
+        unchanged = mapped[mapped["unchanged"]]
         refreshed = refresh_agreed_links(ctx, unchanged)
-        keys = set(synced) | set(done) | set(unchanged.get("record_key", []))
-        ctx.store.resolve(keys, ctx.flow_direction)
-        advance_watermarks(meta)
+        keys = set(synced) | set(done) | set(unchanged["record_key"])
+        ctx.store.resolve(keys, ctx.direction)
+        advance_cursors(ctx, meta)
     # Every record quarantined by this run, whichever step did it, counted once by its reasons.
     quarantined = {
         f"quarantined: {reason}": n
-        for reason, n in ctx.store.quarantined_in_run(ctx.flow_direction, ctx.run_id).items()
+        for reason, n in ctx.store.quarantined_in_run(ctx.direction, ctx.run_id).items()
     }
     totals = merge_counts(
         {k: v for k, v in previous.items() if not k.startswith(QUARANTINE_PREFIXES)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -13,68 +13,32 @@ from crm_connectors.odata import all_of
 
 from crm_sync.classify import classify_for_activecampaign
 from crm_sync.context import StepContext
+from crm_sync.cursors import backfill_read
 from crm_sync.flows import common
-from crm_sync.flows.activecampaign_io import ActiveCampaignReader
-from crm_sync.flows.dataverse_io import changed_rows, rows_by
+from crm_sync.flows.activecampaign import ActiveCampaignLoader, ActiveCampaignReader
+from crm_sync.flows.dataverse import changed_rows, rows_by
 from crm_sync.identity import claimed_by_other_dataverse_records
-from crm_sync.mapping import AC, D365, expand_synced, fields_towards, plan_writes
+from crm_sync.mapping import expand_synced, fields_towards, plan_writes
 from crm_sync.records import (
     WRITE_ACTIONS,
     Action,
     Reason,
     clean_frame,
 )
-from crm_sync.settings import Direction, Entity
-from crm_sync.state import RecordLink, Watermark, content_hash, utcnow
+from crm_sync.settings import Entity
+from crm_sync.stages import AC_CURRENT, CONFLICTS, DV_CHANGED, DV_CLASSIFIED, DV_LINKS, DV_MAPPED
+from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.tags import Tag
 from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_records
 
-DIRECTION = "dynamics365_to_activecampaign"
-ORIGIN = "dynamics365"
-
-
-def watermark_name(entity: Entity) -> str:
-    """The watermark of `entity`'s `modifiedon` polling (shared by the backfill)."""
-    return f"{DIRECTION}:{entity.value}"
-
-
-def _ac_hook() -> Any:
-    from crm_connectors.activecampaign import ActiveCampaignHook
-
-    return ActiveCampaignHook()
-
-
-def _dv_hook() -> Any:
-    from crm_connectors.dynamics365 import Dynamics365Hook
-
-    return Dynamics365Hook()
-
-
-def _is_backfill(ctx: StepContext) -> bool:
-    from crm_sync.core import Flow
-
-    return ctx.flow is Flow.BACKFILL
-
 
 def _entities(ctx: StepContext) -> list[Entity]:
-    chosen = ctx.run_params.entities if _is_backfill(ctx) else "both"
+    chosen = ctx.run_params.entities if ctx.is_backfill else "both"
     return [
         e
         for e in Entity
-        if ctx.settings.entities[e].moves(Direction.TO_ACTIVECAMPAIGN)
-        and chosen in ("both", e.value)
+        if ctx.settings.entities[e].moves(ctx.direction) and chosen in ("both", e.value)
     ]
-
-
-def _since(ctx: StepContext, entity: Entity, started: datetime) -> datetime | None:
-    """Where this run's read starts: the backfill's form, or the watermark minus the overlap."""
-    if _is_backfill(ctx):
-        day = ctx.run_params.modified_since
-        return datetime(day.year, day.month, day.day, tzinfo=UTC) if day else None
-    overlap = timedelta(minutes=ctx.settings.incremental.overlap_minutes)
-    mark = ctx.store.watermark(watermark_name(entity))
-    # No watermark and no backfill yet: start from now; the initial sync brings the history.
-    return (mark.value if mark else started) - overlap
 
 
 def _ac_fields(ctx: StepContext) -> list[Any]:
@@ -86,75 +50,130 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     """Dataverse rows matching the data configuration and changed since the watermark (the
     backfill: all of them), retried quarantined rows, and the linked AC contacts' current state."""
     started = utcnow()
-    store = ctx.store
-    store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
-    hook = _dv_hook()
+    ctx.store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
+    dv, marks, counts = _changed_rows(ctx, started)
+    dv, counts["contacts of qualified leads"] = _qualified_into(ctx, ctx.dv_hook, dv)
+    dv = _with_keys(ctx, dv)
+    links = _links_of(ctx, dv)
+    # Nothing changed in Dynamics: ActiveCampaign is not asked anything.
+    reader = ActiveCampaignReader(ctx.ac_hook, _ac_fields(ctx)) if not dv.empty else None
+    # Rows no link knows may meet an AC contact with their email (a new or lost state store):
+    # it is looked up, so that it is relinked with the newer values kept, or refused when
+    # another record's link holds it.
+    matched, known = _match_unlinked(reader, dv[~common.still_quarantined(ctx, dv)], links)
+    shared = _shared_in_dynamics(ctx.dv_hook, list(matched))
+    matched = {email: ac_id for email, ac_id in matched.items() if email not in shared}
+    held = {(link.entity, link.dataverse_id) for link in links}
+    links += [
+        link
+        for link in ctx.store.links_for(ac_ids=list(matched.values()))
+        if (link.entity, link.dataverse_id) not in held
+    ]
+    links_frame = _links_frame(links, _resolve_ac_ids(ctx, reader, links))
+    dv["relink_ac_id"] = pd.Series(dv["email_key"].map(matched), dtype="string")
+    dv["relink_shared_with"] = _shared_with(dv, shared)
+    ac_ids = list(dict.fromkeys([*links_frame["ac_contact_id"].dropna(), *matched.values()]))
+    ac_current = reader.contacts(ac_ids, known=known) if reader and ac_ids else AC_CURRENT.empty()
+    if not ac_current.empty:  # the mapped fields' columns come with the rows read
+        ac_current = clean_frame(
+            ac_current, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
+        )
+    ctx.staging.write_json(
+        "extract",
+        "meta",
+        {
+            "started": started.isoformat(),
+            "watermarks": marks,
+            "field_ids": reader.field_ids if reader else {},
+        },
+    )
+    counts["linked"] = len(links_frame)
+    counts["found in AC by email (no link)"] = len(matched)
+    counts["AC contacts read"] = len(ac_current)
+    return common.finish(
+        ctx,
+        "extract: Dynamics 365 rows",
+        counts,
+        (DV_CHANGED, dv),
+        (DV_LINKS, links_frame),
+        (AC_CURRENT, ac_current),
+    )
+
+
+def _changed_rows(
+    ctx: StepContext, started: datetime
+) -> tuple[pd.DataFrame, dict[str, str | None], dict[str, int]]:
+    """Per synced entity, the rows changed since its cursor (the backfill: since its form's day)
+    and the quarantined rows to retry; the newest change read per cursor; counts."""
     frames, marks, counts = [], {}, {}
-    quarantined = [e.record_key for e in store.open_quarantine(DIRECTION)]
+    quarantined = [e.record_key for e in ctx.store.open_quarantine(ctx.direction)]
     for entity in _entities(ctx):
         columns = [f.dynamics365 for f in ctx.settings.mapping(entity)]
-        criteria = ctx.settings.entities[entity].record_criteria
-        changed = changed_rows(
-            hook, entity, columns, since=_since(ctx, entity, started), criteria=criteria
+        cursor = ctx.cursor(entity.value)
+        read = (
+            backfill_read(ctx.run_params.modified_since)
+            if ctx.is_backfill
+            else cursor.read(ctx.store, started)
         )
+        criteria = ctx.settings.entities[entity].record_criteria
+        changed = changed_rows(ctx.dv_hook, entity, columns, since=read.since, criteria=criteria)
         retry_ids = [k.split(":", 1)[1] for k in quarantined if k.startswith(f"{entity.value}:")]
-        retried = rows_by(hook, entity, entity.primary_id, retry_ids, columns)
-        rows = pd.concat([changed, retried], ignore_index=True).drop_duplicates("dataverse_id")
-        frames.append(rows)
+        retried = rows_by(ctx.dv_hook, entity, entity.primary_id, retry_ids, columns)
+        frames.append(
+            pd.concat([changed, retried], ignore_index=True).drop_duplicates("dataverse_id")
+        )
         newest = changed["dv_modified_at"].max() if not changed.empty else None
-        marks[watermark_name(entity)] = (
+        marks[cursor.name] = (
             newest.isoformat() if newest is not None and not pd.isna(newest) else None
         )
         counts[f"{entity.entity_set} changed"] = len(changed)
         counts[f"{entity.entity_set} retried from quarantine"] = len(retried)
-    dv = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    dv, counts["contacts of qualified leads"] = _qualified_into(ctx, hook, dv)
-    dv = _with_keys(ctx, dv)
+    return common.concat(DV_CHANGED, frames), marks, counts
+
+
+def _links_of(ctx: StepContext, dv: pd.DataFrame) -> list[RecordLink]:
+    """The links of the rows read (by id or email), and of the leads their contacts were
+    qualified from."""
+    store = ctx.store
     links = store.links_for(
-        dataverse_ids=dv["dataverse_id"].tolist() if not dv.empty else [],
-        emails=dv["email_key"].dropna().tolist() if not dv.empty else [],
+        dataverse_ids=dv["dataverse_id"].tolist(), emails=dv["email_key"].dropna().tolist()
     )
     lead_of_contact = (
         dv["_originatingleadid_value"].dropna().astype(str).tolist()
         if "_originatingleadid_value" in dv
         else []
     )
-    links += [
+    return links + [
         link
         for link in store.links_for(dataverse_ids=lead_of_contact)
         if link.entity == Entity.LEAD.value
     ]
-    # Nothing changed in Dynamics: ActiveCampaign is not asked anything.
-    reader = ActiveCampaignReader(_ac_hook(), _ac_fields(ctx)) if not dv.empty else None
-    # Rows no link knows may meet an AC contact with their email (a new or lost state store):
-    # it is looked up, so that it is relinked with the newer values kept, or refused when
-    # another record's link holds it.
-    matched, known = _match_unlinked(
-        reader,
-        dv[~common.still_quarantined(ctx, dv)] if not dv.empty else dv,
-        links,
-    )
-    shared = _shared_in_dynamics(hook, list(matched))
-    matched = {email: ac_id for email, ac_id in matched.items() if email not in shared}
-    held = {(link.entity, link.dataverse_id) for link in links}
-    links += [
-        link
-        for link in store.links_for(ac_ids=list(matched.values()))
-        if (link.entity, link.dataverse_id) not in held
-    ]
+
+
+def _resolve_ac_ids(
+    ctx: StepContext, reader: ActiveCampaignReader | None, links: list[RecordLink]
+) -> dict[str, str]:
+    """AC contact ids by email for the links that have none yet (written by a bulk import),
+    remembered in the links (not in a dry run) so the next run need not look them up again."""
     unresolved = [link.email for link in links if not link.ac_contact_id]
     resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
     if resolved and not ctx.dry_run:
-        # Remember the ids: the next run need not look these emails up again. An id that a link
-        # holds already stays with it, and one shared by a lead's and a contact's link goes to
-        # the contact's (a qualified lead's AC contact belongs to the contact it became).
+        # An id that a link holds already stays with it, and one shared by a lead's and a
+        # contact's link goes to the contact's (a qualified lead's AC contact belongs to the
+        # contact it became).
+        store = ctx.store
         taken = {link.ac_contact_id for link in store.links_for(ac_ids=list(resolved.values()))}
         remembered: dict[str, RecordLink] = {}
         for link in sorted(links, key=lambda link: link.entity == Entity.CONTACT.value):
             if not link.ac_contact_id and resolved.get(link.email) not in taken | {None}:
                 remembered[resolved[link.email]] = replace(link, ac_contact_id=resolved[link.email])
         store.save_links(list(remembered.values()))
-    link_rows = [
+    return resolved
+
+
+def _links_frame(links: list[RecordLink], resolved: dict[str, str]) -> pd.DataFrame:
+    """The links as the later steps read them (`DV_LINKS`), with the AC ids just resolved."""
+    rows = [
         {
             "entity": link.entity,
             "dataverse_id": link.dataverse_id,
@@ -164,45 +183,21 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         }
         for link in links
     ]
-    links_frame = pd.DataFrame(
-        link_rows, columns=["entity", "dataverse_id", "ac_contact_id", "email", "synced_values"]
-    )
-    if not dv.empty:
-        dv["relink_ac_id"] = pd.Series(dv["email_key"].map(matched), dtype="string")
-        dv["relink_shared_with"] = [
+    return DV_LINKS.conform(pd.DataFrame(rows, columns=list(DV_LINKS.columns)))
+
+
+def _shared_with(dv: pd.DataFrame, shared: dict[str, list[str]]) -> pd.Series:
+    """Per row, the other active Dynamics records holding its email ("lead <id>, ..."), if any."""
+    return pd.Series(
+        [
             ", ".join(r for r in shared.get(email, []) if r != f"{entity} {row_id}") or None
             for entity, row_id, email in zip(
                 dv["entity"], dv["dataverse_id"], dv["email_key"], strict=True
             )
-        ]
-    ac_ids = list(dict.fromkeys([*links_frame["ac_contact_id"].dropna(), *matched.values()]))
-    ac_current = reader.contacts(ac_ids, known=known) if reader and ac_ids else pd.DataFrame()
-    if not ac_current.empty:
-        ac_current = clean_frame(
-            ac_current, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
-        )
-    staging = ctx.staging
-    staging.write_frame("extract", "dv", dv)
-    staging.write_frame("extract", "links", links_frame)
-    staging.write_frame("extract", "ac_current", ac_current)
-    staging.write_json(
-        "extract",
-        "meta",
-        {
-            "started": started.isoformat(),
-            "watermarks": marks,
-            "field_ids": reader.field_ids if reader else {},
-        },
+        ],
+        index=dv.index,
+        dtype=object,
     )
-    counts.update(
-        {
-            "linked": len(links_frame),
-            "found in AC by email (no link)": len(matched),
-            "AC contacts read": len(ac_current),
-        }
-    )
-    common.log_step("extract: Dynamics 365 rows", counts)
-    return {"counts": counts}
 
 
 def _qualified_into(ctx: StepContext, hook: Any, dv: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -302,8 +297,8 @@ def _or_none(value: Any) -> str | None:
 
 
 def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
-    if dv.empty:
-        return dv
+    if dv.empty:  # no row to key: the stage's columns, typed
+        return DV_CHANGED.conform(dv)
     columns = sorted({f.dynamics365 for e in Entity for f in ctx.settings.mapping(e)})
     dv = clean_frame(dv, [c for c in columns if c in dv], email_columns=["emailaddress1"])
     dv["email_key"] = dv["emailaddress1"]
@@ -318,14 +313,9 @@ def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
 # -- tag_classify ------------------------------------------------------------------------------
 def tag_classify(ctx: StepContext) -> dict[str, Any]:
     """New, update (only to AC contacts with a valid tag set), qualified, or not eligible."""
-    staging = ctx.staging
-    dv = staging.read_frame("extract", "dv")
-    if dv.empty:
-        staging.write_frame("tag_classify", "classified", dv)
-        common.log_step("tag_classify", {})
-        return {"counts": {}}
-    links = staging.read_frame("extract", "links")
-    ac = staging.read_frame("extract", "ac_current")
+    dv = ctx.staging.read(DV_CHANGED)
+    links = ctx.staging.read(DV_LINKS)
+    ac = ctx.staging.read(AC_CURRENT)
     by_row = links.drop_duplicates(["entity", "dataverse_id"]).set_index(["entity", "dataverse_id"])
     keys = list(zip(dv["entity"], dv["dataverse_id"], strict=True))
     dv["linked"] = [k in by_row.index for k in keys]
@@ -374,11 +364,11 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
     common.refuse(classified, conflicts)
     reasons.update({k: [v] for k, v in conflicts.items()})
     common.quarantine_rows(ctx, classified, "tag_classify", reasons)
-    staging.write_frame("tag_classify", "classified", classified)
     counts = common.action_summary(classified)
     counts["qualified lead -> contact"] = int(classified["qualified"].sum())
-    common.log_step("tag_classify: records by action", counts)
-    return {"counts": counts}
+    return common.finish(
+        ctx, "tag_classify: records by action", counts, (DV_CLASSIFIED, classified)
+    )
 
 
 def _shared_emails(rows: pd.DataFrame) -> dict[str, tuple[str, str]]:
@@ -401,10 +391,10 @@ def _shared_emails(rows: pd.DataFrame) -> dict[str, tuple[str, str]]:
 def ac_flags(ac_id: pd.Series, ac: pd.DataFrame) -> dict[str, pd.Series]:
     """Per row, whether its AC contact (`ac_id`) was read (`ac_exists`) and which D365 tags it
     carries (`ac_tag_lead`, ...): False where there is no id or the contact was not read."""
-    ids = ac["ac_id"] if not ac.empty else pd.Series(dtype="string")
+    ids = ac["ac_id"]
     flags = {"ac_exists": ac_id.isin(ids)}
     for flag in ("tag_lead", "tag_contact", "tag_pulled", "tag_pushed"):
-        carrying = ids[ac[flag].astype(bool)] if not ac.empty else ids
+        carrying = ids[ac[flag].astype(bool)]
         flags[f"ac_{flag}"] = ac_id.isin(carrying)
     return flags
 
@@ -450,68 +440,53 @@ def _typed_for_the_other_table(relinks: pd.DataFrame) -> dict[str, tuple[str, st
 # -- map_fields --------------------------------------------------------------------------------
 def map_fields(ctx: StepContext) -> dict[str, Any]:
     """Map Dataverse columns to AC fields; drop echoes; decide conflicts by the declared rule."""
-    staging = ctx.staging
-    classified = staging.read_frame("tag_classify", "classified")
-    links = staging.read_frame("extract", "links")
-    ac = staging.read_frame("extract", "ac_current")
-    ac_index = ac.set_index("ac_id") if not ac.empty else pd.DataFrame()
+    classified = ctx.staging.read(DV_CLASSIFIED)
+    links = ctx.staging.read(DV_LINKS)
+    ac_index = ctx.staging.read(AC_CURRENT).set_index("ac_id")
     planned, conflicts = [], []
-    for entity in Entity:
-        if classified.empty:
-            break
-        rows = common.rows_to_write(classified, entity)
-        if rows.empty:
-            continue
-        fields = fields_towards(ctx.settings, entity, AC)
+    for entity, fields, rows in common.rows_to_write(ctx, classified):
         keys = [m.key for m in fields]
         ac_id = rows["ac_contact_id"].fillna(rows["qualified_from_ac_id"])
         for mapped in fields:
             rows[f"src:{mapped.key}"] = rows[mapped.key]
             source = mapped.field.activecampaign
             rows[f"tgt:{mapped.key}"] = (
-                ac_id.map(ac_index[source]) if not ac.empty and source in ac_index else None
+                common.lookup(ac_index[source], ac_id) if source in ac_index else None
             )
-        rows["tgt_time"] = ac_id.map(ac_index["ac_updated_at"]) if not ac.empty else pd.NaT
+        rows["tgt_time"] = common.lookup(ac_index["ac_updated_at"], ac_id)
         rows["src_time"] = rows["dv_modified_at"]
         synced_source = rows["qualified_from_lead"].where(rows["qualified"], rows["dataverse_id"])
         synced_entity = pd.Series(entity.value, index=rows.index).where(
             ~rows["qualified"], Entity.LEAD.value
         )
-        by_row = (
-            links.drop_duplicates(["entity", "dataverse_id"]).set_index(["entity", "dataverse_id"])[
-                "synced_values"
-            ]
-            if not links.empty
-            else pd.Series(dtype=object)
-        )
+        by_row = links.drop_duplicates(["entity", "dataverse_id"]).set_index(
+            ["entity", "dataverse_id"]
+        )["synced_values"]
         synced = pd.Series(
             [by_row.get((e, i), "") for e, i in zip(synced_entity, synced_source, strict=True)],
             index=rows.index,
         )
         rows = pd.concat([rows, expand_synced(synced, keys)], axis=1)
-        out, decided = plan_writes(rows, fields, source=D365)
+        out, decided = plan_writes(rows, fields, direction=ctx.direction)
         # A qualified lead always writes: its AC contact's type tag moves even if no field does.
         out.loc[out["qualified"], "unchanged"] = False
         planned.append(out)
         conflicts.append(decided)
-    mapped = pd.concat(planned, ignore_index=True) if planned else pd.DataFrame()
-    decided = pd.concat(conflicts, ignore_index=True) if conflicts else pd.DataFrame()
-    staging.write_frame("map_fields", "mapped", mapped)
-    staging.write_frame("map_fields", "conflicts", decided)
+    mapped, decided = common.concat(DV_MAPPED, planned), common.concat(CONFLICTS, conflicts)
     counts = common.plan_counts(mapped, decided)
-    common.log_step("map_fields: plan", counts)
-    return {"counts": counts}
+    return common.finish(ctx, "map_fields: plan", counts, (DV_MAPPED, mapped), (CONFLICTS, decided))
 
 
 # -- validate ----------------------------------------------------------------------------------
 def validate(ctx: StepContext) -> dict[str, Any]:
     """Check every record to write against ActiveCampaign's rules; trip the breakers."""
-    staging = ctx.staging
-    mapped = staging.read_frame("map_fields", "mapped")
-    to_write = mapped[~mapped["unchanged"]] if not mapped.empty else mapped
+    mapped = ctx.staging.read(DV_MAPPED)
+    to_write = mapped[~mapped["unchanged"]]
     failures: dict[str, list[tuple[str, str]]] = {}
-    if not to_write.empty:
-        keys = sorted({m.key for e in Entity for m in fields_towards(ctx.settings, e, AC)})
+    if not to_write.empty:  # Great Expectations is not started for nothing
+        keys = sorted(
+            {m.key for e in Entity for m in fields_towards(ctx.settings, e, ctx.direction)}
+        )
         frame = pd.DataFrame({"record_key": to_write["record_key"].to_numpy()})
         for key in keys:
             column = f"src:{key}"
@@ -521,34 +496,21 @@ def validate(ctx: StepContext) -> dict[str, Any]:
                 else pd.NA
             )
         rules = TargetRules(
-            name="activecampaign",
+            name=ctx.direction.target.value,
             email_column="emailaddress1",
             max_length={k: AC_MAX_LENGTH for k in keys},
         )
         failures = validate_records(frame, rules).failures
-    return common.accept_valid(ctx, mapped, to_write, failures, count_creates=not _is_backfill(ctx))
+    return common.accept_valid(ctx, mapped, to_write, failures, count_creates=not ctx.is_backfill)
 
 
 # -- load --------------------------------------------------------------------------------------
 def load(ctx: StepContext) -> dict[str, Any]:
     """Bulk-import into AC (tags included), link as results arrive, advance the watermarks."""
-    from crm_sync.flows.activecampaign_load import ActiveCampaignLoader
 
     def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
         batch_size = ctx.run_params.batch_size
-        loader = ActiveCampaignLoader(ctx, _ac_hook(), meta["field_ids"], batch_size=batch_size)
+        loader = ActiveCampaignLoader(ctx, ctx.ac_hook, meta["field_ids"], batch_size=batch_size)
         return loader.load(valid), loader.synced_keys
 
-    def advance(meta: dict[str, Any]) -> None:
-        for name, value in meta["watermarks"].items():
-            if value:
-                mark = Watermark(name=name, value=pd.Timestamp(value).to_pydatetime())
-                ctx.store.advance_watermark(mark)
-            elif ctx.store.watermark(name) is None:
-                # Nothing read, and no mark yet: everything up to this run's start has been seen
-                # (a backfill read it all, or a first scheduled run starts from now), so the next
-                # run continues from here, not from its own later start.
-                started = datetime.fromisoformat(meta["started"])
-                ctx.store.advance_watermark(Watermark(name=name, value=started))
-
-    return common.run_load(ctx, write, advance)
+    return common.run_load(ctx, write)

@@ -19,7 +19,10 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+from sandbox.credentials import RuntimeInfo, connection_env
+from sandbox.process import SandboxProcess, SandboxStartError
+
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT / ".sandbox" / "dev"
 POOLS_FILE = ROOT / "config" / "pools.json"
 DAG_IDS = (
@@ -66,7 +69,14 @@ class DevServer:
         self.data_dir = options.data_dir.resolve()
         self.home = options.airflow_home.resolve()
         self.log_dir = self.home / "devserver"
-        self.sandbox: subprocess.Popen[bytes] | None = None
+        self.sandbox = SandboxProcess(
+            self.data_dir,
+            ac_port=options.ac_port,
+            d365_port=options.d365_port,
+            host=options.host,
+            start_timeout=options.startup_timeout,
+            own_session=True,
+        )
         self.standalone: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
 
@@ -110,53 +120,23 @@ class DevServer:
 
     def _start_sandbox(self) -> None:
         print(f"• starting the sandbox APIs (data in {_shown(self.data_dir)})", flush=True)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.sandbox = self._spawn(
-            [
-                sys.executable, "-m", "sandbox", "serve",
-                "--host", self.options.host,
-                "--data-dir", str(self.data_dir),
-                "--ac-port", str(self.options.ac_port),
-                "--d365-port", str(self.options.d365_port),
-            ],
-            self.data_dir / "serve.log",
-        )  # fmt: skip
-
-        def ready() -> bool:
-            return _listening(self.options.host, self.options.ac_port) and _listening(
-                self.options.host, self.options.d365_port
-            )
-
-        self._wait(ready, "the sandbox to listen")
+        try:
+            self.sandbox.start()
+        except SandboxStartError as error:
+            raise DevServerError(str(error)) from error
 
     def _seed_when_empty(self) -> None:
-        from sandbox.credentials import RuntimeInfo
-
-        info = RuntimeInfo.load(self.data_dir)
-        contacts = self._sandbox_admin(info.ac_url, "contacts/export")["contacts"]
+        contacts = self.sandbox.admin("ac", "GET", "contacts/export")["contacts"]
         rows = sum(
-            self._sandbox_admin(info.d365_url, f"export/{name}", verify=info.ca_path)["count"]
+            self.sandbox.admin("d365", "GET", f"export/{name}")["count"]
             for name in ("leads", "contacts")
         )
         if contacts or rows:
             return
         print("• the sandbox is empty: seeding it with deterministic fake data", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "sandbox", "seed", "--data-dir", str(self.data_dir)],
-            check=True,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
-
-    @staticmethod
-    def _sandbox_admin(base: str, path: str, verify: str | bool = True) -> Any:
-        response = requests.get(f"{base}/_sandbox/{path}", verify=verify, timeout=60)
-        response.raise_for_status()
-        return response.json()
+        self.sandbox.seed()
 
     def _airflow_env(self) -> dict[str, str]:
-        from sandbox.credentials import connection_env
-
         env = os.environ.copy()
         # `airflow standalone` starts its components as `airflow ...` from PATH: this venv's.
         env["PATH"] = os.pathsep.join([str(_venv_bin("")), env.get("PATH", "")])
@@ -248,12 +228,16 @@ class DevServer:
     # -- while running ----------------------------------------------------------------------------
     def check_alive(self) -> None:
         """Raise when the sandbox or Airflow exited."""
-        for name, process, log in (
-            ("the sandbox", self.sandbox, self.data_dir / "serve.log"),
-            ("airflow standalone", self.standalone, self.log_dir / "standalone.log"),
+        for name, code, log in (
+            ("the sandbox", self.sandbox.poll(), self.sandbox.log_path),
+            (
+                "airflow standalone",
+                None if self.standalone is None else self.standalone.poll(),
+                self.log_dir / "standalone.log",
+            ),
         ):
-            if process is not None and process.poll() is not None:
-                raise DevServerError(f"{name} exited ({process.returncode}); see {_shown(log)}")
+            if code is not None:
+                raise DevServerError(f"{name} exited ({code}); see {_shown(log)}")
 
     def login(self) -> tuple[str, str]:
         """The admin user and the password `airflow standalone` generated for it."""
@@ -294,8 +278,6 @@ class DevServer:
 
     def banner(self) -> str:
         """What to open and how to log in."""
-        from sandbox.credentials import RuntimeInfo
-
         info = RuntimeInfo.load(self.data_dir)
         user, password = self.login()
         return "\n".join(
@@ -308,7 +290,7 @@ class DevServer:
                 f"Dynamics 365    {info.d365_url}/api/data/v9.2  (sandbox, CA {_shown(Path(info.ca_path))})",
                 f"Connections     {', '.join(CONNECTION_IDS)} (Admin → Connections)",
                 f"Logs            {_shown(self.log_dir / 'standalone.log')}, "
-                f"{_shown(self.data_dir / 'serve.log')}",
+                f"{_shown(self.sandbox.log_path)}",
                 "New DAGs start paused: unpause them in the UI. Ctrl-C stops everything.",
                 "",
             ]
@@ -319,7 +301,7 @@ class DevServer:
         """Stop Airflow, then the sandbox; nothing they started is left running."""
         import psutil
 
-        started = [p for p in (self.standalone, self.sandbox) if p is not None]
+        started = [p for p in (self.standalone, self.sandbox.process) if p is not None]
         descendants: list[psutil.Process] = []
         for process in started:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -327,14 +309,13 @@ class DevServer:
         if self.standalone is not None:
             # standalone shuts its components down on SIGINT only (its KeyboardInterrupt path).
             _stop(self.standalone, signal.SIGINT, grace=60)
-        if self.sandbox is not None:
-            _stop(self.sandbox, signal.SIGTERM, grace=15)
+        self.sandbox.stop()
         # Task processes or workers that outlived their parent.
         for process in descendants:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
         psutil.wait_procs(descendants, timeout=10)
-        self.standalone = self.sandbox = None
+        self.standalone = None
 
 
 def _stop(process: subprocess.Popen[bytes], first: signal.Signals, grace: float) -> None:
@@ -376,7 +357,7 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 def parse_args(argv: list[str] | None = None) -> DevServerOptions:
     """The command line (`make up` passes none: the defaults below)."""
     defaults = DevServerOptions()
-    parser = argparse.ArgumentParser(prog="python -m crm_sync.devserver", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.devserver", description=__doc__)
     parser.add_argument("--host", default=defaults.host, help="address everything binds to")
     parser.add_argument("--port", type=int, default=defaults.port, help="Airflow UI and API")
     parser.add_argument("--ac-port", type=int, default=defaults.ac_port, help="AC emulator")

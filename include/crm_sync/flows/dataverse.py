@@ -1,21 +1,205 @@
-"""The Dataverse side of `load`: link by email, create and update in bulk, link as results arrive."""
+"""Dataverse in frames: what the sync reads from it, the checks against its metadata, and the
+Dataverse side of `load` (link by email, create and update in bulk, link as results arrive).
+Every request goes through `Dynamics365Hook`."""
 
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from crm_connectors.errors import ClientError
 
 from crm_sync.context import StepContext
+from crm_sync.core import Direction, System
+from crm_sync.errors import ConfigurationError
 from crm_sync.flows import common
-from crm_sync.flows.dataverse_io import rows_by
-from crm_sync.mapping import AC, D365, fields_towards, source_prevails
+from crm_sync.mapping import fields_towards, source_prevails
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
-from crm_sync.settings import Entity
+from crm_sync.settings import Entity, FieldMap
 from crm_sync.state import RecordLink, content_hash, utcnow
+from crm_sync.validation import UTF16, TargetRules
 
+if TYPE_CHECKING:
+    from crm_connectors.dynamics365 import Dynamics365Hook, TableInfo
+
+# -- reading, and checks against the table's metadata ------------------------------------------
+# Ids or emails per `$filter` of a lookup: keeps URLs well under Dataverse's 32 KB limit.
+LOOKUP_CHUNK = 50
+SYSTEM_COLUMNS = ("modifiedon", "statecode")
+
+
+def select_columns(entity: Entity, columns: Iterable[str]) -> list[str]:
+    """The `$select` list: primary id, the mapped columns, and the system columns we use."""
+    # A contact's origin lead (QualifyLead sets it), and the contact a lead was qualified into
+    # (set as well when a lead is qualified into an existing contact, which keeps its own).
+    extra = ["_originatingleadid_value"] if entity is Entity.CONTACT else ["_parentcontactid_value"]
+    ordered = [entity.primary_id, *columns, *SYSTEM_COLUMNS, *extra]
+    return list(dict.fromkeys(ordered))
+
+
+def rows_frame(
+    entity: Entity, rows: Iterable[dict[str, Any]], columns: Sequence[str]
+) -> pd.DataFrame:
+    """Dataverse rows as a frame: `entity`, `dataverse_id`, the columns, `dv_modified_at`."""
+    records = list(rows)
+    frame = pd.DataFrame(
+        {
+            "entity": entity.value,
+            "dataverse_id": [str(r[entity.primary_id]) for r in records],
+            **{c: [r.get(c) for r in records] for c in columns if c != entity.primary_id},
+        }
+    )
+    frame["dv_modified_at"] = pd.to_datetime(frame.get("modifiedon"), utc=True)
+    return frame
+
+
+def rows_by(
+    hook: Dynamics365Hook,
+    entity: Entity,
+    column: str,
+    values: Sequence[str],
+    columns: Sequence[str],
+    *,
+    criteria: str | None = None,
+) -> pd.DataFrame:
+    """Rows whose `column` equals one of `values` (escaped literals, chunked) and that match
+    `criteria` (an OData filter) if given."""
+    select = select_columns(entity, columns)
+    unique: list[object] = [v for v in dict.fromkeys(values) if v]
+    if column == entity.primary_id:
+        unique = [uuid.UUID(str(v)) for v in unique]  # Edm.Guid literals are unquoted
+    rows = hook.find(
+        entity.entity_set, column, unique, select=select, batch=LOOKUP_CHUNK, filter=criteria
+    )
+    return rows_frame(entity, rows, select)
+
+
+def changed_rows(
+    hook: Dynamics365Hook,
+    entity: Entity,
+    columns: Sequence[str],
+    *,
+    since: datetime | None,
+    criteria: str | None,
+) -> pd.DataFrame:
+    """Rows matching `criteria` modified at or after `since`, oldest first, id as tie-break."""
+    select = select_columns(entity, columns)
+    if since is None:
+        rows = hook.query(
+            entity.entity_set,
+            select=select,
+            filter=criteria,
+            orderby=f"modifiedon asc,{entity.primary_id} asc",
+        )
+    else:
+        rows = hook.modified_since(
+            entity.entity_set, since, select=select, filter=criteria, primary_id=entity.primary_id
+        )
+    try:
+        return rows_frame(entity, rows, select)
+    except ClientError as error:
+        message = _refused_query(entity, select, criteria, error) if error.status == 400 else None
+        if message is None:
+            raise
+        raise ConfigurationError(message) from error
+
+
+_PROPERTY = re.compile(r"property named '([^']+)'")
+
+
+def _refused_query(
+    entity: Entity, select: Sequence[str], criteria: str | None, error: ClientError
+) -> str | None:
+    """What to fix when Dataverse answers 400 to the read of changed rows: a mapped column the
+    table lacks, or else the entity's `record_criteria` (the rest of the query is the sync's
+    own). None when there is no criteria to blame."""
+    found = _PROPERTY.search(error.message)
+    if found and found.group(1) in select:
+        return (
+            f"Dataverse table '{entity.value}' has no column '{found.group(1)}' "
+            f"({error.message}). Fix field_mapping.{entity.value} in sync.yaml: map a column "
+            "the table has (its logical name)"
+        )
+    if criteria:
+        return (
+            f"Dataverse refused the filter of entities.{entity.value}.record_criteria in "
+            f"sync.yaml ({error.message}). This is a configuration error: fix the filter (a "
+            "column the table has, a literal of the column's type; docs/configuration.md), "
+            "or set it to null"
+        )
+    return None
+
+
+def target_rules(
+    hook: Dynamics365Hook,
+    entity: Entity,
+    columns: Sequence[str],
+    *,
+    written: Sequence[FieldMap],
+) -> TargetRules:
+    """Validation rules for `entity` from its live metadata (MaxLength per mapped column).
+
+    Raises when a mapped column does not exist in the table, naming it (`UnknownColumnError`),
+    and `ConfigurationError` when a column ActiveCampaign → Dynamics 365 writes (`written`: the
+    field maps towards Dynamics) is not
+    valid for create or update: Dataverse would ignore the write, and the next Dynamics 365 →
+    ActiveCampaign run would revert the ActiveCampaign edit.
+    """
+    required = ("lastname", "subject") if entity is Entity.LEAD else ("lastname",)
+    info = hook.check_columns(entity.entity_set, [*columns, *required])
+    check_writable(info, entity, written)
+    wanted = set(columns) | set(required)
+    return TargetRules(
+        name=entity.value,
+        email_column="emailaddress1",
+        required=required,
+        max_length={
+            name: int(col.max_length)
+            for name, col in info.columns.items()
+            if name in wanted and col.max_length
+        },
+        length_unit=UTF16,
+    )
+
+
+def check_writable(info: TableInfo, entity: Entity, written: Iterable[FieldMap]) -> None:
+    """Raise `ConfigurationError` naming each field map whose Dataverse column the table does not
+    accept on create or on update (`IsValidForCreate` / `IsValidForUpdate` in its metadata)."""
+    problems = []
+    for field in written:
+        column = info.columns.get(field.dynamics365)
+        if column is None:
+            continue
+        refused = [
+            operation
+            for operation, valid in (
+                ("create", column.valid_for_create),
+                ("update", column.valid_for_update),
+            )
+            if not valid
+        ]
+        if refused:
+            problems.append(
+                f"'{field.dynamics365}' is not valid for {' or '.join(refused)}, but "
+                f"field_mapping.{entity.value} maps {field.activecampaign} to it "
+                f"{field.direction.value}"
+            )
+    if problems:
+        raise ConfigurationError(
+            f"Dataverse table '{info.logical_name}' would ignore what ActiveCampaign → "
+            f"Dynamics 365 writes: {'; '.join(problems)}. Dataverse ignores such a write, and "
+            "the next Dynamics 365 → ActiveCampaign run would undo the ActiveCampaign edit. In "
+            "sync.yaml, map it one-way to_activecampaign, or map another column"
+        )
+
+
+# -- writing: the Dataverse side of `load` -----------------------------------------------------
 # Rows per bulk call and per links transaction: enough for the hook to keep x-ms-dop-hint (4)
 # requests of up to 1,000 rows on the wire; a crash loses at most one call's links, and the
 # email lookup of the next run links those rows instead of creating them again.
@@ -25,7 +209,7 @@ CHUNK = 4000
 class DataverseLoader:
     """Writes validated AC records to Dataverse and keeps links and the quarantine current."""
 
-    def __init__(self, ctx: StepContext, hook: Any) -> None:
+    def __init__(self, ctx: StepContext, hook: Dynamics365Hook) -> None:
         self.ctx = ctx
         self.hook = hook
         self.counts: Counter[str] = Counter()
@@ -93,7 +277,9 @@ class DataverseLoader:
         refused: dict[str, list[tuple[str, str]]] = {}
         if creates.empty:
             return creates, creates, refused
-        fields = {m.key: m for m in fields_towards(self.ctx.settings, entity, D365)}
+        fields = {
+            m.key: m for m in fields_towards(self.ctx.settings, entity, Direction.TO_DYNAMICS365)
+        }
         keys = list(fields)
         found = rows_by(self.hook, entity, "emailaddress1", creates["email_key"].tolist(), keys)
         found["email_key"] = found["emailaddress1"].astype("string").str.strip().str.lower()
@@ -142,7 +328,11 @@ class DataverseLoader:
                 and v not in (None, "")
                 and str(current.get(k) or "") != v
                 and source_prevails(
-                    fields[k], AC, v, str(current.get(k) or ""), source_newer=bool(ac_newer)
+                    fields[k],
+                    Direction.TO_DYNAMICS365,
+                    v,
+                    str(current.get(k) or ""),
+                    source_newer=bool(ac_newer),
                 )
             }
             to_update.append(
@@ -250,8 +440,5 @@ class DataverseLoader:
 
 def _origin(row: Any) -> str:
     """Where the record started: AC unless it says it came from Dynamics."""
-    return (
-        "dynamics365"
-        if bool(getattr(row, "tag_pushed", False)) and not bool(getattr(row, "tag_pulled", False))
-        else "activecampaign"
-    )
+    pushed = bool(getattr(row, "tag_pushed", False)) and not bool(getattr(row, "tag_pulled", False))
+    return (System.DYNAMICS365 if pushed else System.ACTIVECAMPAIGN).value

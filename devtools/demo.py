@@ -12,8 +12,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,81 +19,46 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from crm_sync.state import StateStore
 
-ROOT = Path(__file__).resolve().parents[2]
+from sandbox.credentials import connection_env, load_or_create
+from sandbox.process import SandboxProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / ".sandbox" / "demo"
 AIRFLOW_HOME = Path(os.environ.get("AIRFLOW_HOME", ROOT / ".airflow"))
 LOG_DIR = AIRFLOW_HOME / "demo-logs"
 DAGS = ("initial_sync_backfill", "activecampaign_to_dynamics365", "dynamics365_to_activecampaign")
 
 
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise RuntimeError("no free port")
-
-
 class Demo:
     """One demo run: the sandbox process, the Airflow environment, the checks."""
 
     def __init__(self) -> None:
-        self.ac_port, self.d365_port = _free_port(8081), _free_port(8443)
+        self.sandbox = SandboxProcess(
+            DATA_DIR, ac_port=free_port(8081), d365_port=free_port(8443), admin_timeout=120
+        )
         self.env = os.environ.copy()
         self.failures: list[str] = []
-        self.process: subprocess.Popen[bytes] | None = None
+        self._store: StateStore | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def start_sandbox(self) -> None:
         shutil.rmtree(DATA_DIR, ignore_errors=True)
-        DATA_DIR.mkdir(parents=True)
         print(
-            f"• starting the sandbox (ActiveCampaign :{self.ac_port}, Dataverse :{self.d365_port}, rate limits on)"
+            f"• starting the sandbox (ActiveCampaign :{self.sandbox.ac_port}, Dataverse :{self.sandbox.d365_port}, rate limits on)"
         )
-        log = (DATA_DIR / "serve.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "serve", "--data-dir", str(DATA_DIR),
-             "--ac-port", str(self.ac_port), "--d365-port", str(self.d365_port)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the sandbox did not start; see {DATA_DIR / 'serve.log'}")
-            if (DATA_DIR / "sandbox.json").exists() and self._listening():
-                break
-            time.sleep(0.2)
-        from sandbox.credentials import connection_env
-
+        self.sandbox.start()
         self.env.update(connection_env(DATA_DIR))
         self.env["CRM_SYNC_STAGING"] = str(DATA_DIR / "staging")
         self.env["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
-        self.creds = json.loads((DATA_DIR / "credentials.json").read_text())
-        self.ca = json.loads((DATA_DIR / "sandbox.json").read_text())["ca_path"]
-
-    def _listening(self) -> bool:
-        for port in (self.ac_port, self.d365_port):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) != 0:
-                    return False
-        return True
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=15)
+        self.sandbox.stop()
 
     def seed(self) -> None:
         print("• seeding: 60 ActiveCampaign contacts, 120 Dynamics leads, 80 Dynamics contacts")
-        subprocess.run(
-            [sys.executable, "-m", "sandbox", "seed", "--data-dir", str(DATA_DIR), "--seed", "7",
-             "--ac-contacts", "60", "--leads", "120", "--contacts", "80"],
-            check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        self.sandbox.seed(seed=7, ac_contacts=60, leads=120, contacts=80)
 
     def migrate(self) -> None:
         print(f"• preparing Airflow's metadata database in {AIRFLOW_HOME}")
@@ -106,16 +69,7 @@ class Demo:
 
     # -- the two systems --------------------------------------------------------------------------
     def admin(self, service: str, method: str, path: str, **kwargs: Any) -> Any:
-        base = (
-            f"http://127.0.0.1:{self.ac_port}"
-            if service == "ac"
-            else f"https://127.0.0.1:{self.d365_port}"
-        )
-        response = requests.request(
-            method, f"{base}/_sandbox/{path}", verify=self.ca, timeout=120, **kwargs
-        )
-        response.raise_for_status()
-        return response.json()
+        return self.sandbox.admin(service, method, path, **kwargs)
 
     def ac_contacts(self) -> list[dict[str, Any]]:
         return list(self.admin("ac", "GET", "contacts/export")["contacts"])
@@ -126,8 +80,8 @@ class Demo:
 
     def ac_api(self, method: str, path: str, **kwargs: Any) -> Any:
         response = requests.request(
-            method, f"http://127.0.0.1:{self.ac_port}/api/3/{path}",
-            headers={"Api-Token": self.creds["ac_api_token"]}, timeout=60, **kwargs,
+            method, f"{self.sandbox.ac_url}/api/3/{path}",
+            headers={"Api-Token": load_or_create(DATA_DIR).ac_api_token}, timeout=60, **kwargs,
         )  # fmt: skip
         response.raise_for_status()
         return response.json()
@@ -161,26 +115,20 @@ class Demo:
             )
         return report or {}
 
+    @property
+    def store(self) -> StateStore:
+        """The sync state store the DAGs write to (the `crm_sync_state` connection)."""
+        if self._store is None:
+            url = json.loads(self.env["AIRFLOW_CONN_CRM_SYNC_STATE"])["host"]
+            self._store = StateStore.from_url(url)
+        return self._store
+
     def last_run(self, dag_id: str) -> dict[str, Any] | None:
-        from crm_sync.state import StateStore
-
-        store = StateStore.from_url(json.loads(self.env["AIRFLOW_CONN_CRM_SYNC_STATE"])["host"])
-        from sqlalchemy import select
-
-        from crm_sync.state import runs
-
-        with store.begin() as connection:
-            row = connection.execute(
-                select(runs).where(runs.c.dag_id == dag_id).order_by(runs.c.id.desc()).limit(1)
-            ).first()
-        return dict(row._mapping) if row else None
+        return self.store.last_run_report(dag_id)
 
     def quarantine(self, direction: str) -> dict[str, str]:
         """Open quarantine entries of one direction: record key -> reason."""
-        from crm_sync.state import StateStore
-
-        store = StateStore.from_url(json.loads(self.env["AIRFLOW_CONN_CRM_SYNC_STATE"])["host"])
-        return {e.record_key: e.reason_code for e in store.open_quarantine(direction)}
+        return {e.record_key: e.reason_code for e in self.store.open_quarantine(direction)}
 
     def check(self, what: str, condition: bool) -> None:
         print(f"    {'✓' if condition else '✗'} {what}")
