@@ -80,4 +80,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .airflow .sandbox .staging
+	rm -rf $(VENV) .airflow .airflow-demo .sandbox .staging

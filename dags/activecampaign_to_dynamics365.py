@@ -14,6 +14,8 @@ job frequency set in `include/config/sync.yaml`.
 
 **Operating it**
 - Pause / unpause is the on/off switch. Trigger a run to sync now: runs never overlap.
+- Triggering it from the UI while it is paused **unpauses it** unless you untick the form's
+  *Unpause on trigger* box (ticked by default).
 - Trigger with `dry_run` to see the plan without writing; `confirm_mass_change` lets a run through
   the mass-change circuit breaker.
 - Each task logs a summary table (counts by class and reason; no raw emails or names).

@@ -15,6 +15,8 @@ frequency set there.
 **Operating it**
 - This DAG is the **global sync switch**: paused, nothing moves from Dynamics to ActiveCampaign;
   unpaused, it resumes from its watermark without losing changes made meanwhile.
+- Triggering it from the UI while it is paused **unpauses it** unless you untick the form's
+  *Unpause on trigger* box (ticked by default): that turns the switch on.
 - Trigger a run to sync now; `dry_run` shows the plan without writing.
 """
 

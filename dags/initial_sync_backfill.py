@@ -7,8 +7,9 @@ the UI (▶ with the form): choose the entities, an optional *modified since* da
 batch size.
 
 It is safe to run twice (the second run writes nothing), and when it finishes the scheduled
-`dynamics365_to_activecampaign` DAG continues from where it ended. Unpause this DAG before
-triggering it: a paused DAG's runs stay queued.
+`dynamics365_to_activecampaign` DAG continues from where it ended. A paused DAG's runs stay
+queued: keep the trigger form's *Unpause on trigger* box ticked (the default), or unpause it first
+when triggering through the API or CLI. It has no schedule: unpaused, it runs only when triggered.
 """
 
 from airflow.sdk import DAG

@@ -26,7 +26,8 @@ from sandbox.process import SandboxProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / ".sandbox" / "demo"
-AIRFLOW_HOME = Path(os.environ.get("AIRFLOW_HOME", ROOT / ".airflow"))
+# Its own Airflow home: the demo's runs stay out of the `make up` UI (which uses .airflow).
+AIRFLOW_HOME = ROOT / ".airflow-demo"
 LOG_DIR = AIRFLOW_HOME / "demo-logs"
 DAGS = ("initial_sync_backfill", "activecampaign_to_dynamics365", "dynamics365_to_activecampaign")
 

@@ -136,11 +136,12 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
     """
     if frame.empty:
         return ValidationOutcome(failures={}, expectations=0)
+    # GX logs every registration (hundreds of "Skipping registering function ..." lines while it
+    # is imported) and metric at INFO: keep the task log to our own summary.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     import pandas as pd
 
-    # GX logs every registration and metric at INFO: keep the task log to our own summary.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False, "metric_calculations": False}  # type: ignore[assignment]  # GX accepts the dict it documents
     definition = (

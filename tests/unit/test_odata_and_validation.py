@@ -114,3 +114,28 @@ def test_validation_reports_each_failing_record_with_reasons() -> None:
     }
     assert "8 characters" in outcome.failures["long"][0][1]
     assert "d@x.io" not in str(outcome.failures)
+
+
+def test_validation_keeps_great_expectations_registration_lines_out_of_the_task_log() -> None:
+    """Importing GX logs ~200 'Skipping registering function' lines at INFO; the validate task's
+    log must hold our summary, not those (checked in a fresh process: GX imports once)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = (
+        "import io, logging\n"
+        "stream = io.StringIO()\n"
+        "logging.basicConfig(stream=stream, level=logging.INFO, force=True)\n"
+        "import pandas as pd\n"
+        "from crm_sync.validation import TargetRules, validate_records\n"
+        "frame = pd.DataFrame({'record_key': ['a', 'b'], 'emailaddress1': ['x@example.com', 'x']})\n"
+        "out = validate_records(frame, TargetRules(name='t', email_column='emailaddress1'))\n"
+        "assert sorted(out.failures) == ['b'], out.failures\n"
+        "print(stream.getvalue().count('Skipping registering'))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, check=True
+    )
+    assert result.stdout.strip() == "0"
