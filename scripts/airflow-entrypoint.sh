@@ -16,12 +16,23 @@ if [[ "${CRM_SYNC_SANDBOX:-false}" == "true" ]]; then
       "(docker compose --profile sandbox up -d)?" >&2
     exit 1
   fi
-  # Only `export AIRFLOW_CONN_*=...` lines are sourced; anything else stops the container.
-  if grep -qvE '^export AIRFLOW_CONN_[A-Z0-9_]+=' "$env_file"; then
-    echo "$env_file holds more than AIRFLOW_CONN_* exports; not sourced" >&2
+  # The file is read, never sourced or evaluated: each line must be exactly one of the two API
+  # connections as `sandbox serve --env-file` writes it (a single-quoted value), and both must be
+  # there; anything else stops the container rather than run with the deployment's own ones.
+  line_pattern="^export (AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT|AIRFLOW_CONN_DYNAMICS365_DEFAULT)='([^']*)'$"
+  taken=()
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    if [[ ! "$line" =~ $line_pattern ]]; then
+      echo "$env_file holds a line that is not one of the two sandbox connections; not used" >&2
+      exit 1
+    fi
+    export "${BASH_REMATCH[1]}=${BASH_REMATCH[2]}"
+    taken+=("${BASH_REMATCH[1]}")
+  done < "$env_file"
+  if [[ " ${taken[*]-} " != *" AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT "* ||
+        " ${taken[*]-} " != *" AIRFLOW_CONN_DYNAMICS365_DEFAULT "* ]]; then
+    echo "$env_file lacks one of the two sandbox connections; not used" >&2
     exit 1
   fi
-  # shellcheck source=/dev/null
-  source "$env_file"
 fi
 exec /entrypoint "$@"

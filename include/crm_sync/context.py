@@ -37,8 +37,8 @@ def _dynamics365() -> Dynamics365Hook:
 class Hooks:
     """How a step gets its API hooks: from the Airflow connections, or (tests) fakes."""
 
-    activecampaign: Callable[[], Any] = _activecampaign
-    dynamics365: Callable[[], Any] = _dynamics365
+    activecampaign: Callable[[], ActiveCampaignHook] = _activecampaign
+    dynamics365: Callable[[], Dynamics365Hook] = _dynamics365
 
 
 @dataclass
@@ -76,12 +76,12 @@ class StepContext:
         return cursor(self.direction, stream, self.settings.incremental.overlap_minutes)
 
     @cached_property
-    def ac_hook(self) -> Any:
+    def ac_hook(self) -> ActiveCampaignHook:
         """The ActiveCampaign hook of this step (one per step)."""
         return self.hooks.activecampaign()
 
     @cached_property
-    def dv_hook(self) -> Any:
+    def dv_hook(self) -> Dynamics365Hook:
         """The Dynamics 365 hook of this step (one per step)."""
         return self.hooks.dynamics365()
 

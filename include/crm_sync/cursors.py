@@ -6,8 +6,8 @@ The rules, in one place for both directions:
   and rows committed late), or, on the first run (no watermark), where `FIRST_RUN` says;
 - the initial sync reads from its form's `modified_since` (everything when empty);
 - after the load, the watermark moves to the newest row read, or, when nothing was read and
-  there is no watermark yet, to the read's start (everything before it has been seen); it never
-  moves backwards (`StateStore.advance_watermark`).
+  there is no watermark yet, to the start of the run's extract (everything before it has been
+  seen); it never moves backwards (`StateStore.advance_watermark`).
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ _COMMON_PARAMS = {
         type="boolean",
         title="Confirm a mass change",
         description="Let the run through when it would change more than the configured share of "
-        "linked records (safety.max_change_share in sync.yaml). Turn on only after a dry run "
-        "showed the change is intended; scheduled runs always have it off.",
+        "linked records (safety.max_change_share in sync.yaml). Turn it on only after a dry "
+        "run showed the change is intended.",
     ),
 }
 

@@ -47,7 +47,7 @@ class Stage:
         if frame.empty:
             extra = [c for c in frame.columns if c not in self.columns]
             typed = self.empty()
-            return typed.assign(**{c: frame[c].to_numpy() for c in extra})
+            return typed.assign(**{c: frame[c].reset_index(drop=True) for c in extra})
         missing = [c for c in self.columns if c not in frame.columns]
         if missing:
             raise StageContractError(

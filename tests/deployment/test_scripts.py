@@ -125,10 +125,50 @@ def test_sandbox_mode_sources_the_connections_the_sandbox_service_wrote(tmp_path
     assert result.stderr == ""
 
 
-def test_sandbox_mode_refuses_a_file_with_anything_but_connections(tmp_path: Path) -> None:
+GOOD_LINES = (
+    'export AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT=\'{"conn_type": "http"}\'\n'
+    'export AIRFLOW_CONN_DYNAMICS365_DEFAULT=\'{"conn_type": "http"}\'\n'
+)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "export AIRFLOW_CONN_X='{}'\ntouch hacked\n",
+        # Found by review: a line that only starts like an export still ran its command.
+        GOOD_LINES + "export AIRFLOW_CONN_X='{}'; touch hacked\n",
+        GOOD_LINES + "export AIRFLOW_CONN_Y=$(touch hacked)\n",
+        # ... and a file without both connections left the deployment's real ones in place.
+        "",
+        GOOD_LINES.splitlines(keepends=True)[0],
+    ],
+    ids=["command", "chained", "substitution", "empty", "one-connection"],
+)
+def test_sandbox_mode_refuses_a_file_with_anything_but_the_two_connections(
+    tmp_path: Path, content: str
+) -> None:
     env_file = tmp_path / "connections.env"
-    env_file.write_text("export AIRFLOW_CONN_X='{}'\ntouch hacked\n")
+    env_file.write_text(content)
     result = _run_entrypoint(tmp_path, env_file)
     assert result.returncode == 1
-    assert "not sourced" in result.stderr
+    assert "not used" in result.stderr
     assert not (tmp_path / "hacked").exists()
+    assert "conn_type" not in result.stderr  # nothing of the file is echoed
+
+
+def test_sandbox_mode_takes_the_two_connections_as_written(tmp_path: Path) -> None:
+    """Values are taken as text, never evaluated: a `$(...)` in one stays as it is."""
+    env_file = tmp_path / "connections.env"
+    env_file.write_text(
+        GOOD_LINES.replace("DYNAMICS365_DEFAULT='", "DYNAMICS365_DEFAULT='$(touch hacked)")
+    )
+    result = _run_entrypoint(tmp_path, env_file)
+    assert result.returncode == 0, result.stderr
+    connections = json.loads(result.stdout)
+    assert connections["AIRFLOW_CONN_DYNAMICS365_DEFAULT"] == '$(touch hacked){"conn_type": "http"}'
+    assert not (tmp_path / "hacked").exists()
+    assert set(connections) == {
+        "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT",
+        "AIRFLOW_CONN_DYNAMICS365_DEFAULT",
+        "AIRFLOW_CONN_CRM_SYNC_STATE",
+    }

@@ -1001,3 +1001,60 @@ def test_a_dry_run_plans_and_writes_nothing(
     assert report is not None and report["status"] == "dry_run"
     assert {k: report["counts"][k] for k in planned} == planned
     assert report["plan"]["samples"]
+
+
+# -- every mix of record kinds -----------------------------------------------------------------
+AC_KINDS = ("linked lead changed", "linked contact changed", "new lead", "new contact")
+MIXES = [
+    frozenset(kind for bit, kind in enumerate(AC_KINDS) if mask >> bit & 1)
+    for mask in range(1, 2 ** len(AC_KINDS))
+]
+
+
+def seed_mix(world: World, kinds: frozenset[str], direction: Direction) -> int:
+    """One record of each kind, changed on the side `direction` reads; returns how many
+    records the run must write."""
+    ac, dv = world.ac, world.dv
+    for n, kind in enumerate(sorted(kinds)):
+        entity = Entity.LEAD if "lead" in kind else Entity.CONTACT
+        tag = LEAD if entity is Entity.LEAD else CONTACT
+        email = f"mix{n}@example.com"
+        ac_at = T0 if direction is Direction.TO_DYNAMICS365 else T0 - DAY
+        dv_at = T0 if direction is Direction.TO_ACTIVECAMPAIGN else T0 - DAY
+        if kind.startswith("new"):
+            if direction is Direction.TO_DYNAMICS365:
+                ac.add_contact(email, "New", f"Person{n}", at=ac_at, tags=[tag, PULLED])
+            else:
+                dv.add(entity.entity_set, modifiedon=dv_at, emailaddress1=email, lastname=f"P{n}")
+            continue
+        dv_id = dv.add(
+            entity.entity_set,
+            modifiedon=dv_at,
+            emailaddress1=email,
+            firstname="Changed" if direction is Direction.TO_ACTIVECAMPAIGN else "Old",
+            lastname=f"Person{n}",
+        )
+        first = "Changed" if direction is Direction.TO_DYNAMICS365 else "Old"
+        ac_id = ac.add_contact(email, first, f"Person{n}", at=ac_at, tags=[tag, PULLED])
+        world.link(entity, dv_id, ac_id, email, firstname="Old", lastname=f"Person{n}")
+    return len(kinds)
+
+
+@pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.value)
+@pytest.mark.parametrize("kinds", MIXES, ids=lambda k: "+".join(sorted(k)))
+def test_every_mix_of_leads_and_contacts_runs_through_and_writes_each_record(
+    tmp_path: Path, kinds: frozenset[str], direction: Direction
+) -> None:
+    """Found by review: a run whose linked Dynamics rows were all of one table while the other
+    table had records to write failed in AC -> Dynamics `map_fields` (pandas cannot map through
+    an empty column of times), on every retry. Every mix of the four kinds, both directions."""
+    world = World(tmp_path)
+    flow = Flow.AC_TO_D365 if direction is Direction.TO_DYNAMICS365 else Flow.D365_TO_AC
+    if direction is Direction.TO_ACTIVECAMPAIGN:
+        for entity in Entity:  # the scheduled run reads from its watermark
+            world.store.advance_watermark(Watermark(f"{direction.value}:{entity.value}", T0 - DAY))
+    expected = seed_mix(world, kinds, direction)
+    run = world.run(flow)
+    written = {k: v for k, v in run.counts["load"].items() if k.startswith(("created", "updated"))}
+    assert sum(written.values()) == expected, run.counts["load"]
+    assert world.quarantine(direction) == {}

@@ -167,19 +167,20 @@ def _mapped_frame(
         for mapped in fields:
             rows[f"src:{mapped.key}"] = rows[mapped.field.activecampaign]
         dv = current[current["entity"] == entity.value].set_index("dataverse_id")
+        linked = rows["dataverse_id"]
         for key in keys:
-            rows[f"tgt:{key}"] = rows["dataverse_id"].map(dv[key]) if key in dv else None
+            rows[f"tgt:{key}"] = common.lookup(dv[key], linked) if key in dv else None
         rows["tgt_time"] = (
-            rows["dataverse_id"].map(dv["dv_modified_at"]) if "dv_modified_at" in dv else pd.NaT
+            common.lookup(dv["dv_modified_at"], linked) if "dv_modified_at" in dv else pd.NaT
         )
-        rows["dv_exists"] = rows["dataverse_id"].isin(dv.index)
+        rows["dv_exists"] = linked.isin(dv.index)
         synced = (
             links[links["entity"] == entity.value]
             .drop_duplicates("dataverse_id")
             .set_index("dataverse_id")["synced_values"]
         )
         rows = pd.concat(
-            [rows, expand_synced(rows["dataverse_id"].astype(object).map(synced), keys)], axis=1
+            [rows, expand_synced(common.lookup(synced, linked.astype(object)), keys)], axis=1
         )
         rows["src_time"] = rows["ac_updated_at"]
         parts.append((entity, fields, rows))

@@ -42,8 +42,9 @@ def finish(
 
 
 def lookup(values: pd.Series, keys: pd.Series) -> pd.Series:
-    """`values` (indexed by key) at `keys`, NA where absent, with the index of `keys` (pandas
-    cannot map through an empty series of times)."""
+    """`values` (indexed by key) at `keys`, missing (NaN, NaT or NA by dtype) where absent,
+    with the index of `keys`: `keys.map(values)`, which pandas cannot do through an empty
+    series of times."""
     if values.empty:
         return pd.Series(pd.NA, index=keys.index, dtype=values.dtype)
     return keys.map(values)
