@@ -41,3 +41,18 @@ def test_each_direction_reads_the_stages_its_steps_write() -> None:
     for plan in stages.PLANS.values():
         assert plan.valid.columns == plan.mapped.columns
         assert set(plan.classified.columns) <= set(plan.mapped.columns)
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int64", "float64", "object", "string", "bool", "datetime64[us, UTC]"]
+)
+def test_a_lookup_in_an_empty_column_of_any_type_finds_nothing(dtype: str) -> None:
+    """Found by the identity property test: a lookup in an empty numeric column (a table whose
+    linked rows were all deleted) raised instead of giving missing values."""
+    from crm_sync.flows.common import lookup
+
+    keys = pd.Series(["a", None, "b"], dtype="string", index=[5, 6, 7])
+    found = lookup(pd.Series(dtype=dtype, index=pd.Index([], dtype="object")), keys)
+    assert list(found.index) == [5, 6, 7]
+    assert found.isna().all()
+    assert lookup(pd.Series([1, 2], index=["a", "b"]), keys).tolist()[::2] == [1, 2]

@@ -45,8 +45,8 @@ def lookup(values: pd.Series, keys: pd.Series) -> pd.Series:
     """`values` (indexed by key) at `keys`, missing (NaN, NaT or NA by dtype) where absent,
     with the index of `keys`: `keys.map(values)`, which pandas cannot do through an empty
     series of times."""
-    if values.empty:
-        return pd.Series(pd.NA, index=keys.index, dtype=values.dtype)
+    if values.empty:  # reindexing gives the missing value of the column's dtype (ints: NaN)
+        return values.reindex(keys.to_numpy()).set_axis(keys.index)
     return keys.map(values)
 
 
