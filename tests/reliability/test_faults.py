@@ -199,8 +199,10 @@ def _slow_after(r: Round) -> None:
 
 # -- token expiry ------------------------------------------------------------------------------
 def _token_before(r: Round) -> None:
-    # Hold two Dataverse calls so that the expiry lands while the run is using its token.
-    r.inject("d365", kind="latency", seconds=0.5, count=2, path_prefix=API["d365"])
+    # Hold two Dataverse calls so that the expiry lands while the run is using its token. The
+    # emulator checks the token after the hold: the hold must outlast this test's poll and admin
+    # call even on a loaded machine (0.5 s did not once in CI, and no call met the expiry).
+    r.inject("d365", kind="latency", seconds=2.0, count=2, path_prefix=API["d365"])
     r.seen["expired"] = 0
 
 
