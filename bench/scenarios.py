@@ -399,10 +399,12 @@ def _load_with(records: int, root: Path | None, naive: bool) -> dict[str, Any]:
             settings=current_settings(),
             state_url=state,
         )
+        from crm_sync.stages import DV_VALID
+
         steps = steps_of(Flow.BACKFILL)
         for step in (steps.extract, steps.tag_classify, steps.map_fields, steps.validate):
             step(ctx)
-        valid = ctx.staging.read_frame("validate", "valid")
+        valid = ctx.staging.read(DV_VALID)
         sandbox.clear_counters()
         started = time.perf_counter()
         if naive:

@@ -15,7 +15,7 @@ from crm_sync.flows import common
 from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader
 from crm_sync.flows.dataverse import DataverseLoader, rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
-from crm_sync.mapping import expand_synced, fields_towards, plan_writes
+from crm_sync.mapping import MappedField, expand_synced, fields_towards, plan_writes
 from crm_sync.records import UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
 from crm_sync.settings import Entity
 from crm_sync.stages import AC_CLASSIFIED, AC_LINKS, AC_MAPPED, AC_QUEUED, CONFLICTS, DV_CURRENT
@@ -158,7 +158,7 @@ def _classify_message(reason: str) -> str:
 # -- map_fields --------------------------------------------------------------------------------
 def _mapped_frame(
     ctx: StepContext, classified: pd.DataFrame, current: pd.DataFrame
-) -> list[tuple[Entity, list[Any], pd.DataFrame]]:
+) -> list[tuple[Entity, list[MappedField], pd.DataFrame]]:
     """Per entity, the src/tgt/syn columns `plan_writes` needs, for creates and updates."""
     links = ctx.staging.read(AC_LINKS)
     parts = []
