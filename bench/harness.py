@@ -207,6 +207,27 @@ def run_flow(
 
 
 @contextmanager
+def incremental_settings(folder: Path, **incremental: Any) -> Iterator[None]:
+    """The shipped `sync.yaml` with these `incremental` keys changed, for the block."""
+    import yaml
+    from crm_sync.settings import SETTINGS_PATH_ENV, settings_path
+
+    raw = yaml.safe_load(settings_path().read_text(encoding="utf-8"))
+    raw["incremental"] = {**raw.get("incremental", {}), **incremental}
+    path = folder / "sync.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    before = os.environ.get(SETTINGS_PATH_ENV)
+    os.environ[SETTINGS_PATH_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SETTINGS_PATH_ENV, None)
+        else:
+            os.environ[SETTINGS_PATH_ENV] = before
+
+
+@contextmanager
 def run_folder(root: Path | None, name: str) -> Iterator[Path]:
     """A fresh folder for one benchmark run, removed afterwards (a sandbox of 100k records
     takes a few hundred MB)."""

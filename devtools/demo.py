@@ -233,6 +233,14 @@ class Demo:
             == len([c for c, _ in queued if c["email"].lower() not in dv_emails]),
         )
 
+        touched = {r["leadid"] for r in [*changed_leads, broken]}
+        deleted_lead = next(
+            link
+            for link in self.store.all_links()
+            if link.entity == "lead" and link.dataverse_id not in touched
+        )
+        self.admin("d365", "DELETE", f"rows/leads/{deleted_lead.dataverse_id}")
+        print("\n• a synced lead is deleted in Dynamics (on_delete: tag)")
         report = self.run_dag("dynamics365_to_activecampaign", "3. Dynamics 365 → ActiveCampaign")
         ac = {c["email"].lower(): c for c in self.ac_contacts()}
         self.check(
@@ -248,12 +256,22 @@ class Demo:
             == {f"lead:{broken['leadid']}": "invalid_email"}
             and "not-an-email" not in ac,
         )
+        deleted_tags = ac.get(deleted_lead.email, {}).get("tags", [])
+        self.check(
+            "the lead deleted in Dynamics: its AC contact is tagged 'D365: Deleted in Dynamics'",
+            "D365: Deleted in Dynamics" in deleted_tags and "D365: Lead" not in deleted_tags,
+        )
         self.check(
             "records created from AC are not echoed back as changes",
             report.get("counts", {}).get("created in ActiveCampaign (lead)", 0) == 0,
         )
 
-        print("\n• both directions again: a loop-proof sync writes nothing")
+        # The AC -> Dynamics run learned the AC ids of the backfill's links (its deletion scan).
+        linked = {lk.ac_contact_id: lk for lk in self.store.all_links() if lk.entity == "contact"}
+        opted_out = next(c for c in self.ac_contacts() if c["id"] in linked)
+        self.ac_api("DELETE", f"contacts/{opted_out['id']}")
+        print("\n• a synced contact is deleted in ActiveCampaign (on_delete: tag)")
+        print("• both directions again: a loop-proof sync writes nothing")
         again_ac = self.run_dag(
             "activecampaign_to_dynamics365", "4. ActiveCampaign → Dynamics 365 (again)"
         )
@@ -267,6 +285,17 @@ class Demo:
             if v and k.startswith(("created", "updated"))
         ]
         self.check("no writes on the second pass (no echo loop)", not written)
+        self.check(
+            "the contact deleted in ActiveCampaign is recorded, its Dynamics record kept",
+            any(
+                d.deleted_in == "activecampaign" and d.ac_contact_id == opted_out["id"]
+                for d in self.store.all_deletions()
+            )
+            and any(
+                r["contactid"] == linked[opted_out["id"]].dataverse_id
+                for r in self.dv_rows("contacts")
+            ),
+        )
 
 
 def main() -> int:

@@ -72,8 +72,14 @@ class StepContext:
     def cursor(self, stream: str) -> Cursor:
         """The cursor of one stream this flow's direction polls (see `crm_sync.cursors`)."""
         from crm_sync.cursors import cursor
+        from crm_sync.settings import Entity, InitialSync
 
-        return cursor(self.direction, stream, self.settings.incremental.overlap_minutes)
+        manual = (
+            stream in set(Entity)
+            and self.settings.entities[Entity(stream)].initial_sync is InitialSync.MANUAL
+        )
+        overlap = self.settings.incremental.overlap_minutes
+        return cursor(self.direction, stream, overlap, manual_initial_sync=manual)
 
     @cached_property
     def ac_hook(self) -> ActiveCampaignHook:

@@ -3,7 +3,9 @@ polls, over a watermark of the state store.
 
 The rules, in one place for both directions:
 - a read starts at the watermark minus the overlap (`incremental.overlap_minutes`: clock skew
-  and rows committed late), or, on the first run (no watermark), where `FIRST_RUN` says;
+  and rows committed late), or, on the first run (no watermark), where `FIRST_RUN` says: a
+  Dynamics -> AC entity reads every matching record then (the initial sync on first switch-on),
+  unless `sync.yaml` sets its `initial_sync: manual` (from now on only);
 - the initial sync reads from its form's `modified_since` (everything when empty);
 - after the load, the watermark moves to the newest row read, or, when nothing was read and
   there is no watermark yet, to the start of the run's extract (everything before it has been
@@ -37,21 +39,24 @@ TAGGED = "tagged"  # AC contacts newly carrying a D365 tag (by tag association t
 UPDATED = "updated"  # AC contacts updated (by `udate`)
 
 # The first-run rule of every stream. AC -> Dynamics reads every tagged contact once (the tags
-# are the queue); the updated stream then adds nothing. Dynamics -> AC does not copy history on
-# its own: that is the initial sync's job.
+# are the queue); the updated stream then adds nothing. Dynamics -> AC reads every matching row
+# once, as the native integration's initial sync does when its switch is first turned on;
+# `initial_sync: manual` in `sync.yaml` makes it FROM_NOW (see `cursor`).
 FIRST_RUN: dict[tuple[Direction, str], FirstRun] = {
     (Direction.TO_DYNAMICS365, TAGGED): FirstRun.EVERYTHING,
     (Direction.TO_DYNAMICS365, UPDATED): FirstRun.SKIP,
-    **{(Direction.TO_ACTIVECAMPAIGN, e.value): FirstRun.FROM_NOW for e in Entity},
+    **{(Direction.TO_ACTIVECAMPAIGN, e.value): FirstRun.EVERYTHING for e in Entity},
 }
 
 
 @dataclass(frozen=True)
 class Read:
-    """Where one read starts: `since` (None: from the beginning); `skip`: no read at all."""
+    """Where one read starts: `since` (None: from the beginning); `skip`: no read at all;
+    `initial`: the stream's first read of everything (the initial sync on first switch-on)."""
 
     since: datetime | None
     skip: bool = False
+    initial: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Cursor:
     direction: Direction
     stream: str
     overlap: timedelta
+    first_run: FirstRun = FirstRun.EVERYTHING
 
     @property
     def name(self) -> str:
@@ -72,9 +78,9 @@ class Cursor:
         mark = store.watermark(self.name)
         if mark is not None:
             return Read(mark.value - self.overlap)
-        first = FIRST_RUN[(self.direction, self.stream)]
+        first = self.first_run
         if first is FirstRun.EVERYTHING:
-            return Read(None)
+            return Read(None, initial=True)
         if first is FirstRun.SKIP:
             return Read(None, skip=True)
         return Read(started - self.overlap)
@@ -95,11 +101,18 @@ def backfill_read(modified_since: date | None) -> Read:
     return Read(datetime(modified_since.year, modified_since.month, modified_since.day, tzinfo=UTC))
 
 
-def cursor(direction: Direction, stream: str, overlap_minutes: int) -> Cursor:
-    """The cursor of `stream` (`TAGGED`, `UPDATED`, or an entity's name) in `direction`."""
+def cursor(
+    direction: Direction, stream: str, overlap_minutes: int, *, manual_initial_sync: bool = False
+) -> Cursor:
+    """The cursor of `stream` (`TAGGED`, `UPDATED`, or an entity's name) in `direction`;
+    `manual_initial_sync`: a Dynamics -> AC entity's first read starts from now instead of
+    reading everything (AC -> Dynamics always reads its queue, the tagged contacts)."""
     if (direction, stream) not in FIRST_RUN:
         raise ValueError(f"{direction.value} polls no stream '{stream}'")
-    return Cursor(direction, stream, timedelta(minutes=overlap_minutes))
+    first = FIRST_RUN[(direction, stream)]
+    if manual_initial_sync and direction is Direction.TO_ACTIVECAMPAIGN:
+        first = FirstRun.FROM_NOW
+    return Cursor(direction, stream, timedelta(minutes=overlap_minutes), first)
 
 
 def cursor_named(name: str, overlap_minutes: int) -> Cursor:

@@ -91,6 +91,22 @@ class ConflictRule(StrEnum):
     PREFER_NON_EMPTY = "prefer_non_empty"
 
 
+class InitialSync(StrEnum):
+    """What the first `dynamics365_to_activecampaign` run of an entity reads (no watermark yet)."""
+
+    ON_FIRST_SWITCH_ON = "on_first_switch_on"  # every matching record, once (the native way)
+    MANUAL = "manual"  # only changes from then on; `initial_sync_backfill` brings the history
+
+
+class OnDelete(StrEnum):
+    """What a linked record's deletion on one side does to its counterpart on the other."""
+
+    IGNORE = "ignore"  # recorded; the link stays
+    TAG = "tag"  # the AC contact is tagged deleted (no type tag); an AC deletion is not re-sent
+    UNLINK = "unlink"  # the link ends; both sides stay as they are
+    DELETE = "delete"  # the counterpart is deleted too (never the default)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -137,6 +153,8 @@ class EntitySettings(_Strict):
     enabled: bool = True
     direction: EntityDirection = EntityDirection.TWO_WAY
     record_criteria: str | None = None
+    initial_sync: InitialSync = InitialSync.ON_FIRST_SWITCH_ON
+    on_delete: OnDelete = OnDelete.TAG
     lead_topic: str = "ActiveCampaign lead"
 
     @field_validator("record_criteria")
@@ -167,6 +185,8 @@ class Incremental(_Strict):
     """How incremental reads overlap the stored watermarks."""
 
     overlap_minutes: Annotated[int, Field(ge=0, le=1440)] = 10
+    # AC contacts scanned for deletions per AC -> Dynamics run (100 per request), in turn.
+    deletion_scan_per_run: Annotated[int, Field(ge=0, le=100_000)] = 300
 
 
 class SyncSettings(_Strict):

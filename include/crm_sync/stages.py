@@ -82,6 +82,12 @@ DV_MAPPED = Stage("map_fields", "mapped", {**DV_CLASSIFIED.columns, **_PLAN})
 DV_VALID = Stage("validate", "valid", DV_MAPPED.columns)
 
 # -- both ---------------------------------------------------------------------------------------
+# Linked records deleted on one side (`deleted_in`), found by the extract, applied by the load.
+DELETED = Stage(
+    "extract",
+    "deleted",
+    {c: OBJECT for c in ("entity", "dataverse_id", "ac_contact_id", "email", "deleted_in")},
+)
 CONFLICTS = Stage(
     "map_fields",
     "conflicts",

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    cast,
     create_engine,
     event,
     func,
@@ -120,6 +122,26 @@ runs = Table(
     UniqueConstraint("dag_id", "run_id", name="uq_crm_sync_runs_run"),
 )
 
+# Records deleted on one side, found by a run and handled by the entity's `on_delete`; a
+# deletion in ActiveCampaign handled by `tag` is a tombstone: the Dynamics record is not sent
+# to ActiveCampaign again.
+deletions = Table(
+    "crm_sync_deletions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("entity", String(16), nullable=False),
+    Column("dataverse_id", String(36), nullable=False, index=True),
+    Column("ac_contact_id", String(32), nullable=True),
+    Column("deleted_in", String(32), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("detected_at", DateTime(timezone=True), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    # `done`, or `pending` while the action failed (retried by the next run; `message` says why).
+    Column("status", String(16), nullable=False, default="done"),
+    Column("message", Text, nullable=True),
+    UniqueConstraint("entity", "dataverse_id", "deleted_in", name="uq_crm_sync_deletions_record"),
+)
+
 # Upgrade steps from version N-1 to N, each a list of DDL callables; empty while at version 1.
 UPGRADES: dict[int, list[Any]] = {}
 
@@ -167,6 +189,19 @@ class Watermark:
     name: str
     value: datetime
     cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """A linked record deleted in one system (`deleted_in`), and what was done (`action`)."""
+
+    entity: str
+    dataverse_id: str
+    ac_contact_id: str | None
+    deleted_in: str
+    action: str
+    status: str = "done"
+    message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -411,6 +446,131 @@ class StateStore:
             connection.execute(
                 links.delete().where(links.c.entity == entity, links.c.dataverse_id == dataverse_id)
             )
+
+    def links_in_ac_range(self, above: int, up_to: int | None) -> list[RecordLink]:
+        """Links whose AC contact id (a number) is above `above` and at most `up_to` (no upper
+        bound: None)."""
+        number = cast(links.c.ac_contact_id, BigInteger)
+        query = select(links).where(links.c.ac_contact_id.is_not(None), number > above)
+        if up_to is not None:
+            query = query.where(number <= up_to)
+        with self.begin() as connection:
+            return [self._link(row) for row in connection.execute(query)]
+
+    def links_without_ac_id(self, emails: Iterable[str]) -> list[RecordLink]:
+        """Links holding no AC contact id yet (written by a bulk import) with one of `emails`."""
+        wanted = list(dict.fromkeys(emails))
+        found: list[RecordLink] = []
+        for start in range(0, len(wanted), 500):
+            query = select(links).where(
+                links.c.ac_contact_id.is_(None), links.c.email.in_(wanted[start : start + 500])
+            )
+            with self.begin() as connection:
+                found += [self._link(row) for row in connection.execute(query)]
+        return found
+
+    def links_of_entity(self, entity: str) -> list[str]:
+        """The Dataverse ids of every link of `entity`."""
+        query = select(links.c.dataverse_id).where(links.c.entity == entity)
+        with self.begin() as connection:
+            return [row.dataverse_id for row in connection.execute(query)]
+
+    # -- deletions ----------------------------------------------------------------------------
+    def record_deletions(self, found: Sequence[Deletion], run_id: str) -> None:
+        """Record deletions and what was done, in one transaction. A `done` one that is not
+        `ignore` ends its link; a `pending` one (its action failed) keeps it, to be retried."""
+        if not found:
+            return
+        now = utcnow()
+        with self.begin() as connection:
+            for deletion in found:
+                key = (
+                    deletions.c.entity == deletion.entity,
+                    deletions.c.dataverse_id == deletion.dataverse_id,
+                    deletions.c.deleted_in == deletion.deleted_in,
+                )
+                values = {
+                    "ac_contact_id": deletion.ac_contact_id,
+                    "action": deletion.action,
+                    "status": deletion.status,
+                    "message": deletion.message,
+                    "run_id": run_id,
+                }
+                known = connection.execute(select(deletions.c.status).where(*key)).first()
+                if known is None:
+                    connection.execute(
+                        insert(deletions).values(
+                            entity=deletion.entity,
+                            dataverse_id=deletion.dataverse_id,
+                            deleted_in=deletion.deleted_in,
+                            detected_at=now,
+                            **values,
+                        )
+                    )
+                elif known.status != "done" or deletion.status == "done":
+                    # A retried one, or one handled again after `on_delete` changed.
+                    connection.execute(update(deletions).where(*key).values(**values))
+                if deletion.status == "done" and deletion.action != "ignore":
+                    connection.execute(
+                        links.delete().where(
+                            links.c.entity == deletion.entity,
+                            links.c.dataverse_id == deletion.dataverse_id,
+                        )
+                    )
+
+    def all_deletions(self) -> list[Deletion]:
+        """Every recorded deletion, oldest first (for reports and tests)."""
+        return self.deletions_of(None)
+
+    def deletions_of(self, deleted_in: str | None, *, status: str | None = None) -> list[Deletion]:
+        """The recorded deletions in `deleted_in` (every side: None; with `status`, if given),
+        oldest first."""
+        query = select(deletions)
+        if deleted_in is not None:
+            query = query.where(deletions.c.deleted_in == deleted_in)
+        if status is not None:
+            query = query.where(deletions.c.status == status)
+        with self.begin() as connection:
+            return [
+                Deletion(
+                    r.entity,
+                    r.dataverse_id,
+                    r.ac_contact_id,
+                    r.deleted_in,
+                    r.action,
+                    r.status,
+                    r.message,
+                )
+                for r in connection.execute(query.order_by(deletions.c.id))
+            ]
+
+    def deleted_ac_ids(self, ac_ids: Iterable[str]) -> set[str]:
+        """Of `ac_ids`, those of AC contacts whose linked record a deletion was recorded for."""
+        wanted = list(dict.fromkeys(ac_ids))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            query = select(deletions.c.ac_contact_id).where(
+                deletions.c.ac_contact_id.in_(wanted[start : start + 500])
+            )
+            with self.begin() as connection:
+                found |= {r.ac_contact_id for r in connection.execute(query)}
+        return found
+
+    def tombstones(self, deleted_in: str, dataverse_ids: Iterable[str]) -> set[tuple[str, str]]:
+        """(entity, Dataverse id) of `dataverse_ids` whose counterpart was deleted in
+        `deleted_in` and handled by `tag`: they are not sent there again."""
+        wanted = list(dict.fromkeys(dataverse_ids))
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(wanted), 500):
+            query = select(deletions.c.entity, deletions.c.dataverse_id).where(
+                deletions.c.deleted_in == deleted_in,
+                deletions.c.action == "tag",
+                deletions.c.status == "done",
+                deletions.c.dataverse_id.in_(wanted[start : start + 500]),
+            )
+            with self.begin() as connection:
+                found |= {(r.entity, r.dataverse_id) for r in connection.execute(query)}
+        return found
 
     # -- watermarks ---------------------------------------------------------------------------
     def watermark(self, name: str) -> Watermark | None:

@@ -14,6 +14,10 @@ class Tag(StrEnum):
     PUSHED_FROM_DYNAMICS = "D365: Pushed from Dynamics"
 
 
+# Put on an AC contact whose Dynamics record was deleted (`on_delete: tag`), in place of its
+# type tag. Not one of the native integration's tags, so not in `ALL_TAGS`.
+DELETED_IN_DYNAMICS = "D365: Deleted in Dynamics"
+
 TYPE_TAGS = (Tag.LEAD, Tag.CONTACT)
 ORIGIN_TAGS = (Tag.PULLED_FROM_AC, Tag.PUSHED_FROM_DYNAMICS)
 ALL_TAGS = TYPE_TAGS + ORIGIN_TAGS

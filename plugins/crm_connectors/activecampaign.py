@@ -243,6 +243,21 @@ class ActiveCampaignHook(CrmHttpHook):
         contact = body.get("contact")
         return dict(contact) if contact is not None else None
 
+    def contacts_after(self, after_id: int, *, limit: int = MAX_PAGE) -> list[dict[str, Any]]:
+        """One page of contacts in id order with ids above `after_id` (`orders[id]=ASC`,
+        `id_greater`): a scan of every contact, a page per call."""
+        params = {"orders[id]": "ASC", "id_greater": str(after_id), "limit": str(limit)}
+        body = self.request_json("GET", f"{API}/contacts", params=params) or {}
+        return list(body.get("contacts") or [])
+
+    def delete_contact(self, contact_id: str | int) -> bool:
+        """`DELETE /contacts/{id}`; False when the contact was already gone (404)."""
+        try:
+            self.request("DELETE", f"{API}/contacts/{contact_id}")
+        except NotFoundError:
+            return False
+        return True
+
     def find_contact_by_email(self, email: str) -> dict[str, Any] | None:
         """The contact with this email (AC allows one per email), or None."""
         return next(iter(self.list_contacts(email=email)), None)
@@ -523,6 +538,502 @@ class ActiveCampaignHook(CrmHttpHook):
         body = {"fieldValue": {"contact": str(contact_id), "field": str(field_id), "value": value}}
         self.request("POST", f"{API}/fieldValues", json=body, replay_safe=True)
 
+    # -- accounts ------------------------------------------------------------------------------
+
+    def list_accounts(
+        self, *, search: str | None = None, count_deals: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Every account, or those whose name contains `search`, 100 per request
+        (`GET /accounts`, offset paging). `count_deals` asks AC to fill `contactCount` and
+        `dealCount` (without it both read "0"). AC documents no other filter nor any order."""
+        params: dict[str, Any] = {}
+        if search is not None:
+            params["search"] = search
+        if count_deals:
+            params["count_deals"] = "true"
+        for account in self.iter_items("accounts", "accounts", params=params):
+            yield _string_ids(account, _ACCOUNT_IDS)
+
+    def find_account(self, name: str) -> dict[str, Any] | None:
+        """The account named `name` in any case, or None: `search` (contains), then the names
+        compared here. AC names are unique (reference §2.12), and compared without case as
+        MySQL's default collation does (UNCONFIRMED); the exact spelling wins."""
+        wanted = name.strip()
+        found = [
+            account
+            for account in self.list_accounts(search=wanted)
+            if str(account.get("name", "")).strip().lower() == wanted.lower()
+        ]
+        return next((a for a in found if a.get("name") == wanted), found[0] if found else None)
+
+    def get_account(self, account_id: str | int) -> dict[str, Any] | None:
+        """One account (`GET /accounts/{id}`), None if it does not exist."""
+        try:
+            body = self.request_json("GET", f"{API}/accounts/{account_id}")
+        except NotFoundError:
+            return None
+        account = (body or {}).get("account")
+        return _string_ids(account, _ACCOUNT_IDS) if account is not None else None
+
+    def create_account(
+        self,
+        name: str,
+        *,
+        account_url: str | None = None,
+        owner: str | int | None = None,
+        fields: Iterable[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """`POST /accounts`; returns the account (with its `fields`).
+
+        `fields` are custom values in AC's shape, `[{"customFieldId": "3", "fieldValue": "x"}]`
+        (`fieldCurrency` too for a currency field). A name already taken, in any case, raises
+        `ClientError` (422, code `duplicate`); no name, 422 `field_missing`. A create whose
+        answer was lost is looked up by name before it is sent again (names are unique).
+        """
+        account: dict[str, Any] = {"name": name}
+        if account_url is not None:
+            account["accountUrl"] = account_url
+        if owner is not None:
+            account["owner"] = str(owner)
+        if fields is not None:
+            account["fields"] = list(fields)
+        try:
+            body = self.request_json("POST", f"{API}/accounts", json={"account": account})
+        except ApiConnectionError:
+            found = self.find_account(name)
+            if found is not None:
+                return found
+            body = self.request_json("POST", f"{API}/accounts", json={"account": account})
+        return _string_ids(body["account"], _ACCOUNT_IDS)
+
+    def update_account(self, account_id: str | int, **attributes: Any) -> dict[str, Any]:
+        """`PUT /accounts/{id}` with AC's attribute names (`name`, `accountUrl`, `owner`,
+        `fields`: custom values are upserted); returns the account. A name another account
+        has raises `ClientError` (422 `duplicate`), a missing account `NotFoundError`."""
+        body = self.request_json(
+            "PUT", f"{API}/accounts/{account_id}", json={"account": attributes}
+        )
+        return _string_ids(body["account"], _ACCOUNT_IDS)
+
+    def delete_account(self, account_id: str | int) -> bool:
+        """`DELETE /accounts/{id}` (its contact associations and custom values go with it);
+        False when it was already gone (404)."""
+        try:
+            self.request("DELETE", f"{API}/accounts/{account_id}")
+        except NotFoundError:
+            return False
+        return True
+
+    def list_account_contacts(
+        self,
+        *,
+        contact_id: str | int | None = None,
+        account_id: str | int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Contact-account associations (`id`, `account`, `contact`, `jobTitle`), of one contact
+        and/or one account (`GET /accountContacts?filters[contact]=&filters[account]=`, offset
+        paging). A contact belongs to one account at most."""
+        params: dict[str, Any] = {}
+        if contact_id is not None:
+            params["filters[contact]"] = str(contact_id)
+        if account_id is not None:
+            params["filters[account]"] = str(account_id)
+        for row in self.iter_items("accountContacts", "accountContacts", params=params):
+            yield _string_ids(row, _ACCOUNT_CONTACT_IDS)
+
+    def associate_contact(
+        self, account_id: str | int, contact_id: str | int, *, job_title: str | None = None
+    ) -> dict[str, Any]:
+        """`POST /accountContacts`: put a contact on an account; returns the association.
+
+        A contact already on an account (this one or another) raises `ClientError` (422, code
+        `field_invalid`): move it with `update_account_contact`. A missing contact or account
+        is a `NotFoundError`. An association whose answer was lost is looked up before the
+        request is sent again.
+        """
+        association: dict[str, Any] = {"contact": str(contact_id), "account": str(account_id)}
+        if job_title is not None:
+            association["jobTitle"] = job_title
+        body = {"accountContact": association}
+        try:
+            created = self.request_json("POST", f"{API}/accountContacts", json=body)
+        except ApiConnectionError:
+            for row in self.list_account_contacts(contact_id=contact_id):
+                if row.get("account") == str(account_id):
+                    return row
+            created = self.request_json("POST", f"{API}/accountContacts", json=body)
+        return _string_ids(created["accountContact"], _ACCOUNT_CONTACT_IDS)
+
+    def update_account_contact(
+        self,
+        association_id: str | int,
+        *,
+        job_title: str | None = None,
+        account_id: str | int | None = None,
+    ) -> dict[str, Any]:
+        """`PUT /accountContacts/{id}`: change the job title, or move the contact to another
+        account; returns the association."""
+        changes: dict[str, Any] = {}
+        if job_title is not None:
+            changes["jobTitle"] = job_title
+        if account_id is not None:
+            changes["account"] = str(account_id)
+        body = self.request_json(
+            "PUT", f"{API}/accountContacts/{association_id}", json={"accountContact": changes}
+        )
+        return _string_ids(body["accountContact"], _ACCOUNT_CONTACT_IDS)
+
+    def remove_account_contact(self, association_id: str | int) -> bool:
+        """`DELETE /accountContacts/{id}` (the association's id); False if it was already gone."""
+        try:
+            self.request("DELETE", f"{API}/accountContacts/{association_id}")
+        except NotFoundError:
+            return False
+        return True
+
+    # -- pipelines and stages ------------------------------------------------------------------
+
+    def list_pipelines(self, *, title: str | None = None) -> list[dict[str, Any]]:
+        """Every pipeline (`GET /dealGroups`, offset paging), or those whose title contains
+        `title`. Each carries its stage ids (`stages`) and, added here, the stages AC
+        side-loads with it (`dealStages`, in the pipeline's order)."""
+        params = {"filters[title]": title} if title is not None else None
+        pipelines: list[dict[str, Any]] = []
+        stages: dict[str, dict[str, Any]] = {}
+        for page in self._pages("dealGroups", "dealGroups", params=params):
+            pipelines += page.get("dealGroups") or []
+            for stage in page.get("dealStages") or []:
+                stages[str(stage["id"])] = _string_ids(stage, _STAGE_IDS)
+        return [_pipeline(pipeline, stages) for pipeline in pipelines]
+
+    def create_pipeline(self, title: str, currency: str = "usd") -> dict[str, Any]:
+        """`POST /dealGroups` (all users and user groups allowed); returns the pipeline with
+        the three stages AC gives a new one (`dealStages`: To Contact, In Contact, Follow Up).
+        `currency` is the lowercase ISO code of new deals (sent lowercased). Titles need not
+        be unique, so a create whose answer was lost is not sent again."""
+        group = {"title": title, "currency": currency.lower(), "allgroups": 1, "allusers": 1}
+        body = self.request_json("POST", f"{API}/dealGroups", json={"dealGroup": group})
+        stages = {
+            str(stage["id"]): _string_ids(stage, _STAGE_IDS)
+            for stage in body.get("dealStages") or []
+        }
+        return _pipeline(body["dealGroup"], stages)
+
+    def list_stages(self, pipeline_id: str | int | None = None) -> Iterator[dict[str, Any]]:
+        """Every stage, or one pipeline's (`GET /dealStages?filters[d_groupid]=`, offset
+        paging): `id`, `group` (the pipeline), `title`, `order`..."""
+        params = {"filters[d_groupid]": str(pipeline_id)} if pipeline_id is not None else None
+        for stage in self.iter_items("dealStages", "dealStages", params=params):
+            yield _string_ids(stage, _STAGE_IDS)
+
+    def create_stage(
+        self, pipeline_id: str | int, title: str, *, order: int | None = None
+    ) -> dict[str, Any]:
+        """`POST /dealStages`: a stage of the pipeline, last unless `order` is given; returns
+        it. Not sent again when its answer was lost."""
+        stage: dict[str, Any] = {"title": title, "group": str(pipeline_id)}
+        if order is not None:
+            stage["order"] = order
+        body = self.request_json("POST", f"{API}/dealStages", json={"dealStage": stage})
+        return _string_ids(body["dealStage"], _STAGE_IDS)
+
+    # -- deals ---------------------------------------------------------------------------------
+
+    def list_deals(
+        self,
+        *,
+        updated_after: datetime | None = None,
+        stage: str | int | None = None,
+        pipeline: str | int | None = None,
+        status: int | None = None,
+        search: str | None = None,
+        page_size: int = MAX_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """Deals matching every filter given (`GET /deals`, offset paging in AC's default order).
+
+        `status`: 0 open, 1 won, 2 lost. `search`: `filters[search]` (title, contact,
+        organization). `updated_after` returns exactly the deals whose `mdate` is at or after
+        it (to the second): like `list_contacts`, AC is sent a bound early enough under every
+        reading of its date filter and what it returns in excess is dropped here. Numbers
+        (`value` in cents, `status`) come as AC writes them, usually strings.
+        """
+        params: list[tuple[str, Any]] = []
+        if updated_after is not None:
+            bound = updated_after_bound(updated_after, self.account_offset)
+            params.append(("filters[updated_after]", bound))
+        for key, value in (("stage", stage), ("group", pipeline), ("status", status)):
+            if value is not None:
+                params.append((f"filters[{key}]", str(value)))
+        if search is not None:
+            params.append(("filters[search]", search))
+        floor = _utc(updated_after).replace(microsecond=0) if updated_after else None
+        for deal in self.iter_items("deals", "deals", params=params, page_size=page_size):
+            self._note_offset(deal.get("cdate"))
+            modified = _parse_time(deal.get("mdate"))
+            if floor is None or modified == datetime.min.replace(tzinfo=UTC) or modified >= floor:
+                yield _deal(deal)
+
+    def get_deal(self, deal_id: str | int) -> dict[str, Any] | None:
+        """One deal (`GET /deals/{id}`), None if it does not exist."""
+        try:
+            body = self.request_json("GET", f"{API}/deals/{deal_id}")
+        except NotFoundError:
+            return None
+        deal = (body or {}).get("deal")
+        return _deal(deal) if deal is not None else None
+
+    def create_deal(
+        self,
+        title: str,
+        *,
+        value: int,
+        currency: str | None = None,
+        pipeline: str | int | None = None,
+        stage: str | int | None = None,
+        owner: str | int | None = None,
+        contact: str | int | None = None,
+        account: str | int | None = None,
+        status: int | None = None,
+        description: str | None = None,
+        percent: int | None = None,
+        fields: Iterable[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """`POST /deals`; returns the deal (with its custom `fields`).
+
+        `value` is in cents, an int (`45678` for 456.78; anything else raises `TypeError`
+        before sending). `currency` is sent lowercased (AC wants the lowercase ISO code;
+        default: the pipeline's). Give `contact` or `account` (or both), and `pipeline` or
+        `stage` (a pipeline alone puts the deal in its first stage). `status`: 0 open, 1 won,
+        2 lost. `fields`: `[{"customFieldId": "1", "fieldValue": "x"}]`. AC refuses a bad deal
+        with one `ClientError` (422, codes `field_missing` / `field_invalid`). Deals have no
+        natural key, so a create whose answer was lost is not sent again.
+        """
+        deal: dict[str, Any] = {"title": title, "value": _cents(value)}
+        optional: dict[str, Any] = {
+            "currency": currency.lower() if currency is not None else None,
+            "group": pipeline,
+            "stage": stage,
+            "owner": owner,
+            "contact": contact,
+            "account": account,
+        }
+        deal.update({key: str(v) for key, v in optional.items() if v is not None})
+        for key, number in (("status", status), ("percent", percent)):
+            if number is not None:
+                deal[key] = number
+        if description is not None:
+            deal["description"] = description
+        if fields is not None:
+            deal["fields"] = list(fields)
+        body = self.request_json("POST", f"{API}/deals", json={"deal": deal})
+        return _deal(body["deal"])
+
+    def update_deal(self, deal_id: str | int, **attributes: Any) -> dict[str, Any]:
+        """`PUT /deals/{id}` with AC's attribute names (`title`, `value` in cents, `currency`,
+        `group`, `stage`, `owner`, `contact`, `account`, `status`, `percent`, `description`,
+        `fields`: custom values are upserted); returns the deal. AC moves its `mdate` on every
+        update. `value` must be an int and `currency` is sent lowercased, as in `create_deal`."""
+        changes = dict(attributes)
+        if "value" in changes:
+            changes["value"] = _cents(changes["value"])
+        if isinstance(changes.get("currency"), str):
+            changes["currency"] = changes["currency"].lower()
+        body = self.request_json("PUT", f"{API}/deals/{deal_id}", json={"deal": changes})
+        return _deal(body["deal"])
+
+    def delete_deal(self, deal_id: str | int) -> bool:
+        """`DELETE /deals/{id}`; False when the deal was already gone (404)."""
+        try:
+            self.request("DELETE", f"{API}/deals/{deal_id}")
+        except NotFoundError:
+            return False
+        return True
+
+    # -- custom fields of deals and accounts ---------------------------------------------------
+
+    def list_deal_fields(self) -> list[dict[str, Any]]:
+        """Every custom deal field (`GET /dealCustomFieldMeta`: `id`, `fieldLabel`, `fieldType`,
+        `fieldOptions`, `fieldDefaultCurrency`...)."""
+        return self._list_custom_fields(_DEAL_FIELDS)
+
+    def create_deal_field(
+        self,
+        label: str,
+        field_type: str = "text",
+        *,
+        options: Iterable[str] | None = None,
+        default: Any = None,
+        default_currency: str | None = None,
+        form_visible: bool = True,
+    ) -> dict[str, Any]:
+        """`POST /dealCustomFieldMeta`; returns the field. `field_type`: text, textarea, date,
+        datetime, dropdown, multiselect, radio, checkbox, hidden, currency or number;
+        `options` for the choice types, `default_currency` for a currency field. A missing
+        label or type is a `ClientError` (422). Labels need not be unique, so a create whose
+        answer was lost is not sent again."""
+        return self._create_custom_field(
+            _DEAL_FIELDS, label, field_type, options, default, default_currency, form_visible
+        )
+
+    def deal_field_values(self, deal_id: str | int) -> list[dict[str, Any]]:
+        """One deal's custom field values (`GET /dealCustomFieldData?filters[dealId]=`:
+        `id`, `customFieldId`, `fieldValue`, `fieldCurrency`...)."""
+        return self._custom_values(_DEAL_FIELDS, deal_id)
+
+    def set_deal_field_value(
+        self,
+        deal_id: str | int,
+        field_id: str | int,
+        value: Any,
+        *,
+        currency: str | None = None,
+    ) -> dict[str, Any]:
+        """Set one custom field of a deal; returns the value (`dealCustomFieldDatum`).
+
+        AC keeps one value per deal and field: the deal's values are read first, then the
+        existing one is changed (`PUT /dealCustomFieldData/{id}`) or a new one created
+        (`POST /dealCustomFieldData`). Unlike `update_deal(fields=)`, this leaves the deal's
+        `mdate` alone. Formats: dates `YYYY-MM-DD`, currency amounts in cents with
+        `currency`, multi-values a list. A value the field's type refuses is a `ClientError`
+        (422)."""
+        return self._set_custom_value(_DEAL_FIELDS, deal_id, field_id, value, currency)
+
+    def list_account_fields(self) -> list[dict[str, Any]]:
+        """Every custom account field (`GET /accountCustomFieldMeta`)."""
+        return self._list_custom_fields(_ACCOUNT_FIELDS)
+
+    def create_account_field(
+        self,
+        label: str,
+        field_type: str = "text",
+        *,
+        options: Iterable[str] | None = None,
+        default: Any = None,
+        default_currency: str | None = None,
+        form_visible: bool = True,
+    ) -> dict[str, Any]:
+        """`POST /accountCustomFieldMeta`; returns the field (as `create_deal_field`)."""
+        return self._create_custom_field(
+            _ACCOUNT_FIELDS, label, field_type, options, default, default_currency, form_visible
+        )
+
+    def account_field_values(self, account_id: str | int) -> list[dict[str, Any]]:
+        """One account's custom field values
+        (`GET /accountCustomFieldData?filters[customerAccountId]=`)."""
+        return self._custom_values(_ACCOUNT_FIELDS, account_id)
+
+    def set_account_field_value(
+        self,
+        account_id: str | int,
+        field_id: str | int,
+        value: Any,
+        *,
+        currency: str | None = None,
+    ) -> dict[str, Any]:
+        """Set one custom field of an account (`PUT` or `POST /accountCustomFieldData`, as
+        `set_deal_field_value`); leaves the account's `updatedTimestamp` alone."""
+        return self._set_custom_value(_ACCOUNT_FIELDS, account_id, field_id, value, currency)
+
+    def _list_custom_fields(self, kind: _FieldKind) -> list[dict[str, Any]]:
+        return [
+            _string_ids(field, _FIELD_META_IDS)
+            for field in self.iter_items(kind.meta_path, kind.meta_path)
+        ]
+
+    def _create_custom_field(
+        self,
+        kind: _FieldKind,
+        label: str,
+        field_type: str,
+        options: Iterable[str] | None,
+        default: Any,
+        default_currency: str | None,
+        form_visible: bool,
+    ) -> dict[str, Any]:
+        field: dict[str, Any] = {
+            "fieldLabel": label,
+            "fieldType": field_type,
+            "isFormVisible": int(form_visible),
+        }
+        if options is not None:
+            field["fieldOptions"] = list(options)
+        if default is not None:
+            field["fieldDefault"] = default
+        if default_currency is not None:
+            field["fieldDefaultCurrency"] = default_currency.lower()
+        body = self.request_json("POST", f"{API}/{kind.meta_path}", json={kind.metum: field})
+        return _string_ids(body[kind.metum], _FIELD_META_IDS)
+
+    def _custom_values(self, kind: _FieldKind, owner_id: str | int) -> list[dict[str, Any]]:
+        params = {f"filters[{kind.owner_key}]": str(owner_id)}
+        return [
+            _string_ids(datum, _FIELD_DATUM_IDS)
+            for datum in self.iter_items(kind.data_path, kind.data_path, params=params)
+        ]
+
+    def _custom_value_id(
+        self, kind: _FieldKind, owner_id: str | int, field_id: str | int
+    ) -> str | None:
+        for datum in self._custom_values(kind, owner_id):
+            if datum.get("customFieldId") == str(field_id):
+                return str(datum["id"])
+        return None
+
+    def _set_custom_value(
+        self,
+        kind: _FieldKind,
+        owner_id: str | int,
+        field_id: str | int,
+        value: Any,
+        currency: str | None,
+    ) -> dict[str, Any]:
+        datum: dict[str, Any] = {"fieldValue": value}
+        if currency is not None:
+            datum["fieldCurrency"] = currency.lower()
+        existing = self._custom_value_id(kind, owner_id, field_id)
+        if existing is None:
+            new = {kind.owner_key: str(owner_id), "customFieldId": str(field_id), **datum}
+            path = f"{API}/{kind.data_path}"
+            try:
+                body = self.request_json("POST", path, json={kind.datum: new})
+                return _string_ids(body[kind.datum], _FIELD_DATUM_IDS)
+            except (ApiConnectionError, ClientError) as error:
+                if isinstance(error, ClientError) and error.status != 422:
+                    raise
+                # Written meanwhile (422: the value exists), or maybe written before the
+                # answer was lost: look again before sending.
+                existing = self._custom_value_id(kind, owner_id, field_id)
+                if existing is None:
+                    if isinstance(error, ClientError):
+                        raise
+                    body = self.request_json("POST", path, json={kind.datum: new})
+                    return _string_ids(body[kind.datum], _FIELD_DATUM_IDS)
+        body = self.request_json(
+            "PUT", f"{API}/{kind.data_path}/{existing}", json={kind.datum: datum}
+        )
+        return _string_ids(body[kind.datum], _FIELD_DATUM_IDS)
+
+    def _pages(
+        self,
+        path: str,
+        items_key: str,
+        *,
+        params: dict[str, Any] | None = None,
+        page_size: int = MAX_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """Every page body of a list endpoint (offset paging), side-loaded objects included."""
+        endpoint = f"{API}/{path.lstrip('/')}"
+        paginator = OffsetPaginator(
+            items_key, limit=page_size, service=self.service, endpoint=endpoint
+        )
+        base = list((params or {}).items())
+
+        def fetch(token: Any | None) -> dict[str, Any]:
+            query = base + list(paginator.params(token).items())
+            return self.request_json("GET", endpoint, params=query) or {}
+
+        yield from iterate_pages(fetch, paginator)
+
     # -- bulk import ---------------------------------------------------------------------------
 
     def bulk_import(
@@ -763,6 +1274,86 @@ class _ImportBatch:
     indices: list[int]
     sent: float
     last_asked: float
+
+
+@dataclass(frozen=True)
+class _FieldKind:
+    """The deal or the account flavour of AC's custom field resources: `<name>CustomFieldMeta`
+    (the fields) and `<name>CustomFieldData` (their values, keyed by `owner_key`)."""
+
+    name: str
+    owner_key: str
+
+    @property
+    def meta_path(self) -> str:
+        return f"{self.name}CustomFieldMeta"
+
+    @property
+    def data_path(self) -> str:
+        return f"{self.name}CustomFieldData"
+
+    @property
+    def metum(self) -> str:
+        return f"{self.name}CustomFieldMetum"
+
+    @property
+    def datum(self) -> str:
+        return f"{self.name}CustomFieldDatum"
+
+
+_DEAL_FIELDS = _FieldKind("deal", "dealId")
+_ACCOUNT_FIELDS = _FieldKind("account", "customerAccountId")
+
+# The keys that hold ids, made strings whatever JSON type AC answers with (its examples show
+# both: the deal a POST /deals answers carries numbers, the lists strings).
+_ACCOUNT_IDS = ("id",)
+_ACCOUNT_CONTACT_IDS = ("id", "account", "contact")
+_STAGE_IDS = ("id", "group")
+_DEAL_IDS = (
+    "id", "owner", "contact", "organization", "account", "customerAccount", "group", "stage",
+)  # fmt: skip
+_FIELD_META_IDS = ("id",)
+_FIELD_DATUM_IDS = (
+    "id", "customFieldId", "dealId", "accountId", "customerAccountId", "dealCustomFieldMetumId",
+    "accountCustomFieldMetumId",
+)  # fmt: skip
+
+
+def _string_ids(record: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `record` with the ids under `keys` as strings (None stays None); a record's
+    custom `fields` echo gets the same treatment."""
+    shaped = dict(record)
+    for key in keys:
+        value = shaped.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            shaped[key] = str(value)
+    if isinstance(shaped.get("fields"), list):
+        shaped["fields"] = [
+            _string_ids(item, _FIELD_DATUM_IDS) if isinstance(item, dict) else item
+            for item in shaped["fields"]
+        ]
+    return shaped
+
+
+def _deal(deal: dict[str, Any]) -> dict[str, Any]:
+    return _string_ids(deal, _DEAL_IDS)
+
+
+def _pipeline(pipeline: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A pipeline with string ids and its side-loaded stages attached as `dealStages`."""
+    shaped = _string_ids(pipeline, ("id",))
+    ids = [str(i) for i in shaped.get("stages") or []]
+    shaped["stages"] = ids
+    shaped["dealStages"] = [stages[i] for i in ids if i in stages]
+    return shaped
+
+
+def _cents(value: Any) -> int:
+    """A deal value in cents: an int (not a float, a string or a bool), so an amount in whole
+    currency units cannot be sent by mistake."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a deal value is an int number of cents, not {type(value).__name__}")
+    return value
 
 
 def _common_prefix(names: list[str]) -> str:

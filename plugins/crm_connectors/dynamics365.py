@@ -11,7 +11,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import requests
@@ -575,6 +575,14 @@ class Dynamics365Hook(CrmHttpHook):
             "PATCH", _record_path(entity_set, record_id), json=data, headers={"If-Match": "*"}
         )
 
+    def delete_record(self, entity_set: str, record_id: str) -> bool:
+        """`DELETE /<set>(<id>)`; False when the row was already gone (404)."""
+        try:
+            self.request("DELETE", _record_path(entity_set, record_id))
+        except NotFoundError:
+            return False
+        return True
+
     def upsert_record(
         self, entity_set: str, key: str | dict[str, object], data: dict[str, Any]
     ) -> str | None:
@@ -584,6 +592,95 @@ class Dynamics365Hook(CrmHttpHook):
         """
         response = self.request("PATCH", _record_path(entity_set, key), json=data)
         return _id_from_entity_url(response.headers.get("OData-EntityId"))
+
+    # -- opportunities -------------------------------------------------------------------------
+
+    def win_opportunity(
+        self,
+        opportunity_id: str,
+        subject: str,
+        *,
+        actual_revenue: float | None = None,
+        close_date: date | datetime | None = None,
+        description: str | None = None,
+        status: int = 3,
+    ) -> None:
+        """Close an opportunity as won (`POST /WinOpportunity`; statecode 1, `status` 3 Won).
+
+        The `OpportunityClose` carries `subject` (at most 200 characters), and optionally
+        `actualrevenue` (the opportunity's `actualvalue`; without it Dataverse keeps the
+        estimated value) and `actualend` (its `actualclosedate`; default today). An opportunity
+        that is not open raises `ClientError` (400, `0x80040515`), a missing one
+        `NotFoundError`. A close whose answer was lost is checked (`statecode`/`statuscode`)
+        before it is sent again. A PATCH of `statecode` cannot win or lose an opportunity;
+        reopen one with `update_record(..., {"statecode": 0, "statuscode": 1})`.
+        """
+        self._close_opportunity(
+            "WinOpportunity",
+            opportunity_id,
+            subject,
+            status=status,
+            actual_revenue=actual_revenue,
+            close_date=close_date,
+            description=description,
+        )
+
+    def lose_opportunity(
+        self,
+        opportunity_id: str,
+        subject: str,
+        *,
+        status: int = 4,
+        actual_revenue: float | None = None,
+        close_date: date | datetime | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Close an opportunity as lost (`POST /LoseOpportunity`; statecode 2, `status` 4
+        Canceled or 5 Out-Sold; another status raises `ClientError`, 400 `0x80048408`).
+        Otherwise as `win_opportunity`."""
+        self._close_opportunity(
+            "LoseOpportunity",
+            opportunity_id,
+            subject,
+            status=status,
+            actual_revenue=actual_revenue,
+            close_date=close_date,
+            description=description,
+        )
+
+    def _close_opportunity(
+        self,
+        action: str,
+        opportunity_id: str,
+        subject: str,
+        *,
+        status: int,
+        actual_revenue: float | None,
+        close_date: date | datetime | None,
+        description: str | None,
+    ) -> None:
+        """`WinOpportunity` / `LoseOpportunity` of one opportunity (unbound actions, 204)."""
+        state = OPPORTUNITY_CLOSE_STATES[action]
+        record_id = str(uuid.UUID(str(opportunity_id)))
+        close: dict[str, Any] = {
+            "subject": subject,
+            "opportunityid@odata.bind": f"/opportunities({record_id})",
+        }
+        if description is not None:
+            close["description"] = description
+        if actual_revenue is not None:
+            close["actualrevenue"] = actual_revenue
+        if close_date is not None:
+            close["actualend"] = _close_time(close_date)
+        body = {"OpportunityClose": close, "Status": status}
+        try:
+            self.request("POST", f"{API}/{action}", json=body, replay_safe=False)
+        except ApiConnectionError:
+            # The close may have committed before the answer was lost: look before resending.
+            row = self.get_record("opportunities", record_id, select=["statecode", "statuscode"])
+            if (row or {}).get("statecode") == state and (row or {}).get("statuscode") == status:
+                return
+            self.request("POST", f"{API}/{action}", json=body, replay_safe=False)
 
     # -- bulk writes ---------------------------------------------------------------------------
 
@@ -925,6 +1022,39 @@ def _row_result(index: int, record_id: str, part: BatchResponse | None) -> Write
 
 def _deeper(depth: str, than: str) -> bool:
     return PRIVILEGE_DEPTHS.index(depth) > PRIVILEGE_DEPTHS.index(than)
+
+
+# The statecode each action closes an opportunity into: 1 Won, 2 Lost.
+OPPORTUNITY_CLOSE_STATES = {"WinOpportunity": 1, "LoseOpportunity": 2}
+# The tables a customer lookup (`parentcustomerid` of contacts, `customerid` of opportunities)
+# can point at, by logical name, and their entity sets.
+CUSTOMER_TABLES = {"account": "accounts", "contact": "contacts"}
+
+
+def customer_bind(lookup: str, table: str, record_id: str | None) -> dict[str, str | None]:
+    """The body entry that sets a customer lookup to a row of `table` (`account` or `contact`):
+    `customer_bind("parentcustomerid", "account", id)` is
+    `{"parentcustomerid_account@odata.bind": "/accounts(<id>)"}`. A customer lookup is written
+    through one navigation property per table (`<lookup>_<table>`; the lookup's own name is
+    refused, 400 `0x80048d19`) and read back as `_<lookup>_value`. `record_id` None clears it
+    (`null`, in a PATCH)."""
+    entity_set = CUSTOMER_TABLES.get(table)
+    if entity_set is None:
+        raise ValueError(f"a customer lookup points at an account or a contact, not {table!r}")
+    navigation = f"{column(lookup)}_{table}@odata.bind"
+    if record_id is None:
+        return {navigation: None}
+    return {navigation: f"/{entity_set}({uuid.UUID(str(record_id))})"}
+
+
+def _close_time(moment: date | datetime) -> str:
+    """An `OpportunityClose.actualend` (Edm.DateTimeOffset, shown as a date in the user's zone):
+    a datetime as given (naive = UTC); a date at 12:00 UTC, which is that same date in every
+    zone from UTC-11 to UTC+11."""
+    if isinstance(moment, datetime):
+        aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return aware.isoformat(timespec="seconds")
+    return f"{moment.isoformat()}T12:00:00Z"
 
 
 def _record_path(entity_set: str, key: str | dict[str, object]) -> str:

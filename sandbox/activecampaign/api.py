@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from sandbox.activecampaign import imports, ops, views
+from sandbox.activecampaign import deals, imports, ops, views
 from sandbox.activecampaign.imports import ImportQueue
 from sandbox.activecampaign.ratelimit import Overload, SlidingWindow, TokenBucket, scaled_imports
 from sandbox.activecampaign.store import ApiError, Store, not_found
@@ -175,12 +175,16 @@ def build_api(emu: Emulator) -> APIRouter:
             views.account_contact(r, base)
             for r in db.execute(views.ACCOUNT_CONTACT_SELECT + " WHERE contact_id = ?", (cid,))
         ]
+        contact_deals = [
+            views.deal(r, base)
+            for r in db.execute(views.DEAL_SELECT + " WHERE d.contact_id = ? ORDER BY d.id", (cid,))
+        ]
         contact = envelope["contact"]
         contact.update(
             contactAutomations=[],
             contactLists=[item["id"] for item in lists],
             geoIps=[],
-            deals=[],
+            deals=[item["id"] for item in contact_deals],
             accountContacts=[item["id"] for item in accounts],
         )
         return reply(
@@ -189,7 +193,7 @@ def build_api(emu: Emulator) -> APIRouter:
                 "contactData": [],
                 "contactGoals": [],
                 "contactLists": lists,
-                "deals": [],
+                "deals": contact_deals,
                 "fieldValues": envelope["fieldValues"],
                 "geoAddresses": [],
                 "geoIps": [],
@@ -241,6 +245,26 @@ def build_api(emu: Emulator) -> APIRouter:
         base = base_url(request)
         rows = db.execute(views.CONTACT_LIST_SELECT + " WHERE contact_id = ? ORDER BY id", (cid,))
         return reply({"contactLists": [views.contact_list(r, base) for r in rows]})
+
+    @api.get("/contacts/{contact_id}/deals")
+    def deals_of(request: Request, contact_id: str) -> JSONResponse:
+        # The deals whose primary contact this is (spec); limit/offset ignored (UNCONFIRMED).
+        db = store.conn()
+        cid = ops.require_contact(db, ops.as_int(contact_id))
+        base = base_url(request)
+        rows = db.execute(views.DEAL_SELECT + " WHERE d.contact_id = ? ORDER BY d.id", (cid,))
+        return reply({"deals": [views.deal(r, base) for r in rows]})
+
+    @api.get("/contacts/{contact_id}/accountContacts")
+    def account_contacts_of_contact(request: Request, contact_id: str) -> JSONResponse:
+        # Spec: `{"accountContacts":[...]}` (no meta); 404 "No Result found for Subscriber".
+        db = store.conn()
+        cid = ops.require_contact(db, ops.as_int(contact_id))
+        base = base_url(request)
+        rows = db.execute(
+            views.ACCOUNT_CONTACT_SELECT + " WHERE contact_id = ? ORDER BY id", (cid,)
+        )
+        return reply({"accountContacts": [views.account_contact(r, base) for r in rows]})
 
     # ---- tags --------------------------------------------------------------------------
 
@@ -511,6 +535,9 @@ def build_api(emu: Emulator) -> APIRouter:
 
     @api.get("/accounts")
     def list_accounts(request: Request) -> JSONResponse:
+        # Documented: `search` (name contains) and `count_deals`. Anything else (`filters[name]`,
+        # `orders[...]`) is not documented and is ignored like any unknown parameter: look an
+        # account up with `search` and compare the names yourself.
         params = request.query_params
         limit, offset = ops.paging(params)
         where, args = "", []
@@ -522,25 +549,55 @@ def build_api(emu: Emulator) -> APIRouter:
             views.ACCOUNT_SELECT + where + " ORDER BY a.id LIMIT ? OFFSET ?", [*args, limit, offset]
         )
         base = base_url(request)
-        return reply({"accounts": [views.account(r, base) for r in rows], "meta": {"total": total}})
+        counts = params.get("count_deals", "").strip().lower() in ("1", "true")
+        return reply(
+            {
+                "accounts": [views.account(r, base, counts=counts) for r in rows],
+                "meta": {"total": total},
+            }
+        )
 
     def _account(account_id: int | None, base: str) -> dict[str, Any]:
-        row = (
-            store.conn().execute(views.ACCOUNT_SELECT + " WHERE a.id = ?", (account_id,)).fetchone()
+        db = store.conn()
+        aid = ops.require_account(db, account_id)
+        return views.account(
+            db.execute(views.ACCOUNT_SELECT + " WHERE a.id = ?", (aid,)).fetchone(), base
         )
-        if row is None:
-            raise not_found("Account", account_id if account_id is not None else "")
-        return views.account(row, base)
+
+    def _account_written(account_id: int, base: str) -> dict[str, Any]:
+        """What POST and PUT answer: the account with `links: []` and its `fields` (spec)."""
+        account = _account(account_id, base)
+        sid = account.pop("id")
+        account["links"] = []
+        account["fields"] = [
+            views.record_field(r, "account")
+            for r in store.conn().execute(
+                f"SELECT {deals.DATA_COLUMNS} FROM account_field_data WHERE owner_id = ?"
+                " ORDER BY field_id",
+                (account_id,),
+            )
+        ]
+        account["id"] = sid
+        return {"account": account}
 
     @api.post("/accounts")
     def create_account(request: Request, body: JsonBody) -> JSONResponse:
         with store.write() as tx:
             account_id = ops.create_account(tx, body)
-        account = _account(account_id, base_url(request))
-        for key in ("contactCount", "dealCount"):
-            account.pop(key)
-        account.update(links=[], fields=[])
-        return reply({"account": account}, 201)
+        return reply(_account_written(account_id, base_url(request)), 201)
+
+    @api.delete("/accounts/bulk_delete")
+    def bulk_delete_accounts(request: Request) -> JSONResponse:
+        # Spec: DELETE with the ids in the query (`ids[]=1&ids[]=2`; the spec spells the
+        # parameter `[]ids`, also accepted) -> {"meta":{"success":true}}. Unknown ids are
+        # skipped (UNCONFIRMED).
+        params = request.query_params
+        ids = ops.id_list(params) or ops.id_list(params, r"\[\]ids")
+        if ids is None:
+            raise ApiError(400, {})
+        with store.write() as tx:
+            ops.delete_accounts(tx, ids)
+        return reply({"meta": {"success": True}})
 
     @api.get("/accounts/{account_id}")
     def get_account(request: Request, account_id: str) -> JSONResponse:
@@ -550,16 +607,24 @@ def build_api(emu: Emulator) -> APIRouter:
     def update_account(request: Request, account_id: str, body: JsonBody) -> JSONResponse:
         with store.write() as tx:
             aid = ops.update_account(tx, ops.as_int(account_id), body)
-        return reply({"account": _account(aid, base_url(request))})
+        return reply(_account_written(aid, base_url(request)))
 
     @api.delete("/accounts/{account_id}")
     def delete_account(account_id: str) -> JSONResponse:
-        aid = ops.as_int(account_id)
         with store.write() as tx:
-            if not tx.db.execute("DELETE FROM accounts WHERE id = ?", (aid,)).rowcount:
-                raise not_found("Account", account_id)
-            tx.db.execute("DELETE FROM account_contacts WHERE account_id = ?", (aid,))
+            ops.delete_account(tx, ops.as_int(account_id))
         return reply({})
+
+    @api.get("/accounts/{account_id}/accountContacts")
+    def account_contacts_of(request: Request, account_id: str) -> JSONResponse:
+        # The account's `links.accountContacts` (UNCONFIRMED shape: the list's, without meta).
+        db = store.conn()
+        aid = ops.require_account(db, ops.as_int(account_id))
+        rows = db.execute(
+            views.ACCOUNT_CONTACT_SELECT + " WHERE account_id = ? ORDER BY id", (aid,)
+        )
+        base = base_url(request)
+        return reply({"accountContacts": [views.account_contact(r, base) for r in rows]})
 
     @api.get("/accountContacts")
     def list_account_contacts(request: Request) -> JSONResponse:
@@ -586,25 +651,40 @@ def build_api(emu: Emulator) -> APIRouter:
             }
         )
 
+    def _account_contact(link_id: int | None, base: str) -> dict[str, Any]:
+        db = store.conn()
+        lid = ops.require_account_contact(db, link_id)
+        row = db.execute(views.ACCOUNT_CONTACT_SELECT + " WHERE id = ?", (lid,)).fetchone()
+        return views.account_contact(row, base)
+
     @api.post("/accountContacts")
     def create_account_contact(request: Request, body: JsonBody) -> JSONResponse:
         with store.write() as tx:
             link_id = ops.create_account_contact(tx, body)
-        row = (
-            store.conn()
-            .execute(views.ACCOUNT_CONTACT_SELECT + " WHERE id = ?", (link_id,))
-            .fetchone()
-        )
-        return reply({"accountContact": views.account_contact(row, base_url(request))}, 201)
+        return reply({"accountContact": _account_contact(link_id, base_url(request))}, 201)
+
+    @api.get("/accountContacts/{link_id}")
+    def get_account_contact(request: Request, link_id: str) -> JSONResponse:
+        return reply({"accountContact": _account_contact(ops.as_int(link_id), base_url(request))})
+
+    @api.put("/accountContacts/{link_id}")
+    def update_account_contact(request: Request, link_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            lid = ops.update_account_contact(tx, ops.as_int(link_id), body)
+        return reply({"accountContact": _account_contact(lid, base_url(request))})
 
     @api.delete("/accountContacts/{link_id}")
     def delete_account_contact(link_id: str) -> JSONResponse:
         with store.write() as tx:
-            if not tx.db.execute(
-                "DELETE FROM account_contacts WHERE id = ?", (ops.as_int(link_id),)
-            ).rowcount:
-                raise not_found("AccountContact", link_id)
+            lid = ops.require_account_contact(tx.db, ops.as_int(link_id))
+            tx.db.execute("DELETE FROM account_contacts WHERE id = ?", (lid,))
         return reply({})
+
+    # ---- deals, pipelines, stages, custom fields of deals and accounts -------------------
+
+    _deal_routes(api, emu)
+    for kind in (deals.DEAL_FIELDS, deals.ACCOUNT_FIELDS):
+        _custom_field_routes(api, store, kind)
 
     # ---- bulk import -------------------------------------------------------------------
 
@@ -720,3 +800,377 @@ def build_api(emu: Emulator) -> APIRouter:
         )
 
     return api
+
+
+def _deal_routes(api: APIRouter, emu: Emulator) -> None:
+    """Pipelines (`/dealGroups`), stages (`/dealStages`) and `/deals`.
+
+    Status codes as the spec documents them: POST /deals 201; POST /dealGroups and
+    /dealStages 200 (sic).
+    """
+    store = emu.store
+
+    def stages_of(db: sqlite3.Connection, group_ids: list[int], base: str) -> list[Any]:
+        if not group_ids:
+            return []
+        rows = db.execute(
+            views.DEAL_STAGE_SELECT + f" WHERE group_id IN ({','.join('?' * len(group_ids))})"
+            " ORDER BY group_id, ordernum, id",
+            group_ids,
+        )
+        return [views.deal_stage(r, base) for r in rows]
+
+    def group_shape(db: sqlite3.Connection, group_id: int, base: str) -> dict[str, Any]:
+        row = db.execute(views.DEAL_GROUP_SELECT + " WHERE g.id = ?", (group_id,)).fetchone()
+        stage_ids = [
+            r[0]
+            for r in db.execute(
+                "SELECT id FROM deal_stages WHERE group_id = ? ORDER BY ordernum, id", (group_id,)
+            )
+        ]
+        return views.deal_group(row, base, stage_ids)
+
+    def group_written(group_id: int, base: str, *, with_stages: bool) -> dict[str, Any]:
+        # POST/PUT answers: user and user-group links are not modelled (empty).
+        db = store.conn()
+        group = group_shape(db, group_id, base)
+        group.update(dealGroupGroups=[], dealGroupUsers=[])
+        answer: dict[str, Any] = {"dealGroup": group, "dealGroupGroups": [], "dealGroupUsers": []}
+        if with_stages:
+            answer["dealStages"] = stages_of(db, [group_id], base)
+        return answer
+
+    # ---- pipelines -------------------------------------------------------------------
+
+    @api.get("/dealGroups")
+    def list_deal_groups(request: Request) -> JSONResponse:
+        params = request.query_params
+        where, args, order = deals.group_query(params)
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM deal_groups g" + where, args)
+        ids = [
+            r[0]
+            for r in db.execute(
+                "SELECT g.id FROM deal_groups g" + where + order + " LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            )
+        ]
+        base = base_url(request)
+        return reply(
+            {
+                "dealGroups": [group_shape(db, gid, base) for gid in ids],
+                "dealStages": stages_of(db, ids, base),
+                "meta": {"total": total},
+            }
+        )
+
+    @api.post("/dealGroups")
+    def create_deal_group(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            group_id = deals.create_deal_group(tx, body)
+        return reply(group_written(group_id, base_url(request), with_stages=True))
+
+    @api.get("/dealGroups/{group_id}")
+    def get_deal_group(request: Request, group_id: str) -> JSONResponse:
+        db = store.conn()
+        gid = deals.require_group(db, ops.as_int(group_id))
+        base = base_url(request)
+        return reply(
+            {"dealGroup": group_shape(db, gid, base), "dealStages": stages_of(db, [gid], base)}
+        )
+
+    @api.put("/dealGroups/{group_id}")
+    def update_deal_group(request: Request, group_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            gid = deals.update_deal_group(tx, ops.as_int(group_id), body)
+        return reply(group_written(gid, base_url(request), with_stages=False))
+
+    @api.delete("/dealGroups/{group_id}")
+    def delete_deal_group(group_id: str) -> JSONResponse:
+        with store.write() as tx:
+            deals.delete_deal_group(tx, ops.as_int(group_id))
+        return reply({})
+
+    # ---- stages ----------------------------------------------------------------------
+
+    def stage_shape(stage_id: int | None, base: str) -> dict[str, Any]:
+        db = store.conn()
+        sid = deals.require_stage(db, stage_id)
+        return views.deal_stage(
+            db.execute(views.DEAL_STAGE_SELECT + " WHERE id = ?", (sid,)).fetchone(), base
+        )
+
+    @api.get("/dealStages")
+    def list_deal_stages(request: Request) -> JSONResponse:
+        params = request.query_params
+        where, args, order = deals.stage_query(params)
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        total = _total(db, "SELECT COUNT(*) FROM deal_stages" + where, args)
+        rows = db.execute(
+            views.DEAL_STAGE_SELECT + where + order + " LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
+        base = base_url(request)
+        return reply(
+            {"dealStages": [views.deal_stage(r, base) for r in rows], "meta": {"total": total}}
+        )
+
+    @api.post("/dealStages")
+    def create_deal_stage(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            stage_id = deals.create_deal_stage(tx, body)
+        return reply({"dealStage": stage_shape(stage_id, base_url(request))})
+
+    @api.get("/dealStages/{stage_id}")
+    def get_deal_stage(request: Request, stage_id: str) -> JSONResponse:
+        return reply({"dealStage": stage_shape(ops.as_int(stage_id), base_url(request))})
+
+    @api.put("/dealStages/{stage_id}")
+    def update_deal_stage(request: Request, stage_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            sid = deals.update_deal_stage(tx, ops.as_int(stage_id), body)
+        return reply({"dealStage": stage_shape(sid, base_url(request))})
+
+    @api.delete("/dealStages/{stage_id}")
+    def delete_deal_stage(stage_id: str) -> JSONResponse:
+        with store.write() as tx:
+            deals.delete_deal_stage(tx, ops.as_int(stage_id))
+        return reply({})
+
+    @api.put("/dealStages/{stage_id}/deals")
+    def move_stage_deals(request: Request, stage_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            moved = deals.move_stage_deals(tx, ops.as_int(stage_id), body)
+        base = base_url(request)
+        db = store.conn()
+        rows = db.execute(
+            views.DEAL_SELECT + f" WHERE d.id IN ({','.join('?' * len(moved))}) ORDER BY d.id",
+            moved,
+        )
+        return reply({"deals": [views.deal(r, base) for r in rows]})
+
+    # ---- deals -----------------------------------------------------------------------
+
+    def deal_shape(deal_id: int | None, base: str) -> dict[str, Any]:
+        db = store.conn()
+        did = deals.require_deal(db, deal_id)
+        return views.deal(
+            db.execute(views.DEAL_SELECT + " WHERE d.id = ?", (did,)).fetchone(), base
+        )
+
+    def deal_written(deal_id: int, base: str) -> dict[str, Any]:
+        """What POST and PUT answer (spec): the primary contact side-loaded, the deal with its
+        `fields`, and its stage."""
+        db = store.conn()
+        deal = deal_shape(deal_id, base)
+        deal["fields"] = [
+            views.record_field(r, "deal")
+            for r in db.execute(
+                f"SELECT {deals.DATA_COLUMNS} FROM deal_field_data WHERE owner_id = ?"
+                " ORDER BY field_id",
+                (deal_id,),
+            )
+        ]
+        contacts = []
+        if deal["contact"] is not None:
+            row = db.execute(views.CONTACT_SELECT + " WHERE c.id = ?", (int(deal["contact"]),))
+            contacts = [views.contact(row.fetchone(), base)]
+        stage = db.execute(views.DEAL_STAGE_SELECT + " WHERE id = ?", (int(deal["stage"]),))
+        return {
+            "contacts": contacts,
+            "deal": deal,
+            "dealStages": [views.deal_stage(r, base) for r in stage],
+        }
+
+    @api.get("/deals")
+    def list_deals(request: Request) -> JSONResponse:
+        # meta.total is a string here like everywhere (UNCONFIRMED: the spec's example shows
+        # the number 3; a client should accept both). meta.currencies sums the filtered set.
+        params = request.query_params
+        where, args, order = deals.deal_query(params, emu.date_filters, emu.tie_seed())
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        joined = views.DEAL_SELECT[views.DEAL_SELECT.index(" FROM deals d") :]
+        total = _total(db, "SELECT COUNT(*)" + joined + where, args)
+        currencies = {
+            currency.upper(): {"currency": currency.upper(), "total": str(count), "value": str(value)}
+            for currency, count, value in db.execute(
+                "SELECT d.currency, COUNT(*), SUM(d.value)" + joined + where
+                + " GROUP BY d.currency ORDER BY d.currency",
+                args,
+            )
+        }  # fmt: skip
+        rows = db.execute(
+            views.DEAL_SELECT + where + order + " LIMIT ? OFFSET ?", [*args, limit, offset]
+        )
+        base = base_url(request)
+        return reply(
+            {
+                "deals": [views.deal(r, base) for r in rows],
+                "meta": {"currencies": currencies, "total": total},
+            }
+        )
+
+    @api.post("/deals")
+    def create_deal(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            deal_id = deals.create_deal(tx, body)
+        return reply(deal_written(deal_id, base_url(request)), 201)
+
+    @api.get("/deals/{deal_id}")
+    def get_deal(request: Request, deal_id: str) -> JSONResponse:
+        return reply({"deal": deal_shape(ops.as_int(deal_id), base_url(request))})
+
+    @api.put("/deals/{deal_id}")
+    def update_deal(request: Request, deal_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            did = deals.update_deal(tx, ops.as_int(deal_id), body)
+        return reply(deal_written(did, base_url(request)))
+
+    @api.delete("/deals/{deal_id}")
+    def delete_deal(deal_id: str) -> JSONResponse:
+        with store.write() as tx:
+            deals.delete_deal(tx, ops.as_int(deal_id))
+        return reply({})
+
+
+def _custom_field_routes(api: APIRouter, store: Store, kind: deals.FieldKind) -> None:
+    """`/<kind>CustomFieldMeta` and `/<kind>CustomFieldData` for deals or accounts (spec: 200
+    on every write, `{"errors":[{"status":404,"title":"Not Found"}]}` for an unknown id)."""
+    meta_path = f"/{kind.name}CustomFieldMeta"
+    data_path = f"/{kind.name}CustomFieldData"
+    meta_list = f"{kind.name}CustomFieldMeta"
+    data_list = f"{kind.name}CustomFieldData"
+    #: The documented filter of the values list: `filters[dealId]`, `filters[customerAccountId]`.
+    owner_filter = f"filters[{kind.owner_keys[0]}]"
+
+    def meta_shape(field_id: int | None, base: str) -> dict[str, Any]:
+        db = store.conn()
+        fid = deals.require_field_meta(db, kind, field_id)
+        row = db.execute(f"SELECT {deals.META_COLUMNS} FROM {kind.meta_table} WHERE id = ?", (fid,))
+        return views.field_meta(row.fetchone(), base, kind.name)
+
+    def datum_shape(datum_id: int | None, base: str) -> dict[str, Any]:
+        db = store.conn()
+        did = deals.require_field_datum(db, kind, datum_id)
+        row = db.execute(f"SELECT {deals.DATA_COLUMNS} FROM {kind.data_table} WHERE id = ?", (did,))
+        return views.field_datum(row.fetchone(), base, kind.name)
+
+    def values(request: Request, owner_id: int | None) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params)
+        where, args = "", []
+        if owner_id is not None:
+            where, args = " WHERE owner_id = ?", [owner_id]
+        db = store.conn()
+        total = _total(db, f"SELECT COUNT(*) FROM {kind.data_table}" + where, args)
+        rows = db.execute(
+            f"SELECT {deals.DATA_COLUMNS} FROM {kind.data_table}" + where
+            + " ORDER BY id LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )  # fmt: skip
+        base = base_url(request)
+        return reply(
+            {
+                data_list: [views.field_datum(r, base, kind.name) for r in rows],
+                "meta": {"total": total},
+            }
+        )
+
+    @api.get(meta_path)
+    def list_meta(request: Request) -> JSONResponse:
+        params = request.query_params
+        limit, offset = ops.paging(params)
+        db = store.conn()
+        total = _total(db, f"SELECT COUNT(*) FROM {kind.meta_table}", [])
+        rows = db.execute(
+            f"SELECT {deals.META_COLUMNS} FROM {kind.meta_table}"
+            " ORDER BY display_order, id LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        base = base_url(request)
+        return reply(
+            {
+                meta_list: [views.field_meta(r, base, kind.name) for r in rows],
+                "meta": {"total": total},
+            }
+        )
+
+    @api.post(meta_path)
+    def create_meta(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            field_id = deals.create_field_meta(tx, kind, body)
+        return reply({kind.metum: meta_shape(field_id, base_url(request))})
+
+    @api.get(meta_path + "/{field_id}")
+    def get_meta(request: Request, field_id: str) -> JSONResponse:
+        return reply({kind.metum: meta_shape(ops.as_int(field_id), base_url(request))})
+
+    @api.put(meta_path + "/{field_id}")
+    def update_meta(request: Request, field_id: str, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            fid = deals.update_field_meta(tx, kind, ops.as_int(field_id), body)
+        return reply({kind.metum: meta_shape(fid, base_url(request))})
+
+    @api.delete(meta_path + "/{field_id}")
+    def delete_meta(field_id: str) -> JSONResponse:
+        with store.write() as tx:
+            deals.delete_field_meta(tx, kind, ops.as_int(field_id))
+        return reply({"message": f"{kind.title}CustomFieldMeta deleted."})
+
+    @api.get(data_path)
+    def list_data(request: Request) -> JSONResponse:
+        return values(request, ops.as_int(request.query_params.get(owner_filter)))
+
+    @api.get(f"/{kind.owner_table}/{{owner_id}}/{data_list}")
+    def data_of(request: Request, owner_id: str) -> JSONResponse:
+        # The record's `links.<kind>CustomFieldData` (UNCONFIRMED: the list's shape).
+        db = store.conn()
+        if not deals.exists(db, kind.owner_table, ops.as_int(owner_id)):
+            if kind is deals.DEAL_FIELDS:
+                raise not_found("Deal", owner_id)
+            raise not_found("CustomerAccount", owner_id)
+        return values(request, ops.as_int(owner_id))
+
+    @api.post(data_path)
+    def create_datum(request: Request, body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            datum_id = deals.create_field_datum(tx, kind, body)
+        return reply({kind.datum: datum_shape(datum_id, base_url(request))})
+
+    @api.post(data_path + "/bulkCreate")
+    def bulk_create(body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            deals.bulk_create_field_data(tx, kind, body)
+        return reply({"message": "the bulk insert was successful"})
+
+    @api.patch(data_path + "/bulkUpdate")
+    def bulk_update(body: JsonBody) -> JSONResponse:
+        with store.write() as tx:
+            ids = deals.bulk_update_field_data(tx, kind, body)
+        listed = ", ".join(str(i) for i in ids)
+        return reply(
+            {
+                "message": f"{kind.title}CustomFieldDatas with ID(s): {listed} successfully bulk updated."
+            }
+        )
+
+    @api.get(data_path + "/{datum_id}")
+    def get_datum(request: Request, datum_id: str) -> JSONResponse:
+        return reply({kind.datum: datum_shape(ops.as_int(datum_id), base_url(request))})
+
+    @api.put(data_path + "/{datum_id}")
+    def update_datum(request: Request, datum_id: str, body: JsonBody) -> JSONResponse:
+        data = body.get(kind.datum) if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise ApiError(400, {})
+        with store.write() as tx:
+            did = deals.update_field_datum(tx, kind, ops.as_int(datum_id), data)
+        return reply({kind.datum: datum_shape(did, base_url(request))})
+
+    @api.delete(data_path + "/{datum_id}")
+    def delete_datum(datum_id: str) -> JSONResponse:
+        with store.write() as tx:
+            deals.delete_field_datum(tx, kind, ops.as_int(datum_id))
+        return reply({"message": f"{kind.title}CustomFieldData deleted."})

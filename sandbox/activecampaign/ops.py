@@ -37,6 +37,12 @@ WEBHOOK_EVENTS = (
     "deal_tasktype_add", "deal_update", "forward", "list_add", "open", "reply", "sent", "share",
     "sms_reply", "sms_sent", "sms_unsub", "subscribe", "subscriber_note", "unsubscribe", "update",
 )  # fmt: skip
+#: Events a webhook may also subscribe to although `/webhook/events` does not list them (the
+#: reference §2.13: the `listid` description names them).
+EXTRA_WEBHOOK_EVENTS = (
+    "account_add", "account_update", "account_contact_add", "account_contact_update",
+    "contact_task_add",
+)  # fmt: skip
 WEBHOOK_SOURCES = frozenset({"public", "admin", "api", "system"})
 LIST_STATUSES = {0: "unconfirmed", 1: "active", 2: "unsubscribed", 3: "bounced"}
 
@@ -284,6 +290,8 @@ def delete_contact(tx: Tx, contact_id: int | None) -> None:
         raise ApiError(404, {"message": f"No result found for contact with id {contact_id}"})
     for table in ("contact_tags", "field_values", "contact_lists", "account_contacts"):
         tx.db.execute(f"DELETE FROM {table} WHERE contact_id = ?", (contact_id,))
+    # Its deals stay, without a primary contact (UNCONFIRMED).
+    tx.db.execute("UPDATE deals SET contact_id = NULL WHERE contact_id = ?", (contact_id,))
     tx.db.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))
 
 
@@ -832,6 +840,11 @@ def write_contact_list(tx: Tx, body: Any) -> tuple[int, int]:
 
 
 # ---- accounts -----------------------------------------------------------------------------
+# Account names are unique compared case-insensitively (reference §2.12: a duplicate name is a
+# 422 `duplicate`; the case rule is UNCONFIRMED: AC runs on MySQL, whose default collation
+# compares text without case, so "acme" collides with "Acme" there too). The custom `fields`
+# of an account and the owner check live in `deals` (imported in the functions: it imports
+# this module).
 
 
 def _account_name_taken(name: str) -> ApiError:
@@ -862,8 +875,33 @@ def insert_account(
     return int(cursor.lastrowid or 0)
 
 
+def require_account(db: sqlite3.Connection, account_id: int | None) -> int:
+    """The account id, or a 404 (`CustomerAccount`, AC's model name as in its other 404s:
+    UNCONFIRMED)."""
+    if (
+        account_id is None
+        or not db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone()
+    ):
+        raise not_found("CustomerAccount", account_id if account_id is not None else "")
+    return account_id
+
+
+def _account_owner(data: dict[str, Any]) -> tuple[int | None, list[dict[str, Any]]]:
+    from sandbox.activecampaign import deals
+
+    if data.get("owner") in (None, ""):
+        return None, []
+    owner = as_int(data["owner"])
+    if owner not in deals.USERS:
+        return None, [deals.error(f"No user with id {data['owner']!r}.", "field_invalid", "owner")]
+    return owner, []
+
+
 def create_account(tx: Tx, body: Any) -> int:
-    """POST /accounts: `name` required and unique (case-insensitive)."""
+    """POST /accounts: `name` required and unique (case-insensitive); `accountUrl`, `owner`
+    (default 1), `fields` (custom values); fires account_add."""
+    from sandbox.activecampaign import deals
+
     data = body.get("account") if isinstance(body, dict) else None
     if not isinstance(data, dict):
         raise ApiError(400, {})
@@ -872,19 +910,22 @@ def create_account(tx: Tx, body: Any) -> int:
         raise json_api_error(422, "The account name was not provided.", "field_missing", "name")
     if find_account(tx.db, name) is not None:
         raise _account_name_taken(name)
+    owner, errors = _account_owner(data)
+    items, field_errors = deals.parse_fields(tx.db, deals.ACCOUNT_FIELDS, data.get("fields"))
+    deals.refuse(errors + field_errors)
     url = data.get("accountUrl")
-    return insert_account(
-        tx.db, name, as_text(url) if url else None, as_int(data.get("owner")) or 1
-    )
+    account_id = insert_account(tx.db, name, as_text(url) if url else None, owner or 1)
+    deals.upsert_values(tx, deals.ACCOUNT_FIELDS, account_id, items)
+    tx.emit("account_add", 0, account_id=account_id)
+    return account_id
 
 
 def update_account(tx: Tx, account_id: int | None, body: Any) -> int:
-    """PUT /accounts/{id}."""
-    if (
-        account_id is None
-        or not tx.db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone()
-    ):
-        raise not_found("Account", account_id if account_id is not None else "")
+    """PUT /accounts/{id}: change what was given; updatedTimestamp moves on every update;
+    fires account_update."""
+    from sandbox.activecampaign import deals
+
+    account_id = require_account(tx.db, account_id)
     data = body.get("account") if isinstance(body, dict) else None
     if not isinstance(data, dict):
         raise ApiError(400, {})
@@ -899,13 +940,39 @@ def update_account(tx: Tx, account_id: int | None, body: Any) -> int:
             "UPDATE accounts SET name = ?, name_lc = ? WHERE id = ?",
             (name, name.lower(), account_id),
         )
+    user, errors = _account_owner(data)
+    items, field_errors = deals.parse_fields(tx.db, deals.ACCOUNT_FIELDS, data.get("fields"))
+    deals.refuse(errors + field_errors)
+    if user is not None:
+        tx.db.execute("UPDATE accounts SET owner = ? WHERE id = ?", (user, account_id))
     if "accountUrl" in data:
         tx.db.execute(
             "UPDATE accounts SET account_url = ? WHERE id = ?",
             (as_text(data["accountUrl"]) or None, account_id),
         )
+    deals.upsert_values(tx, deals.ACCOUNT_FIELDS, account_id, items)
     tx.db.execute("UPDATE accounts SET udate = ? WHERE id = ?", (now(), account_id))
+    tx.emit("account_update", 0, account_id=account_id)
     return account_id
+
+
+def delete_accounts(tx: Tx, account_ids: Iterable[int]) -> int:
+    """Delete accounts with their contact associations and custom field values; their deals
+    stay, without an account (UNCONFIRMED). Returns how many existed."""
+    deleted = 0
+    for account_id in account_ids:
+        if not tx.db.execute("DELETE FROM accounts WHERE id = ?", (account_id,)).rowcount:
+            continue
+        deleted += 1
+        tx.db.execute("DELETE FROM account_contacts WHERE account_id = ?", (account_id,))
+        tx.db.execute("DELETE FROM account_field_data WHERE owner_id = ?", (account_id,))
+        tx.db.execute("UPDATE deals SET account_id = NULL WHERE account_id = ?", (account_id,))
+    return deleted
+
+
+def delete_account(tx: Tx, account_id: int | None) -> None:
+    """DELETE /accounts/{id} (200 `{}`): with its accountContacts and custom field values."""
+    delete_accounts(tx, [require_account(tx.db, account_id)])
 
 
 def link_account(db: sqlite3.Connection, contact_id: int, account_id: int, job_title: str) -> int:
@@ -919,27 +986,82 @@ def link_account(db: sqlite3.Connection, contact_id: int, account_id: int, job_t
     return int(cursor.lastrowid or 0)
 
 
+def _contact_has_account() -> ApiError:
+    # The spec's example, POST /accountContacts 422 "Alredy Existing".
+    return json_api_error(
+        422,
+        "This contact is already associated with an account. We currently do not support"
+        " contacts on multiple accounts.",
+        "field_invalid",
+        "account,contact",
+    )
+
+
+def require_account_contact(db: sqlite3.Connection, link_id: int | None) -> int:
+    """The association id, or the documented 404 (`CustomerAccountSubscriber`)."""
+    if (
+        link_id is None
+        or not db.execute("SELECT 1 FROM account_contacts WHERE id = ?", (link_id,)).fetchone()
+    ):
+        raise not_found("CustomerAccountSubscriber", link_id if link_id is not None else "")
+    return link_id
+
+
 def create_account_contact(tx: Tx, body: Any) -> int:
-    """POST /accountContacts: a contact belongs to at most one account (else 422 field_invalid)."""
+    """POST /accountContacts: a contact belongs to at most one account (else 422 field_invalid).
+
+    Missing attribute: the spec's 422 "The account attribute was not provided". An unknown
+    contact or account is a 404 (UNCONFIRMED). Fires account_contact_add.
+    """
     data = body.get("accountContact") if isinstance(body, dict) else None
     if not isinstance(data, dict):
         raise ApiError(400, {})
-    for attribute in ("contact", "account"):
+    for attribute in ("account", "contact"):
         if as_int(data.get(attribute)) is None:
             raise json_api_error(
-                422, f"The {attribute} was not provided.", "field_missing", attribute
+                422, f"The {attribute} attribute was not provided", "field_missing", attribute
             )
     contact_id = require_contact(tx.db, as_int(data.get("contact")))
-    account_id = as_int(data.get("account")) or 0
-    if not tx.db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone():
-        raise not_found("Account", account_id)
+    account_id = require_account(tx.db, as_int(data.get("account")))
     if tx.db.execute(
         "SELECT 1 FROM account_contacts WHERE contact_id = ?", (contact_id,)
     ).fetchone():
-        raise json_api_error(
-            422, "The contact is already associated with an account.", "field_invalid", "contact"
-        )
-    return link_account(tx.db, contact_id, account_id, as_text(data.get("jobTitle")))
+        raise _contact_has_account()
+    link_id = link_account(tx.db, contact_id, account_id, as_text(data.get("jobTitle")))
+    tx.emit("account_contact_add", contact_id, account_id=account_id, link_id=link_id)
+    return link_id
+
+
+def update_account_contact(tx: Tx, link_id: int | None, body: Any) -> int:
+    """PUT /accountContacts/{id}: `jobTitle`, or move it to another `account` or `contact`
+    (the one-account rule holds). Fires account_contact_update."""
+    link_id = require_account_contact(tx.db, link_id)
+    data = body.get("accountContact") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        raise ApiError(400, {})
+    contact_id, account_id = tx.db.execute(
+        "SELECT contact_id, account_id FROM account_contacts WHERE id = ?", (link_id,)
+    ).fetchone()
+    if "contact" in data:
+        new_contact = require_contact(tx.db, as_int(data["contact"]))
+        if (
+            new_contact != contact_id
+            and tx.db.execute(
+                "SELECT 1 FROM account_contacts WHERE contact_id = ?", (new_contact,)
+            ).fetchone()
+        ):
+            raise _contact_has_account()
+        contact_id = new_contact
+    if "account" in data:
+        account_id = require_account(tx.db, as_int(data["account"]))
+    sets = ["contact_id = ?", "account_id = ?", "udate = ?"]
+    args: list[Any] = [contact_id, account_id, now()]
+    if "jobTitle" in data:
+        sets.append("job_title = ?")
+        args.append(as_text(data["jobTitle"]))
+    tx.db.execute(f"UPDATE account_contacts SET {', '.join(sets)} WHERE id = ?", (*args, link_id))
+    tx.emit("account_contact_update", contact_id, account_id=account_id, link_id=link_id)
+    return link_id
 
 
 # ---- webhooks -----------------------------------------------------------------------------
@@ -967,7 +1089,8 @@ def _webhook_input(tx: Tx, body: Any, *, partial: bool) -> dict[str, Any]:
             raise json_api_error(
                 422, "HTTPS webhook URLs must use port 443.", "field_invalid", "url"
             )
-    for attribute, allowed in (("events", set(WEBHOOK_EVENTS)), ("sources", WEBHOOK_SOURCES)):
+    events = {*WEBHOOK_EVENTS, *EXTRA_WEBHOOK_EVENTS}
+    for attribute, allowed in (("events", events), ("sources", WEBHOOK_SOURCES)):
         if attribute in data or not partial:
             values = data.get(attribute)
             if not isinstance(values, list) or not values:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sandbox.activecampaign import ops
+from sandbox.activecampaign import deals, ops
 from sandbox.activecampaign.store import Store, Tx
 
 # Seeded timestamps lie in a fixed past window, so the same seed gives the same data any day.
@@ -136,7 +136,8 @@ def _write(
 
 def seed_activecampaign(data_dir: Path, *, seed: int, contacts: int) -> dict[str, int]:
     """Write `contacts` deterministic fake contacts (upserted by email) plus the COMPANY and
-    JOB_TITLE fields and a few marketing tags. Works whether or not the server is running.
+    JOB_TITLE fields, a few marketing tags and, when there is no pipeline, the default pipeline
+    with its three stages. Works whether or not the server is running.
     """
     store = Store(data_dir)
     rng = random.Random(seed)
@@ -145,6 +146,13 @@ def seed_activecampaign(data_dir: Path, *, seed: int, contacts: int) -> dict[str
     with store.write(source="import", publish=False) as tx:
         field_ids = {perstag: _ensure_field(tx, perstag, title) for perstag, title in SEED_FIELDS}
         tag_ids = {name: ops.ensure_tag(tx.db, name) for name in TAGS}
+        # AC accounts come with a pipeline: one with its three default stages, if none exists.
+        if (pipeline := deals.ensure_default_pipeline(tx)) is not None:
+            tx.db.execute(  # dated like the rest of the seed: same seed, same data, any day
+                "UPDATE deal_groups SET cdate = ?, udate = ? WHERE id = ?",
+                (_WINDOW_START, _WINDOW_START, pipeline),
+            )
+        pipelines = int(tx.db.execute("SELECT COUNT(*) FROM deal_groups").fetchone()[0])
     for start in range(0, contacts, batch):
         with store.write(source="import", publish=False) as tx:
             for index in range(start, min(start + batch, contacts)):
@@ -157,4 +165,5 @@ def seed_activecampaign(data_dir: Path, *, seed: int, contacts: int) -> dict[str
         "contacts_updated": updated,
         "fields": 2,
         "tags": len(TAGS),
+        "pipelines": pipelines,
     }

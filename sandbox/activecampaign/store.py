@@ -126,6 +126,108 @@ CREATE TABLE IF NOT EXISTS account_contacts (
 );
 CREATE INDEX IF NOT EXISTS account_contacts_account ON account_contacts(account_id);
 
+CREATE TABLE IF NOT EXISTS deal_groups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    allgroups INTEGER NOT NULL DEFAULT 1,
+    allusers INTEGER NOT NULL DEFAULT 0,
+    autoassign INTEGER NOT NULL DEFAULT 1,
+    users TEXT NOT NULL DEFAULT '[]',
+    cdate INTEGER NOT NULL,
+    udate INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS deal_stages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    ordernum INTEGER NOT NULL,
+    color TEXT NOT NULL DEFAULT '32B0FC',
+    deal_order TEXT NOT NULL DEFAULT 'next-action DESC',
+    card1 TEXT NOT NULL DEFAULT 'title',
+    card2 TEXT NOT NULL DEFAULT 'next-action',
+    card3 TEXT NOT NULL DEFAULT 'show-avatar',
+    card4 TEXT NOT NULL DEFAULT 'contact-fullname-orgname',
+    card5 TEXT NOT NULL DEFAULT 'value',
+    width INTEGER NOT NULL DEFAULT 280,
+    cdate INTEGER,
+    udate INTEGER
+);
+CREATE INDEX IF NOT EXISTS deal_stages_group ON deal_stages(group_id, ordernum);
+
+CREATE TABLE IF NOT EXISTS deals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    account_id INTEGER,
+    contact_id INTEGER,
+    value INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    group_id INTEGER NOT NULL,
+    stage_id INTEGER NOT NULL,
+    owner INTEGER NOT NULL,
+    percent INTEGER NOT NULL DEFAULT 0,
+    status INTEGER NOT NULL DEFAULT 0,
+    hash TEXT NOT NULL,
+    cdate INTEGER NOT NULL,
+    mdate INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deals_mdate ON deals(mdate);
+CREATE INDEX IF NOT EXISTS deals_stage ON deals(stage_id);
+CREATE INDEX IF NOT EXISTS deals_contact ON deals(contact_id);
+CREATE INDEX IF NOT EXISTS deals_account ON deals(account_id);
+
+CREATE TABLE IF NOT EXISTS deal_field_meta (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL,
+    type TEXT NOT NULL,
+    options TEXT,
+    default_value TEXT,
+    default_currency TEXT,
+    form_visible INTEGER NOT NULL DEFAULT 0,
+    required INTEGER NOT NULL DEFAULT 0,
+    display_order INTEGER NOT NULL DEFAULT 1,
+    cdate INTEGER NOT NULL,
+    udate INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS deal_field_data (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner_id INTEGER NOT NULL,
+    field_id INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    currency TEXT,
+    cdate INTEGER NOT NULL,
+    udate INTEGER NOT NULL,
+    UNIQUE (owner_id, field_id)
+);
+
+CREATE TABLE IF NOT EXISTS account_field_meta (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL,
+    type TEXT NOT NULL,
+    options TEXT,
+    default_value TEXT,
+    default_currency TEXT,
+    form_visible INTEGER NOT NULL DEFAULT 0,
+    required INTEGER NOT NULL DEFAULT 0,
+    display_order INTEGER NOT NULL DEFAULT 1,
+    cdate INTEGER NOT NULL,
+    udate INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS account_field_data (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner_id INTEGER NOT NULL,
+    field_id INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    currency TEXT,
+    cdate INTEGER NOT NULL,
+    udate INTEGER NOT NULL,
+    UNIQUE (owner_id, field_id)
+);
+
 CREATE TABLE IF NOT EXISTS webhooks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
@@ -161,6 +263,13 @@ TABLES = (
     "contact_lists",
     "accounts",
     "account_contacts",
+    "deal_groups",
+    "deal_stages",
+    "deals",
+    "deal_field_meta",
+    "deal_field_data",
+    "account_field_meta",
+    "account_field_data",
     "webhooks",
     "import_batches",
 )
@@ -290,6 +399,10 @@ class Event:
     at: int
     list_id: int = 0
     tag: str = ""
+    #: The deal, account or account-contact association a deal_* / account_* event is about.
+    deal_id: int = 0
+    account_id: int = 0
+    link_id: int = 0
 
 
 @dataclass
@@ -307,9 +420,21 @@ class Tx:
         """The time this transaction's writes carry."""
         return self.at if self.at is not None else now()
 
-    def emit(self, kind: str, contact_id: int, *, list_id: int = 0, tag: str = "") -> None:
+    def emit(
+        self,
+        kind: str,
+        contact_id: int,
+        *,
+        list_id: int = 0,
+        tag: str = "",
+        deal_id: int = 0,
+        account_id: int = 0,
+        link_id: int = 0,
+    ) -> None:
         """Record an event for the webhooks (delivered only if the transaction commits)."""
-        self.events.append(Event(kind, contact_id, self.source, now(), list_id, tag))
+        self.events.append(
+            Event(kind, contact_id, self.source, now(), list_id, tag, deal_id, account_id, link_id)
+        )
 
 
 class Store:

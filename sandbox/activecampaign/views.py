@@ -241,28 +241,32 @@ def contact_list(row: tuple[Any, ...], base: str) -> dict[str, Any]:
 
 ACCOUNT_SELECT = (
     "SELECT a.id, a.name, a.account_url, a.cdate, a.udate,"
-    " (SELECT COUNT(*) FROM account_contacts ac WHERE ac.account_id = a.id) FROM accounts a"
+    " (SELECT COUNT(*) FROM account_contacts ac WHERE ac.account_id = a.id),"
+    " (SELECT COUNT(*) FROM deals d WHERE d.account_id = a.id) FROM accounts a"
 )
 
 
-def account(row: tuple[Any, ...], base: str) -> dict[str, Any]:
-    """An account (an `ACCOUNT_SELECT` row)."""
-    aid, name, url, cdate, udate, contact_count = row
+def account(row: tuple[Any, ...], base: str, *, counts: bool | None = None) -> dict[str, Any]:
+    """An account (an `ACCOUNT_SELECT` row). `counts`: None = no counts (GET one, as the spec's
+    example); True = `contactCount`/`dealCount` counted (a list with `count_deals`); False =
+    both "0" (a list without it: "simply displayed as 0", spec)."""
+    aid, name, url, cdate, udate, contact_count, deal_count = row
     sid = str(aid)
     prefix = f"{base}/api/3/accounts/{sid}/"
-    return {
+    shaped: dict[str, Any] = {
         "name": name,
         "accountUrl": url,
         "createdTimestamp": iso(cdate),
         "updatedTimestamp": iso(udate),
-        "contactCount": str(contact_count),
-        "dealCount": "0",
-        "links": {
-            name_: prefix + name_
-            for name_ in ("notes", "accountCustomFieldData", "accountContacts")
-        },
-        "id": sid,
     }
+    if counts is not None:
+        shaped["contactCount"] = str(contact_count) if counts else "0"
+        shaped["dealCount"] = str(deal_count) if counts else "0"
+    shaped["links"] = {
+        name_: prefix + name_ for name_ in ("notes", "accountCustomFieldData", "accountContacts")
+    }
+    shaped["id"] = sid
+    return shaped
 
 
 ACCOUNT_CONTACT_SELECT = (
@@ -304,3 +308,180 @@ def webhook(row: tuple[Any, ...], base: str) -> dict[str, Any]:
         "links": [],
         "id": str(wid),
     }
+
+
+# ---- pipelines, stages, deals, custom fields of deals and accounts -------------------------
+
+DEAL_GROUP_SELECT = (
+    "SELECT g.id, g.title, g.currency, g.allgroups, g.allusers, g.autoassign, g.cdate, g.udate"
+    " FROM deal_groups g"
+)
+
+
+def deal_group(row: tuple[Any, ...], base: str, stage_ids: list[int]) -> dict[str, Any]:
+    """A pipeline (a `DEAL_GROUP_SELECT` row) with the ids of its stages."""
+    gid, title, currency, allgroups, allusers, autoassign, cdate, udate = row
+    sid = str(gid)
+    prefix = f"{base}/api/3/dealGroups/{sid}/"
+    return {
+        "allgroups": str(allgroups),
+        "allusers": str(allusers),
+        "autoassign": str(autoassign),
+        "cdate": iso(cdate),
+        "currency": currency,
+        "id": sid,
+        "links": {name: prefix + name for name in ("dealGroupGroups", "dealGroupUsers", "stages")},
+        "stages": [str(stage_id) for stage_id in stage_ids],
+        "title": title,
+        "udate": iso(udate),
+    }
+
+
+DEAL_STAGE_SELECT = (
+    "SELECT id, group_id, title, ordernum, color, deal_order, card1, card2, card3, card4, card5,"
+    " width, cdate, udate FROM deal_stages"
+)
+
+
+def deal_stage(row: tuple[Any, ...], base: str) -> dict[str, Any]:
+    """A pipeline stage (a `DEAL_STAGE_SELECT` row)."""
+    sid_, group_id, title, order, color, deal_order, c1, c2, c3, c4, c5, width, cdate, udate = row
+    sid = str(sid_)
+    return {
+        "cardRegion1": c1,
+        "cardRegion2": c2,
+        "cardRegion3": c3,
+        "cardRegion4": c4,
+        "cardRegion5": c5,
+        "cdate": iso(cdate),
+        "color": color,
+        "dealOrder": deal_order,
+        "group": str(group_id),
+        "id": sid,
+        "links": {"group": f"{base}/api/3/dealStages/{sid}/group"},
+        "order": str(order),
+        "title": title,
+        "udate": iso(udate),
+        "width": str(width),
+    }
+
+
+# The joins serve the deal search and the contact_name / contact_orgname orders.
+DEAL_SELECT = (
+    "SELECT d.id, d.title, d.description, d.account_id, d.contact_id, d.value, d.currency,"
+    " d.group_id, d.stage_id, d.owner, d.percent, d.status, d.hash, d.cdate, d.mdate FROM deals d"
+    " LEFT JOIN contacts c ON c.id = d.contact_id LEFT JOIN accounts a ON a.id = d.account_id"
+)
+_DEAL_LINKS = (
+    "dealActivities", "contact", "contactDeals", "group", "nextTask", "notes", "account",
+    "customerAccount", "organization", "owner", "scoreValues", "stage", "tasks",
+    "dealCustomFieldData",
+)  # fmt: skip
+
+
+def deal(row: tuple[Any, ...], base: str) -> dict[str, Any]:
+    """A deal (a `DEAL_SELECT` row): numbers as strings, `value` in cents."""
+    (did, title, description, account_id, contact_id, value, currency, group_id, stage_id,
+     owner, percent, status, hash_, cdate, mdate) = row  # fmt: skip
+    sid = str(did)
+    account_ref = str(account_id) if account_id is not None else None
+    prefix = f"{base}/api/3/deals/{sid}/"
+    return {
+        "hash": hash_,
+        "owner": str(owner),
+        "contact": str(contact_id) if contact_id is not None else None,
+        "organization": account_ref,
+        "group": str(group_id),
+        "stage": str(stage_id),
+        "title": title,
+        "description": description,
+        "percent": str(percent),
+        "cdate": iso(cdate),
+        "mdate": iso(mdate),
+        "nextdate": None,
+        "nexttaskid": None,
+        "value": str(value),
+        "currency": currency,
+        "winProbability": None,
+        "winProbabilityMdate": None,
+        "status": str(status),
+        "activitycount": "0",
+        "nextdealid": sid,
+        "edate": None,
+        "links": {name: prefix + name for name in _DEAL_LINKS},
+        "id": sid,
+        "isDisabled": False,
+        "account": account_ref,
+        "customerAccount": account_ref,
+    }
+
+
+def field_meta(row: tuple[Any, ...], base: str, kind: str) -> dict[str, Any]:
+    """A deal or account custom field (`deals.META_COLUMNS`); `kind` is "deal" or "account".
+    As the spec shows: id a string, flags and order numbers, plain timestamps."""
+    (
+        fid,
+        label,
+        type_,
+        options,
+        default,
+        default_currency,
+        visible,
+        required,
+        order,
+        cdate,
+        udate,
+    ) = row
+    sid = str(fid)
+    return {
+        "id": sid,
+        "fieldLabel": label,
+        "fieldType": type_,
+        "fieldOptions": json.loads(options) if options is not None else None,
+        "fieldDefault": json.loads(default) if default is not None else None,
+        "fieldDefaultCurrency": default_currency,
+        "isFormVisible": visible,
+        "isRequired": required,
+        "displayOrder": order,
+        "personalization": "",
+        "knownFieldId": None,
+        "hideFieldFlag": 0,
+        "createdTimestamp": plain_local(cdate),
+        "updatedTimestamp": plain_local(udate),
+        "links": {
+            f"{kind}CustomFieldData": f"{base}/api/3/{kind}CustomFieldMeta/{sid}/{kind}CustomFieldData"
+        },
+    }
+
+
+def field_datum(row: tuple[Any, ...], base: str, kind: str) -> dict[str, Any]:
+    """A deal or account custom field value (`deals.DATA_COLUMNS`), as the spec shows it."""
+    did, owner_id, field_id, value, currency, cdate, udate = row
+    sid = str(did)
+    shaped: dict[str, Any] = {
+        "id": sid,
+        f"{kind}CustomFieldMetumId": field_id,
+        f"{kind}Id": owner_id,
+        "customFieldId": field_id,
+        "createdTimestamp": plain_local(cdate),
+        "updatedTimestamp": plain_local(udate),
+        "fieldValue": json.loads(value),
+    }
+    if currency is not None:
+        shaped["fieldCurrency"] = currency
+    shaped["links"] = {
+        kind: f"{base}/api/3/{kind}CustomFieldData/{sid}/{kind}",
+        f"{kind}CustomFieldMetum": f"{base}/api/3/{kind}CustomFieldData/{sid}/{kind}CustomFieldMetum",
+    }
+    return shaped
+
+
+def record_field(row: tuple[Any, ...], kind: str) -> dict[str, Any]:
+    """One item of a deal's or account's `fields` echo (`{customFieldId, fieldValue,
+    fieldCurrency?, dealId|accountId}`, spec)."""
+    _, owner_id, field_id, value, currency, _, _ = row
+    item: dict[str, Any] = {"customFieldId": field_id, "fieldValue": json.loads(value)}
+    if currency is not None:
+        item["fieldCurrency"] = currency
+    item[f"{kind}Id"] = str(owner_id)
+    return item

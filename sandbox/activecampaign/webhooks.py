@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -12,12 +13,16 @@ from typing import Any
 
 import requests
 
-from sandbox.activecampaign.store import Event, Store, iso
+from sandbox.activecampaign.store import Event, Store, iso, plain_local
 
 log = logging.getLogger(__name__)
 
 # Only these events are scoped by a webhook's `listid`; AC ignores it for tag events and others.
 LIST_EVENTS = frozenset({"subscribe", "unsubscribe"})
+DEAL_EVENTS = frozenset({"deal_add", "deal_update"})
+ACCOUNT_EVENTS = frozenset({"account_add", "account_update"})
+ACCOUNT_CONTACT_EVENTS = frozenset({"account_contact_add", "account_contact_update"})
+CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥", "cad": "$", "aud": "$"}
 DELIVERY_TIMEOUT = 5.0
 
 
@@ -31,18 +36,23 @@ class Delivery:
     payload: list[tuple[str, str]]
 
 
-def build_payload(store: Store, event: Event) -> list[tuple[str, str]] | None:
-    """The PHP-style form fields AC posts (`contact[email]`, ...); None if the contact is gone.
+def _envelope(event: Event) -> list[tuple[str, str]]:
+    return [
+        ("type", event.type),
+        ("date_time", iso(event.at) or ""),
+        ("initiated_from", event.source),
+        ("initiated_by", event.source),
+        ("list", str(event.list_id)),
+    ]
 
-    `contact[tags]` is one comma-separated string and custom fields come as an unlabelled list
-    (`contact[fields][0]`, ...), as real payloads do: receivers should re-fetch the contact.
-    """
-    db = store.conn()
+
+def _contact_block(db: sqlite3.Connection, contact_id: int) -> list[tuple[str, str]] | None:
+    """`contact[...]` and the account fields that go with it; None if the contact is gone."""
     row = db.execute(
         "SELECT c.id, c.email, c.first_name, c.last_name, c.phone, a.id, a.name FROM contacts c"
         " LEFT JOIN account_contacts ac ON ac.contact_id = c.id"
         " LEFT JOIN accounts a ON a.id = ac.account_id WHERE c.id = ?",
-        (event.contact_id,),
+        (contact_id,),
     ).fetchone()
     if row is None:
         return None
@@ -56,12 +66,7 @@ def build_payload(store: Store, event: Event) -> list[tuple[str, str]] | None:
         )
     ]
     account = account_name or ""
-    pairs = [
-        ("type", event.type),
-        ("date_time", iso(event.at) or ""),
-        ("initiated_from", event.source),
-        ("initiated_by", event.source),
-        ("list", str(event.list_id)),
+    return [
         ("contact[id]", str(contact_id)),
         ("contact[email]", email),
         ("contact[first_name]", first),
@@ -75,11 +80,123 @@ def build_payload(store: Store, event: Event) -> list[tuple[str, str]] | None:
         ("customer_acct_id", str(account_id or 0)),
         ("orgname", account),
     ]
+
+
+def _account_block(db: sqlite3.Connection, account_id: int) -> list[tuple[str, str]] | None:
+    """`account[...]` (AsyncAPI `AccountBlock`; custom values keyed by field label)."""
+    row = db.execute(
+        "SELECT id, name, account_url, cdate, udate FROM accounts WHERE id = ?", (account_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    pairs = [
+        ("account[id]", str(row[0])),
+        ("account[name]", row[1]),
+        ("account[account_url]", row[2] or ""),
+        ("account[created_timestamp]", plain_local(row[3])),
+        ("account[updated_timestamp]", plain_local(row[4])),
+    ]
+    for label, value in db.execute(
+        "SELECT m.label, d.value FROM account_field_data d JOIN account_field_meta m"
+        " ON m.id = d.field_id WHERE d.owner_id = ? ORDER BY m.id",
+        (account_id,),
+    ):
+        stored = json.loads(value)
+        shown = "||".join(stored) if isinstance(stored, list) else str(stored)
+        pairs.append((f"account[fields][{label}]", shown))
+    return pairs
+
+
+def _deal_block(db: sqlite3.Connection, deal_id: int) -> tuple[list[tuple[str, str]], int] | None:
+    """`deal[...]` (AsyncAPI `DealBlock`) and the deal's contact id; None if the deal is gone.
+
+    `deal[value]` is in currency units with two decimals (UNCONFIRMED: the docs' samples are
+    formatted amounts); the owner is the one user (Sandbox Admin).
+    """
+    row = db.execute(
+        "SELECT d.id, d.title, d.cdate, d.account_id, a.name, d.stage_id, s.title, d.group_id,"
+        " g.title, d.value, d.currency, d.owner, d.contact_id, c.email, c.first_name,"
+        " c.last_name, d.status FROM deals d"
+        " LEFT JOIN accounts a ON a.id = d.account_id"
+        " LEFT JOIN deal_stages s ON s.id = d.stage_id"
+        " LEFT JOIN deal_groups g ON g.id = d.group_id"
+        " LEFT JOIN contacts c ON c.id = d.contact_id WHERE d.id = ?",
+        (deal_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    (did, title, cdate, account_id, account_name, stage_id, stage_title, group_id, group_title,
+     value, currency, owner, contact_id, email, first, last, status) = row  # fmt: skip
+    pairs = [
+        ("deal[id]", str(did)),
+        ("deal[title]", title),
+        ("deal[create_date]", plain_local(cdate)),
+        ("deal[orgid]", str(account_id or 0)),
+        ("deal[orgname]", account_name or ""),
+        ("deal[stageid]", str(stage_id)),
+        ("deal[stage_title]", stage_title or ""),
+        ("deal[pipelineid]", str(group_id)),
+        ("deal[pipeline_title]", group_title or ""),
+        ("deal[value]", f"{value / 100:,.2f}"),
+        ("deal[currency]", currency),
+        ("deal[currency_symbol]", CURRENCY_SYMBOLS.get(currency, currency.upper())),
+        ("deal[owner]", str(owner)),
+        ("deal[owner_firstname]", "Sandbox"),
+        ("deal[owner_lastname]", "Admin"),
+        ("deal[contactid]", str(contact_id or 0)),
+        ("deal[contact_email]", email or ""),
+        ("deal[contact_firstname]", first or ""),
+        ("deal[contact_lastname]", last or ""),
+        ("deal[status]", str(status)),
+    ]
+    return pairs, contact_id or 0
+
+
+def build_payload(store: Store, event: Event) -> list[tuple[str, str]] | None:
+    """The PHP-style form fields AC posts (`contact[email]`, ...); None if the record is gone.
+
+    `contact[tags]` is one comma-separated string and custom fields come as an unlabelled list
+    (`contact[fields][0]`, ...), as real payloads do: receivers should re-fetch the contact.
+    Deal events carry the deal's contact (if any) and `deal[...]`; account events `account[...]`;
+    account_contact events the contact, the account and `accountContact[...]` (AsyncAPI file).
+    """
+    db = store.conn()
+    pairs = _envelope(event)
+    if event.type in DEAL_EVENTS:
+        deal = _deal_block(db, event.deal_id)
+        if deal is None:
+            return None
+        block, contact_id = deal
+        pairs += (_contact_block(db, contact_id) or []) if contact_id else []
+        return pairs + block
+    if event.type in ACCOUNT_EVENTS:
+        account = _account_block(db, event.account_id)
+        return None if account is None else pairs + account
+    contact = _contact_block(db, event.contact_id)
+    if contact is None:
+        return None
+    pairs += contact
+    if event.type in ACCOUNT_CONTACT_EVENTS:
+        account = _account_block(db, event.account_id)
+        link = db.execute(
+            "SELECT account_id, contact_id, job_title FROM account_contacts WHERE id = ?",
+            (event.link_id,),
+        ).fetchone()
+        if account is None or link is None:
+            return None
+        return pairs + account + [
+            ("customer_account_id", str(link[0])),
+            ("accountContact[id]", str(event.link_id)),
+            ("accountContact[account]", str(link[0])),
+            ("accountContact[contact]", str(link[1])),
+            ("accountContact[job_title]", link[2]),
+        ]  # fmt: skip
     if event.tag:
         pairs.append(("tag", event.tag))
     if event.type == "update":
         values = db.execute(
-            "SELECT value FROM field_values WHERE contact_id = ? ORDER BY field_id", (contact_id,)
+            "SELECT value FROM field_values WHERE contact_id = ? ORDER BY field_id",
+            (event.contact_id,),
         )
         pairs += [(f"contact[fields][{i}]", value) for i, (value,) in enumerate(values)]
     return pairs

@@ -26,7 +26,7 @@ from sandbox.dataverse.security import merged as merged_privileges
 from sandbox.dataverse.settings import OrgSettings, OrgSettingsPatch, SettingsHolder
 from sandbox.dataverse.store import Store
 from sandbox.dataverse.webapi import ApiRequest, ApiResponse, Budget, WebApi, error_response
-from sandbox.dataverse.writes import Caller
+from sandbox.dataverse.writes import CLOSE_ACTIONS, Caller
 
 GZIP_MIN_BYTES = 8192
 # Worker threads for Web API requests: more than the concurrency limit (52), since a request
@@ -270,6 +270,41 @@ def _admin_router(
         except DataverseError as exc:
             raise HTTPException(exc.status, exc.body()) from None
         return RowFormatter(entity, None).format(row)
+
+    @router.post("/rows/{entity_set}", status_code=201)
+    def create_row(entity_set: str, body: dict[str, Any]) -> Any:
+        # Create a row "as a Dynamics user" (Sandbox Admin): the Web API's validation, lookups
+        # written with `@odata.bind` ("parentcustomerid_account@odata.bind": "/accounts(<id>)").
+        entity = _entity(entity_set)
+        try:
+            with store.transaction() as conn:
+                values = webapi.writer.prepare(entity, body, creating=True)
+                (row,) = webapi.writer.create(conn, entity, [values], Caller(ADMIN_USER_ID))
+        except DataverseError as exc:
+            raise HTTPException(exc.status, exc.body()) from None
+        return RowFormatter(entity, None).format(row)
+
+    @router.delete("/rows/{entity_set}/{row_id}")
+    def delete_row(entity_set: str, row_id: str) -> dict[str, Any]:
+        # Delete "as a Dynamics user", with the relationships' cascades (as the Web API's DELETE).
+        entity = _entity(entity_set)
+        with store.transaction() as conn:
+            if store.fetch(entity, row_id.lower()) is None:
+                raise HTTPException(404, f"no {entity.logical_name} {row_id}")
+            webapi.writer.delete(conn, entity, row_id.lower(), Caller(ADMIN_USER_ID))
+        return {"deleted": row_id.lower()}
+
+    @router.post("/actions/{action}")
+    def run_action(action: str, body: dict[str, Any]) -> dict[str, Any]:
+        # WinOpportunity / LoseOpportunity "as a Dynamics user", same body as the Web API action.
+        if action not in CLOSE_ACTIONS:
+            raise HTTPException(404, f"unknown action {action}; use one of {sorted(CLOSE_ACTIONS)}")
+        try:
+            with store.transaction() as conn:
+                closed = webapi.writer.close_opportunity(conn, action, body, Caller(ADMIN_USER_ID))
+        except DataverseError as exc:
+            raise HTTPException(exc.status, exc.body()) from None
+        return {"opportunityid": closed}
 
     return router
 

@@ -26,6 +26,10 @@ EXECUTION_TIME = "0x80072321"
 CONCURRENT_REQUESTS = "0x80072326"
 SDK_ENTITY_DOES_NOT_SUPPORT_MESSAGE = "0x80040800"
 SQL_TIMEOUT = "0x80044151"
+# From the Web service error codes list (powerapps-docs): CannotUseOpportunitySetStateMessage and
+# OpportunityIsAlreadyClosed.
+OPPORTUNITY_SET_STATE = "0x80100005"
+OPPORTUNITY_ALREADY_CLOSED = "0x80040515"
 
 
 class DataverseError(Exception):

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sandbox.dataverse.odata import utc_text
+from sandbox.dataverse.odata import utc_date, utc_text
 from sandbox.dataverse.schema import Column, Entity
 
 FORMATTED = "OData.Community.Display.V1.FormattedValue"
@@ -16,7 +16,9 @@ LOOKUP_LOGICAL_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
 NAVIGATION_PROPERTY = "Microsoft.Dynamics.CRM.associatednavigationproperty"
 JSON_TYPE = "application/json; odata.metadata=minimal"
 
-LookupName = Callable[[str, str], str | None]
+# Resolves a lookup value: (the target tables, `account|contact` for a customer lookup; the id) ->
+# (the logical name of the table holding the row, its primary name), or None when no row has it.
+LookupName = Callable[[str, str], tuple[str, str | None] | None]
 
 
 def dumps(value: Any) -> bytes:
@@ -42,6 +44,11 @@ class Annotations:
     def wants(self, term: str) -> bool:
         """True when `term` matches one of the requested patterns (`*` is a wildcard)."""
         return any(fnmatch.fnmatchcase(term, p) for p in self.patterns)
+
+
+def _formatted_date(epoch: int) -> str:
+    stamp = time.gmtime(epoch)
+    return f"{stamp.tm_mon}/{stamp.tm_mday}/{stamp.tm_year}"
 
 
 def _formatted_datetime(epoch: int) -> str:
@@ -74,7 +81,11 @@ class RowFormatter:
         self._want_lookup_meta = self.annotations.wants(LOOKUP_LOGICAL_NAME)
         self._want_navigation = self.annotations.wants(NAVIGATION_PROPERTY)
         self._version_at = self.sql_columns.index("versionnumber")
-        converters: dict[str, Callable[[Any], Any]] = {"datetime": utc_text, "bool": bool}
+        converters: dict[str, Callable[[Any], Any]] = {
+            "datetime": utc_text,
+            "date": utc_date,
+            "bool": bool,
+        }
         self._plan = [
             (c.json_name, at, converters.get(c.kind)) for at, c in enumerate(self.columns)
         ]
@@ -112,6 +123,11 @@ class RowFormatter:
                 if self._want_formatted:
                     out[f"{name}@{FORMATTED}"] = _formatted_datetime(value)
                 continue
+            if column.kind == "date":
+                out[name] = utc_date(value)
+                if self._want_formatted:
+                    out[f"{name}@{FORMATTED}"] = _formatted_date(value)
+                continue
             out[name] = bool(value) if column.kind == "bool" else value
             if self._want_formatted and column.options:
                 label = column.options.get(int(value))
@@ -124,15 +140,24 @@ class RowFormatter:
     def _lookup_annotations(self, out: dict[str, Any], column: Column, value: str) -> None:
         name = column.json_name
         target = column.target or ""
-        if column.targets and self.lookup_name is not None:
-            # A customer lookup: the table that holds the row.
-            found = (t for t in column.targets if self.lookup_name(t, value) is not None)
-            target = next(found, column.targets[0])
-        if self._want_formatted and self.lookup_name is not None:
-            label = self.lookup_name(target, value)
-            if label is not None:
-                out[f"{name}@{FORMATTED}"] = label
+        label: str | None = None
+        wanted = self._want_formatted or (
+            bool(column.targets) and (self._want_navigation or self._want_lookup_meta)
+        )
+        resolved = (
+            self.lookup_name("|".join(column.lookup_targets), value)
+            if wanted and self.lookup_name is not None and column.lookup_targets
+            else None
+        )
+        if resolved is not None:
+            target, label = resolved
+        elif column.targets:
+            target = column.targets[0]
+        if self._want_formatted and label is not None:
+            out[f"{name}@{FORMATTED}"] = label
         if self._want_navigation:
-            out[f"{name}@{NAVIGATION_PROPERTY}"] = column.name
+            # A customer lookup is written through one navigation property per target table.
+            navigation = f"{column.name}_{target}" if column.targets else column.name
+            out[f"{name}@{NAVIGATION_PROPERTY}"] = navigation
         if self._want_lookup_meta:
             out[f"{name}@{LOOKUP_LOGICAL_NAME}"] = target

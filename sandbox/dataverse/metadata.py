@@ -96,6 +96,15 @@ def attribute_metadata(entity: Entity, column: Column) -> dict[str, Any]:
     if column.kind == "money":
         data["Precision"] = 2
         data["PrecisionSource"] = 2
+    if column.kind in ("int", "money") and column.min_value is not None:
+        data["MinValue"] = column.min_value
+        data["MaxValue"] = column.max_value
+    if column.kind == "datetime":
+        data["Format"] = "DateAndTime"
+        data["DateTimeBehavior"] = {"Value": "UserLocal"}
+    if column.kind == "date":
+        data["Format"] = "DateOnly"
+        data["DateTimeBehavior"] = {"Value": "DateOnly"}
     return data
 
 

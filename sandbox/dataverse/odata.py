@@ -125,6 +125,12 @@ def utc_text(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+@functools.lru_cache(maxsize=4096)
+def utc_date(epoch: float) -> str:
+    """A DateOnly value (stored as midnight UTC) as the Web API writes an Edm.Date: `2024-05-31`."""
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))
+
+
 def parse_datetime(text: str) -> float:
     """An OData DateTimeOffset (or date-only) literal as epoch seconds."""
     value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))

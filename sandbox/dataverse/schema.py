@@ -1,5 +1,12 @@
-"""The emulated tables (lead, contact, and minimal account and opportunity for QualifyLead): columns,
-types, MaxLengths and state/status pairs (§7)."""
+"""The emulated tables (lead, contact, account, opportunity): columns, types, MaxLengths, value
+ranges, state/status pairs (§7) and the relationships' delete behaviour.
+
+Sources beyond the reference notes (which cover leads and contacts only): the account and contact
+table references in MicrosoftDocs/powerapps-docs (`reference/entities/account.md`, `contact.md`,
+2023) and the opportunity reference in MicrosoftDocs/dynamics-365-customer-engagement
+(`ce/developer/entities/opportunity.md`, 2017): MaxLength, MinValue/MaxValue, RequiredLevel,
+DateOnly behaviour, states and statuses, and each relationship's CascadeConfiguration.Delete.
+Anything not found there is marked UNCONFIRMED where it is defined."""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from typing import Literal
 
 Kind = Literal[
     "uuid", "string", "memo", "int", "bigint", "bool", "picklist", "state", "status", "datetime",
-    "lookup",
+    "date", "lookup", "money",
 ]  # fmt: skip
 Required = Literal["None", "Recommended", "ApplicationRequired", "SystemRequired"]
 
@@ -24,6 +31,8 @@ EDM_TYPES: dict[str, str] = {
     "state": "Edm.Int32",
     "status": "Edm.Int32",
     "datetime": "Edm.DateTimeOffset",
+    # A DateTime column with the DateOnly behaviour is an Edm.Date in the Web API ("2024-05-31").
+    "date": "Edm.Date",
     "lookup": "Edm.Guid",
     "money": "Edm.Decimal",
 }
@@ -38,6 +47,7 @@ ATTRIBUTE_TYPES: dict[str, str] = {
     "state": "State",
     "status": "Status",
     "datetime": "DateTime",
+    "date": "DateTime",
     "lookup": "Lookup",
     "money": "Money",
 }
@@ -52,6 +62,7 @@ METADATA_TYPES: dict[str, str] = {
     "state": "StateAttributeMetadata",
     "status": "StatusAttributeMetadata",
     "datetime": "DateTimeAttributeMetadata",
+    "date": "DateTimeAttributeMetadata",
     "lookup": "LookupAttributeMetadata",
     "money": "MoneyAttributeMetadata",
 }
@@ -78,6 +89,9 @@ class Column:
     # A customer lookup (account or contact) names several target tables instead of `target`;
     # it is written through one navigation property per target (`parentcustomerid_account`).
     targets: tuple[str, ...] = ()
+    # MinValue/MaxValue of Integer and Money columns (values outside are refused).
+    min_value: float | None = None
+    max_value: float | None = None
 
     @property
     def lookup_targets(self) -> tuple[str, ...]:
@@ -329,14 +343,44 @@ def _system_columns() -> list[Column]:
     )]  # fmt: skip
 
 
+ACCOUNT_ADDRESS = (
+    "address1_line1", "address1_line2", "address1_line3", "address1_city",
+    "address1_stateorprovince", "address1_county", "address1_postalcode", "address1_country",
+    "address1_composite",
+)  # fmt: skip
+
+
 def _account() -> Entity:
-    # Minimal: what QualifyLead fills in. Later issues may add columns.
+    # account.md (powerapps-docs, 2023): name 160 ApplicationRequired, accountnumber 20,
+    # emailaddress1..3 100, telephone1 "Main Phone" / telephone2 "Other Phone" / fax 50,
+    # websiteurl 200 (Url), address1_* as on contacts, description Memo 2000, numberofemployees
+    # Integer 0..1,000,000,000, revenue Money 0..100,000,000,000,000 (precision 2),
+    # primarycontactid Lookup -> contact, parentaccountid Lookup -> account; statecode 0 Active
+    # (default status 1), 1 Inactive (2). originatingleadid: what QualifyLead fills in.
+    shared = {c.name: c for c in _common_columns(mobile_length=50, address_name_length=200)}
     columns = [
         Column("accountid", "uuid", "Account", required="SystemRequired", valid_for_update=False),
         _string("name", "Account Name", 160, required="ApplicationRequired"),
-        _string("emailaddress1", "Email", 100, fmt="Email"),
+        _string("accountnumber", "Account Number", 20),
+        shared["emailaddress1"],
+        shared["emailaddress2"],
+        shared["emailaddress3"],
         _string("telephone1", "Main Phone", 50, fmt="Phone"),
-        _string("websiteurl", "Website", 200, fmt="Url"),
+        _string("telephone2", "Other Phone", 50, fmt="Phone"),
+        shared["fax"],
+        shared["websiteurl"],
+        *(shared[name] for name in ACCOUNT_ADDRESS),
+        shared["description"],
+        Column(
+            "numberofemployees",
+            "int",
+            "Number of Employees",
+            min_value=0,
+            max_value=1_000_000_000,
+        ),
+        Column("revenue", "money", "Annual Revenue", min_value=0, max_value=100_000_000_000_000),
+        Column("primarycontactid", "lookup", "Primary Contact", target="contact"),
+        Column("parentaccountid", "lookup", "Parent Account", target="account"),
         Column(
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
@@ -358,9 +402,25 @@ def _account() -> Entity:
 
 OPPORTUNITY_STATES = {0: "Open", 1: "Won", 2: "Lost"}
 OPPORTUNITY_STATUSES = {1: "In Progress", 2: "On Hold", 3: "Won", 4: "Canceled", 5: "Out-Sold"}
+SALES_STAGES = {0: "Qualify", 1: "Develop", 2: "Propose", 3: "Close"}
+OPPORTUNITY_RATINGS = {1: "Hot", 2: "Warm", 3: "Cold"}
+# Money columns of an opportunity: -1,000,000,000,000 .. 1,000,000,000,000 (opportunity.md).
+_MONEY_LIMIT = 1_000_000_000_000
 
 
 def _opportunity() -> Entity:
+    # opportunity.md (dynamics-365-customer-engagement, 2017): name "Topic" String 300
+    # ApplicationRequired; customerid Customer (account, contact) ApplicationRequired;
+    # parentaccountid / parentcontactid Lookups; estimatedvalue and actualvalue Money
+    # (-1e12..1e12, precision 2; actualvalue "defaults to the Est. Revenue value when an
+    # opportunity is won"); estimatedclosedate and actualclosedate DateTime with the DateOnly
+    # behaviour; closeprobability Integer 0..100; stepname "Pipeline Phase" String 200;
+    # salesstage Picklist 0 Qualify .. 3 Close; opportunityratingcode 1 Hot, 2 Warm, 3 Cold;
+    # description Memo 2000; originatingleadid read-only after create; statecode 0 Open (default
+    # status 1), 1 Won (3), 2 Lost (4); statuscode 1 In Progress, 2 On Hold, 3 Won, 4 Canceled,
+    # 5 Out-Sold. Not emulated: transactioncurrencyid (the reference notes do not mention it and
+    # the sandbox has no currency table), the product/pricing columns and the BPF columns.
+    low, high = -_MONEY_LIMIT, _MONEY_LIMIT
     columns = [
         Column(
             "opportunityid",
@@ -370,10 +430,24 @@ def _opportunity() -> Entity:
             valid_for_update=False,
         ),
         _string("name", "Topic", 300, required="ApplicationRequired"),
+        Column("description", "memo", "Description", max_length=2000),
         Column("parentaccountid", "lookup", "Account", target="account"),
         Column("parentcontactid", "lookup", "Contact", target="contact"),
-        Column("customerid", "lookup", "Potential Customer", targets=("account", "contact")),
-        Column("estimatedvalue", "money", "Est. Revenue"),
+        Column(
+            "customerid",
+            "lookup",
+            "Potential Customer",
+            required="ApplicationRequired",
+            targets=("account", "contact"),
+        ),
+        Column("estimatedvalue", "money", "Est. Revenue", min_value=low, max_value=high),
+        Column("actualvalue", "money", "Actual Revenue", min_value=low, max_value=high),
+        Column("estimatedclosedate", "date", "Est. Close Date"),
+        Column("actualclosedate", "date", "Actual Close Date"),
+        Column("closeprobability", "int", "Probability", min_value=0, max_value=100),
+        _string("stepname", "Pipeline Phase", 200),
+        Column("salesstage", "picklist", "Sales Stage", options=SALES_STAGES),
+        Column("opportunityratingcode", "picklist", "Rating", options=OPPORTUNITY_RATINGS),
         Column(
             "originatingleadid", "lookup", "Originating Lead", valid_for_update=False, target="lead"
         ),
@@ -393,6 +467,54 @@ def _opportunity() -> Entity:
         collection_label="Opportunities",
         collection_schema_name="Opportunities",
     )
+
+
+DeleteBehavior = Literal["Cascade", "RemoveLink"]
+
+
+@dataclass(frozen=True)
+class Relationship:
+    """A one-to-many relationship: rows of `entity_set` point at a `referenced` row through the
+    lookup `column`; `delete` is what deleting the referenced row does to them
+    (CascadeConfiguration.Delete: Cascade deletes them too, RemoveLink clears the lookup)."""
+
+    schema_name: str
+    referenced: str
+    entity_set: str
+    column: str
+    delete: DeleteBehavior
+
+
+# Every behaviour below is the CascadeConfiguration the table references document: account.md
+# and contact.md (powerapps-docs, 2023) for contact_customer_accounts (Cascade),
+# contact_customer_contacts, account_primary_contact and account_parent_account (RemoveLink);
+# account.md and contact.md (dynamics-365-customer-engagement) for opportunity_customer_accounts
+# and opportunity_customer_contacts (Cascade; also stated in "Entity relationship behavior") and
+# opportunity_parent_account / opportunity_parent_contact (RemoveLink). Not emulated: the lead's
+# lookups (parentaccountid, parentcontactid) and originatingleadid, which keep pointing at a
+# deleted row, as before.
+RELATIONSHIPS: tuple[Relationship, ...] = (
+    Relationship("contact_customer_accounts", "account", "contacts", "parentcustomerid", "Cascade"),
+    Relationship(
+        "opportunity_customer_accounts", "account", "opportunities", "customerid", "Cascade"
+    ),
+    Relationship(
+        "opportunity_customer_contacts", "contact", "opportunities", "customerid", "Cascade"
+    ),
+    Relationship(
+        "contact_customer_contacts", "contact", "contacts", "parentcustomerid", "RemoveLink"
+    ),
+    Relationship(
+        "account_primary_contact", "contact", "accounts", "primarycontactid", "RemoveLink"
+    ),
+    Relationship("account_parent_account", "account", "accounts", "parentaccountid", "RemoveLink"),
+    Relationship(
+        "opportunity_parent_account", "account", "opportunities", "parentaccountid", "RemoveLink"
+    ),
+    Relationship(
+        "opportunity_parent_contact", "contact", "opportunities", "parentcontactid", "RemoveLink"
+    ),
+)
 
 
 ENTITIES: dict[str, Entity] = {

@@ -39,7 +39,7 @@ from sandbox.dataverse.schema import BY_LOGICAL_NAME, ENTITIES, NS, Entity
 from sandbox.dataverse.security import full_role, missing_privilege, role_privileges
 from sandbox.dataverse.settings import SettingsHolder
 from sandbox.dataverse.store import Store
-from sandbox.dataverse.writes import Caller, Writer, qualify_flags
+from sandbox.dataverse.writes import CLOSE_ACTIONS, Caller, Writer, qualify_flags
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +202,18 @@ class WebApi:
         """The service root URL, with a trailing slash."""
         return f"{self.base_url}/api/data/{version}/"
 
-    def lookup_name(self, target: str, row_id: str) -> str | None:
-        """The display name of a lookup's target (formatted-value annotation); `target` may list
-        several tables (`account|contact`) for a customer lookup."""
+    def lookup_name(self, target: str, row_id: str) -> tuple[str, str | None] | None:
+        """The table holding a lookup's target row and the row's display name (for the
+        annotations); `target` may list several tables (`account|contact`) for a customer
+        lookup. None when no such row exists."""
         if target == "systemuser":
-            return self.user_names.get(row_id)
-        for name in target.split("|"):
-            entity = BY_LOGICAL_NAME.get(name)
+            name = self.user_names.get(row_id)
+            return None if name is None else ("systemuser", name)
+        for logical_name in target.split("|"):
+            entity = BY_LOGICAL_NAME.get(logical_name)
             row = self.store.fetch(entity, row_id) if entity is not None else None
-            if row is not None:
-                return row.get(entity.primary_name)  # type: ignore[union-attr]
+            if entity is not None and row is not None:
+                return logical_name, row.get(entity.primary_name)
         return None
 
     def answer(self, req: ApiRequest) -> ApiResponse:
@@ -268,6 +270,11 @@ class WebApi:
             if match is not None:
                 self._require(req, "GET")
                 return self._user_privileges(match.group(1), req)
+        action = head[len(NS) + 1 :] if head.startswith(f"{NS}.") else head
+        if action in CLOSE_ACTIONS and len(segments) == 1:
+            if req.method != "POST":
+                raise no_resource(f"{self.api_base(req.version)}{req.path}")
+            return self._close_opportunity(action, req)
         if head.startswith("EntityDefinitions"):
             self._require(req, "GET")
             query = QueryOptions.parse(req.query)
@@ -548,6 +555,10 @@ class WebApi:
         if len(rest) == 1 and entity.by_json_name(rest[0]) is not None:
             self._authorize(entity, req, "Read" if req.method == "GET" else "Write")
             return self._property(entity, key_text, rest[0], req)
+        if len(rest) == 2 and rest[1] == "$ref" and self.writer.navigation(entity, rest[0]):
+            self._require(req, "PUT", "DELETE")
+            self._authorize(entity, req, "Write")
+            return self._reference(entity, key_text, rest[0], req)
         raise segment_not_found(rest[0])
 
     def _retrieve(
@@ -613,7 +624,44 @@ class WebApi:
                 and not _etag_matches(if_match, existing["versionnumber"])
             ):
                 raise version_mismatch()
-            self.store.delete(conn, entity, existing[entity.primary_id])
+            self.writer.delete(conn, entity, existing[entity.primary_id], self._caller(req))
+        return ApiResponse(204, {}, b"", COST_MS["write"])
+
+    def _reference(
+        self, entity: Entity, key_text: str, navigation: str, req: ApiRequest
+    ) -> ApiResponse:
+        """`PUT <row>/<navigation property>/$ref` with `{"@odata.id": "<url>"}` sets a lookup,
+        `DELETE <row>/<navigation property>/$ref` clears it (as `@odata.bind` does in a PATCH)."""
+        if req.method == "PUT":
+            payload = _parse_json(req.body, entity.entity_set)
+            reference = payload.get("@odata.id") if isinstance(payload, dict) else None
+            if not isinstance(reference, str):
+                raise bad_request(
+                    "The request body must be a JSON object with an '@odata.id' property.",
+                    errors.PAYLOAD,
+                )
+        else:
+            reference = None
+        self._spend(req, 1)
+        with self.store.transaction() as conn:
+            key, existing = self._find(entity, key_text)
+            if existing is None:
+                raise self._missing(entity, key)
+            values = self.writer.prepare(
+                entity, {f"{navigation}@odata.bind": reference}, creating=False,
+                bindings=req.bindings,
+            )  # fmt: skip
+            self.writer.update(conn, entity, existing, values, self._caller(req))
+        return ApiResponse(204, {}, b"", COST_MS["write"])
+
+    def _close_opportunity(self, action: str, req: ApiRequest) -> ApiResponse:
+        """`POST /WinOpportunity` and `POST /LoseOpportunity` (unbound actions, no return value:
+        204)."""
+        params = _parse_json(req.body, "opportunities")
+        self._authorize(ENTITIES["opportunities"], req, "Write")
+        self._spend(req, 1)
+        with self.store.transaction() as conn:
+            self.writer.close_opportunity(conn, action, params, self._caller(req), req.bindings)
         return ApiResponse(204, {}, b"", COST_MS["write"])
 
     def _property(self, entity: Entity, key_text: str, name: str, req: ApiRequest) -> ApiResponse:

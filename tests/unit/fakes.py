@@ -20,8 +20,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from crm_connectors.activecampaign import MAX_IMPORT_CHUNK, ImportResult
-from crm_connectors.dynamics365 import ColumnInfo, TableInfo, WriteResult
-from crm_connectors.errors import ClientError, NotFoundError
+from crm_connectors.dynamics365 import ChangePage, ColumnInfo, TableInfo, WriteResult
+from crm_connectors.errors import ChangeTrackingNotEnabledError, ClientError, NotFoundError
 
 # AC renders its times in the account's zone, with the offset (ISO 8601).
 ACCOUNT_TZ = timezone(timedelta(hours=-5))
@@ -200,6 +200,28 @@ class FakeActiveCampaign:
         self.calls.append("find_contact_by_email")
         contact_id = self._by_email(email)
         return self._render(contact_id) if contact_id is not None else None
+
+    def contacts_after(self, after_id: int, *, limit: int = 100) -> list[dict[str, Any]]:
+        self.calls.append("contacts_after")
+        ids = sorted(int(i) for i in self.contacts if int(i) > after_id)[:limit]
+        return [self._render(str(i)) for i in ids]
+
+    def get_contact(self, contact_id: str | int) -> dict[str, Any] | None:
+        self.calls.append("get_contact")
+        return self._render(str(contact_id)) if str(contact_id) in self.contacts else None
+
+    def delete_contact(self, contact_id: str | int) -> bool:
+        """`DELETE /contacts/{id}`: the contact, its tags and field values."""
+        self.calls.append("delete_contact")
+        contact_id = str(contact_id)
+        if self.contacts.pop(contact_id, None) is None:
+            return False
+        self.associations = {
+            k: a for k, a in self.associations.items() if a["contact"] != contact_id
+        }
+        self.values = {k: v for k, v in self.values.items() if k[0] != contact_id}
+        self.writes.append(("delete_contact", contact_id, {}))
+        return True
 
     def count_contacts(self) -> int:
         self.calls.append("count_contacts")
@@ -456,6 +478,9 @@ class FakeDataverse:
         self.calls: list[str] = []
         self.writes: list[tuple[str, str, dict[str, Any]]] = []  # (operation, entity set, row)
         self._version = itertools.count(1000)
+        # Change tracking: (version, id) of each deleted row, per table.
+        self.deleted: dict[str, list[tuple[int, str]]] = {name: [] for name in TABLES}
+        self.tracking = True  # False: the tables do not track changes
 
     # -- seeding and reading back (not hook methods) -------------------------------------------
     def add(
@@ -479,6 +504,11 @@ class FakeDataverse:
 
     def row(self, entity_set: str, row_id: str) -> dict[str, Any]:
         return self.rows[entity_set][row_id]
+
+    def remove(self, entity_set: str, row_id: str) -> None:
+        """Delete a row as a user would (change tracking records it)."""
+        del self.rows[entity_set][row_id]
+        self.deleted[entity_set].append((next(self._version), row_id))
 
     def by_email(self, entity_set: str, email: str) -> list[dict[str, Any]]:
         return [
@@ -540,6 +570,42 @@ class FakeDataverse:
         yield from self._read(
             entity_set, columns, lambda row: row["modifiedon"] >= since and _matches(row, filter)
         )
+
+    def changes(
+        self,
+        entity_set: str,
+        *,
+        select: Sequence[str],
+        delta_link: str | None = None,
+        page_size: int = 5000,
+    ) -> Iterator[ChangePage]:
+        """One page: every row (no link), or the rows deleted since the link's version."""
+        self.calls.append("changes")
+        if not self.tracking:
+            raise ChangeTrackingNotEnabledError(
+                f"Entity: {entity_set} isn't enabled for change tracking",
+                service="dynamics365",
+                method="GET",
+                endpoint=f"/api/data/v9.2/{entity_set}",
+                status=400,
+            )
+        version = next(self._version)
+        link = f"delta:{entity_set}:{version}"
+        if delta_link is None:
+            rows = list(self._read(entity_set, select, lambda row: True))
+            yield ChangePage(rows, [], link)
+            return
+        since = int(delta_link.rsplit(":", 1)[1])
+        gone = [row_id for v, row_id in self.deleted[entity_set] if v > since]
+        yield ChangePage([], gone, link)
+
+    def delete_record(self, entity_set: str, record_id: str) -> bool:
+        self.calls.append("delete_record")
+        if record_id not in self.rows[entity_set]:
+            return False
+        self.remove(entity_set, record_id)
+        self.writes.append(("delete", entity_set, {"id": record_id}))
+        return True
 
     def create_multiple(
         self, entity_set: str, rows: list[dict[str, Any]], *, chunk_size: int = 1000

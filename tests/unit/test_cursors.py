@@ -54,11 +54,26 @@ def test_the_first_run_of_each_stream(tmp_path: Path) -> None:
     updated = cursor(Direction.TO_DYNAMICS365, UPDATED, OVERLAP)
     leads = cursor(Direction.TO_ACTIVECAMPAIGN, Entity.LEAD.value, OVERLAP)
     # AC -> Dynamics reads every tagged contact once; the updated stream adds nothing then.
-    assert tagged.read(db, T0) == Read(None)
+    assert tagged.read(db, T0) == Read(None, initial=True)
     assert updated.read(db, T0).skip
-    # Dynamics -> AC starts from now: the initial sync brings the history.
+    # Dynamics -> AC reads every matching row once: the initial sync on first switch-on.
+    assert leads.read(db, T0) == Read(None, initial=True)
+    assert FIRST_RUN[(Direction.TO_ACTIVECAMPAIGN, Entity.CONTACT.value)] is FirstRun.EVERYTHING
+
+
+def test_a_manual_initial_sync_starts_the_first_run_from_now(tmp_path: Path) -> None:
+    db = store(tmp_path)
+    leads = cursor(
+        Direction.TO_ACTIVECAMPAIGN, Entity.LEAD.value, OVERLAP, manual_initial_sync=True
+    )
     assert leads.read(db, T0) == Read(T0 - timedelta(minutes=OVERLAP))
-    assert FIRST_RUN[(Direction.TO_ACTIVECAMPAIGN, Entity.CONTACT.value)] is FirstRun.FROM_NOW
+    # Only a first read of everything changes: AC -> Dynamics still reads its queue.
+    tagged = cursor(Direction.TO_DYNAMICS365, TAGGED, OVERLAP, manual_initial_sync=True)
+    assert tagged.read(db, T0) == Read(None, initial=True)
+    # Once there is a watermark the setting no longer matters.
+    leads.advance(db, T0, T0)
+    assert leads.read(db, T0) == Read(T0 - timedelta(minutes=OVERLAP))
+    assert not leads.read(db, T0).initial
 
 
 def test_later_runs_start_at_the_watermark_minus_the_overlap(tmp_path: Path) -> None:

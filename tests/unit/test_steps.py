@@ -320,6 +320,8 @@ def test_ac_to_d365_extract_stages_the_tagged_contacts_and_the_linked_rows(
         "retried from quarantine": 0,
         "contacts read": 9,
         "linked": 3,
+        "deleted in ActiveCampaign (linked)": 0,
+        "links that learned their AC id (scan)": 0,
     }
     assert run.meta["rules"]["lead"]["required"] == ["lastname", "subject"]
     assert run.meta["rules"]["lead"]["max_length"]["lastname"] == 50
@@ -649,6 +651,8 @@ def test_d365_to_ac_extract_stages_changed_rows_links_and_ac_contacts(
         "linked": 3,
         "found in AC by email (no link)": 0,
         "AC contacts read": 3,
+        "leads deleted in Dynamics (linked)": 0,
+        "contacts deleted in Dynamics (linked)": 0,
     }
     assert run.meta["watermarks"] == {
         "dynamics365_to_activecampaign:lead": T0.isoformat(),

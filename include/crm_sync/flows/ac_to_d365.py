@@ -11,14 +11,22 @@ import pandas as pd
 from crm_sync.classify import attach_links, classify_for_dynamics
 from crm_sync.context import StepContext
 from crm_sync.cursors import TAGGED, UPDATED
-from crm_sync.flows import common
+from crm_sync.flows import common, deletions
 from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader
 from crm_sync.flows.dataverse import DataverseLoader, rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
 from crm_sync.mapping import MappedField, expand_synced, fields_towards, plan_writes
 from crm_sync.records import UPDATE_ACTIONS, WRITE_ACTIONS, Action, Reason, clean_frame
 from crm_sync.settings import Entity
-from crm_sync.stages import AC_CLASSIFIED, AC_LINKS, AC_MAPPED, AC_QUEUED, CONFLICTS, DV_CURRENT
+from crm_sync.stages import (
+    AC_CLASSIFIED,
+    AC_LINKS,
+    AC_MAPPED,
+    AC_QUEUED,
+    CONFLICTS,
+    DELETED,
+    DV_CURRENT,
+)
 from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.validation import UTF16, TargetRules, validate_records
 
@@ -90,24 +98,24 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         ids = [link.dataverse_id for link in links if link.entity == entity.value]
         if ids:
             current.append(rows_by(dv_hook, entity, entity.primary_id, ids, columns))
-    ctx.staging.write_json(
-        "extract",
-        "meta",
-        {
-            "started": started.isoformat(),
-            "rules": rules,
-            "watermarks": {
-                tagged.name: newest_tag.isoformat() if newest_tag else None,
-                changed.name: newest_update.isoformat() if newest_update else None,
-            },
+    meta: dict[str, Any] = {
+        "started": started.isoformat(),
+        "rules": rules,
+        "watermarks": {
+            tagged.name: newest_tag.isoformat() if newest_tag else None,
+            changed.name: newest_update.isoformat() if newest_update else None,
         },
-    )
+    }
+    deleted, position, deletion_counts = deletions.deleted_in_activecampaign(ctx)
+    meta["deletion_scan"] = position
+    ctx.staging.write_json("extract", "meta", meta)
     counts = {
         "newly tagged": len(tagged_ids),
         "updated in AC": len(updated),
         "retried from quarantine": len(quarantined),
         "contacts read": len(contacts),
         "linked": len(links),
+        **deletion_counts,
     }
     return common.finish(
         ctx,
@@ -116,6 +124,7 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         (AC_QUEUED, contacts),
         (AC_LINKS, _links_frame(links)),
         (DV_CURRENT, common.concat(DV_CURRENT, current)),
+        (DELETED, deleted),
     )
 
 
@@ -244,15 +253,24 @@ def validate(ctx: StepContext) -> dict[str, Any]:
             length_unit=UTF16,
         )
         failures.update(validate_records(frame, rules).failures)
-    return common.accept_valid(ctx, mapped, to_write, failures)
+    deleting = deletions.writes(ctx, ctx.staging.read(DELETED))
+    return common.accept_valid(ctx, mapped, to_write, failures, deleting=deleting)
 
 
 # -- load --------------------------------------------------------------------------------------
 def load(ctx: StepContext) -> dict[str, Any]:
-    """Create and update in bulk, link as results arrive, then advance the watermarks."""
+    """Create and update in bulk, link as results arrive, carry the deletions found in AC to
+    Dynamics, then advance the watermarks."""
+    deleted = ctx.staging.read(DELETED)
 
     def write(valid: pd.DataFrame, _meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
         loader = DataverseLoader(ctx, ctx.dv_hook)
-        return loader.load(valid), loader.synced_keys
+        counts = loader.load(valid)
+        return {**counts, **deletions.apply(ctx, deleted)}, loader.synced_keys
 
-    return common.run_load(ctx, write)
+    return common.run_load(
+        ctx,
+        write,
+        planned_extra=deletions.plan(ctx, deleted),
+        advance_extra=lambda meta: deletions.advance(ctx, meta),
+    )

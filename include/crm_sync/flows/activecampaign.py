@@ -20,7 +20,7 @@ from crm_sync.flows import common
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
 from crm_sync.settings import Entity, FieldMap
 from crm_sync.state import RecordLink, content_hash, utcnow
-from crm_sync.tags import ALL_TAGS, Tag
+from crm_sync.tags import ALL_TAGS, DELETED_IN_DYNAMICS, Tag
 
 if TYPE_CHECKING:
     from crm_connectors.activecampaign import ActiveCampaignHook
@@ -488,3 +488,54 @@ def _rejection(error: ClientError, what: str) -> tuple[str, str]:
 def _clears_a_value(payload: str) -> bool:
     """Whether a row's payload empties a field (a value cleared at the source)."""
     return any(value in (None, "") for value in json.loads(payload).values())
+
+
+# -- deletions ---------------------------------------------------------------------------------
+def contacts_after(hook: ActiveCampaignHook, after_id: int, limit: int) -> pd.DataFrame:
+    """The next `limit` contacts in id order after `after_id`: `ac_id` (a number) and `email`
+    (lower case)."""
+    page = hook.contacts_after(after_id, limit=limit)
+    return pd.DataFrame(
+        {
+            "ac_id": [int(c["id"]) for c in page],
+            "email": [str(c.get("email") or "").strip().lower() for c in page],
+        },
+        columns=["ac_id", "email"],
+    )
+
+
+def confirmed_deleted(hook: ActiveCampaignHook, ids: Sequence[str]) -> list[str]:
+    """Of `ids` (contacts a scan did not meet), those asking for by id answers 404: a contact
+    is never taken for deleted on a list alone."""
+    return [i for i in ids if hook.get_contact(i) is None]
+
+
+def contact_id_of(
+    hook: ActiveCampaignHook, contact_id: str | None, email: str | None
+) -> str | None:
+    """The AC contact of a link: its id when the link holds one, else the contact with its
+    email (a link written by a bulk import may hold none yet); None when there is none."""
+    if contact_id is not None:
+        return contact_id
+    found = hook.find_contact_by_email(email) if email else None
+    return str(found["id"]) if found else None
+
+
+def tag_deleted_in_dynamics(
+    hook: ActiveCampaignHook, contact_id: str, entity: Entity, tags: dict[str, str]
+) -> bool:
+    """Put `D365: Deleted in Dynamics` on the contact in place of its type tag; False when the
+    contact is gone. `tags` caches the tag ids across calls."""
+    if not tags:
+        tags.update(hook.find_or_create_tags([DELETED_IN_DYNAMICS, Tag.LEAD, Tag.CONTACT]))
+    if hook.get_contact(contact_id) is None:
+        return False
+    hook.add_contact_tag(contact_id, tags[DELETED_IN_DYNAMICS])
+    type_tag = Tag.LEAD if entity is Entity.LEAD else Tag.CONTACT
+    hook.remove_tag_from_contact(contact_id, tags[type_tag])
+    return True
+
+
+def delete_contact(hook: ActiveCampaignHook, contact_id: str) -> bool:
+    """Delete one contact; False when it was already gone."""
+    return hook.delete_contact(contact_id)

@@ -258,26 +258,33 @@ def accept_valid(
     to_write: pd.DataFrame,
     failures: Mapping[str, list[tuple[str, str]]],
     *,
-    count_creates: bool = True,
+    uncounted_creates: pd.Series | None = None,
+    deleting: int = 0,
 ) -> dict[str, Any]:
     """After validation: trip the breakers, quarantine failures, stage the valid rows, report.
 
-    `count_creates=False` leaves creates out of the mass-change share (the initial sync creates
-    by design).
+    `uncounted_creates` (a mask over `to_write`) leaves those rows' creates out of the
+    mass-change share: the initial sync creates by design. `deleting`: how many deletions the
+    load will carry to the other side; they count as changes.
     """
     check_quarantine_share(ctx, failures, len(to_write))
     quarantine_rows(ctx, mapped, "validate", failures)
     valid = to_write[~to_write["record_key"].isin(list(failures))]
-    creates, updates = count_writes(valid)
-    relinked = (
-        int((valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)).sum())
+    _, updates = count_writes(valid)
+    relinks = (
+        valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)
         if "relink" in valid
-        else 0
+        else pd.Series(False, index=valid.index)
     )
+    counted = pd.Series(True, index=valid.index)
+    if uncounted_creates is not None:
+        counted &= ~uncounted_creates.reindex(valid.index, fill_value=False).astype(bool)
+    creates, _ = count_writes(valid[counted])
+    # A relink writes an existing record: it counts as an update even when its creates do not.
     check_mass_change(
         ctx,
-        updates + relinked + (creates - relinked if count_creates else 0),
-        relinked=relinked,
+        updates + int(relinks.sum()) + creates - int((relinks & counted).sum()) + deleting,
+        relinked=int(relinks.sum()),
     )
     counts = {"valid": len(valid), "quarantined": len(failures), **_reason_counts(failures)}
     return finish(ctx, "validate: Great Expectations", counts, (PLANS[ctx.direction].valid, valid))
@@ -336,12 +343,16 @@ def advance_cursors(ctx: StepContext, meta: Mapping[str, Any]) -> None:
 def run_load(
     ctx: StepContext,
     write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
+    *,
+    planned_extra: Mapping[str, int] | None = None,
+    advance_extra: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
 
     `write(valid, meta)` returns its counts and the record keys it synced; watermarks move only
     after it returned, so a failed load is read again by the next run. The run's staging folder
-    (personal data) is deleted once the load has finished.
+    (personal data) is deleted once the load has finished. `planned_extra`: more counts for a
+    dry run's plan; `advance_extra(meta)`: more positions to store with the watermarks.
     """
     staging = ctx.staging
     report = ctx.store.run_report(ctx.dag_id, ctx.run_id)
@@ -361,7 +372,7 @@ def run_load(
     }
     if ctx.dry_run:
         creates, updates = count_writes(valid)
-        planned = {**previous, "create": creates, "update": updates}
+        planned = {**previous, "create": creates, "update": updates, **(planned_extra or {})}
         plan = {
             "counts": planned,
             "samples": plan_samples(valid),
@@ -379,6 +390,8 @@ def run_load(
         keys = set(synced) | set(done) | set(unchanged["record_key"])
         ctx.store.resolve(keys, ctx.direction)
         advance_cursors(ctx, meta)
+        if advance_extra is not None:
+            advance_extra(meta)
     # Every record quarantined by this run, whichever step did it, counted once by its reasons.
     quarantined = {
         f"quarantined: {reason}": n

@@ -13,8 +13,9 @@ from crm_connectors.odata import all_of
 
 from crm_sync.classify import classify_for_activecampaign
 from crm_sync.context import StepContext
+from crm_sync.core import System
 from crm_sync.cursors import backfill_read
-from crm_sync.flows import common
+from crm_sync.flows import common, deletions
 from crm_sync.flows.activecampaign import ActiveCampaignLoader, ActiveCampaignReader
 from crm_sync.flows.dataverse import changed_rows, rows_by
 from crm_sync.identity import claimed_by_other_dataverse_records
@@ -26,7 +27,15 @@ from crm_sync.records import (
     clean_frame,
 )
 from crm_sync.settings import Entity
-from crm_sync.stages import AC_CURRENT, CONFLICTS, DV_CHANGED, DV_CLASSIFIED, DV_LINKS, DV_MAPPED
+from crm_sync.stages import (
+    AC_CURRENT,
+    CONFLICTS,
+    DELETED,
+    DV_CHANGED,
+    DV_CLASSIFIED,
+    DV_LINKS,
+    DV_MAPPED,
+)
 from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.tags import Tag
 from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_records
@@ -51,7 +60,9 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     backfill: all of them), retried quarantined rows, and the linked AC contacts' current state."""
     started = utcnow()
     ctx.store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
-    dv, marks, counts = _changed_rows(ctx, started)
+    dv, marks, counts, initial = _changed_rows(ctx, started)
+    # The backfill looks too: its first look stores the delta links the scheduled runs go on from.
+    deleted, delta_links, deletion_counts = deletions.deleted_in_dynamics(ctx)
     dv, counts["contacts of qualified leads"] = _qualified_into(ctx, ctx.dv_hook, dv)
     dv = _with_keys(ctx, dv)
     links = _links_of(ctx, dv)
@@ -84,12 +95,15 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         {
             "started": started.isoformat(),
             "watermarks": marks,
+            "initial_sync": initial,
+            "delta_links": delta_links,
             "field_ids": reader.field_ids if reader else {},
         },
     )
     counts["linked"] = len(links_frame)
     counts["found in AC by email (no link)"] = len(matched)
     counts["AC contacts read"] = len(ac_current)
+    counts.update(deletion_counts)
     return common.finish(
         ctx,
         "extract: Dynamics 365 rows",
@@ -97,15 +111,17 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         (DV_CHANGED, dv),
         (DV_LINKS, links_frame),
         (AC_CURRENT, ac_current),
+        (DELETED, deleted),
     )
 
 
 def _changed_rows(
     ctx: StepContext, started: datetime
-) -> tuple[pd.DataFrame, dict[str, str | None], dict[str, int]]:
-    """Per synced entity, the rows changed since its cursor (the backfill: since its form's day)
-    and the quarantined rows to retry; the newest change read per cursor; counts."""
-    frames, marks, counts = [], {}, {}
+) -> tuple[pd.DataFrame, dict[str, str | None], dict[str, int], list[str]]:
+    """Per synced entity, the rows changed since its cursor (the backfill: since its form's day;
+    an entity's first run: all of them, its initial sync) and the quarantined rows to retry; the
+    newest change read per cursor; counts; the entities this run reads for their initial sync."""
+    frames, marks, counts, initial = [], {}, {}, []
     quarantined = [e.record_key for e in ctx.store.open_quarantine(ctx.direction)]
     for entity in _entities(ctx):
         columns = [f.dynamics365 for f in ctx.settings.mapping(entity)]
@@ -126,9 +142,13 @@ def _changed_rows(
         marks[cursor.name] = (
             newest.isoformat() if newest is not None and not pd.isna(newest) else None
         )
-        counts[f"{entity.entity_set} changed"] = len(changed)
+        if read.initial:  # the first switch-on: every matching row, created in AC by design
+            initial.append(entity.value)
+            counts[f"{entity.entity_set} read for the initial sync (first run)"] = len(changed)
+        else:
+            counts[f"{entity.entity_set} changed"] = len(changed)
         counts[f"{entity.entity_set} retried from quarantine"] = len(retried)
-    return common.concat(DV_CHANGED, frames), marks, counts
+    return common.concat(DV_CHANGED, frames), marks, counts, initial
 
 
 def _links_of(ctx: StepContext, dv: pd.DataFrame) -> list[RecordLink]:
@@ -351,6 +371,21 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         classified["action"] != Action.NOT_ELIGIBLE.value
     )
     classified.loc[waiting, ["action", "reason"]] = [Action.NOT_ELIGIBLE.value, "still_quarantined"]
+    # Records whose AC contact was deleted there (`on_delete: tag`) are not sent again, unless
+    # linked anew since (relinked by email to a contact re-created in AC).
+    gone = ctx.store.tombstones(System.ACTIVECAMPAIGN.value, classified["dataverse_id"].tolist())
+    tombstoned = pd.Series(
+        [
+            (e, i) in gone
+            for e, i in zip(classified["entity"], classified["dataverse_id"], strict=True)
+        ],
+        index=classified.index,
+        dtype=bool,
+    ) & ~classified["linked"].astype(bool)
+    classified.loc[tombstoned, ["action", "reason"]] = [
+        Action.NOT_ELIGIBLE.value,
+        "deleted_in_activecampaign",
+    ]
     reasons: dict[str, list[tuple[str, str]]] = {
         k: [(Reason.LINKED_RECORD_MISSING, "the linked ActiveCampaign contact no longer exists")]
         for k in classified.loc[classified["action"] == Action.QUARANTINE.value, "record_key"]
@@ -501,16 +536,32 @@ def validate(ctx: StepContext) -> dict[str, Any]:
             max_length={k: AC_MAX_LENGTH for k in keys},
         )
         failures = validate_records(frame, rules).failures
-    return common.accept_valid(ctx, mapped, to_write, failures, count_creates=not ctx.is_backfill)
+    # The initial sync (the backfill, or an entity's first run) creates by design: its creates
+    # do not count towards the mass-change breaker.
+    initial = set(ctx.staging.read_json("extract", "meta").get("initial_sync", []))
+    uncounted = to_write["entity"].isin(initial) | ctx.is_backfill
+    deleting = deletions.writes(ctx, ctx.staging.read(DELETED))
+    return common.accept_valid(
+        ctx, mapped, to_write, failures, uncounted_creates=uncounted, deleting=deleting
+    )
 
 
 # -- load --------------------------------------------------------------------------------------
 def load(ctx: StepContext) -> dict[str, Any]:
-    """Bulk-import into AC (tags included), link as results arrive, advance the watermarks."""
+    """Bulk-import into AC (tags included), link as results arrive, carry the deletions found
+    in Dynamics to AC, advance the watermarks."""
+
+    deleted = ctx.staging.read(DELETED)
 
     def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
         batch_size = ctx.run_params.batch_size
         loader = ActiveCampaignLoader(ctx, ctx.ac_hook, meta["field_ids"], batch_size=batch_size)
-        return loader.load(valid), loader.synced_keys
+        counts = loader.load(valid)
+        return {**counts, **deletions.apply(ctx, deleted)}, loader.synced_keys
 
-    return common.run_load(ctx, write)
+    return common.run_load(
+        ctx,
+        write,
+        planned_extra=deletions.plan(ctx, deleted),
+        advance_extra=lambda meta: deletions.advance(ctx, meta),
+    )

@@ -113,6 +113,41 @@ def changed_rows(
 _PROPERTY = re.compile(r"property named '([^']+)'")
 
 
+def deleted_since(hook: Dynamics365Hook, entity: Entity, delta_link: str) -> tuple[list[str], str]:
+    """The ids deleted from `entity`'s table since `delta_link` (change tracking), and the
+    link to read from next time. Raises `ChangeTrackingExpiredError` when it is too old."""
+    deleted: list[str] = []
+    for page in hook.changes(entity.entity_set, select=[entity.primary_id], delta_link=delta_link):
+        deleted += page.deleted_ids
+        delta_link = page.delta_link or delta_link
+    return deleted, delta_link
+
+
+def every_id(hook: Dynamics365Hook, entity: Entity) -> tuple[set[str], str | None]:
+    """Every row id of `entity`'s table (one change-tracking read of the ids) and the delta link
+    to read its changes from next time. Raises `ChangeTrackingNotEnabledError` when the table
+    does not track changes."""
+    present: set[str] = set()
+    link = None
+    for page in hook.changes(entity.entity_set, select=[entity.primary_id]):
+        present.update(str(row.get(entity.primary_id)) for row in page.rows)
+        link = page.delta_link or link
+    return present, link
+
+
+def existing_ids(hook: Dynamics365Hook, entity: Entity, row_ids: Sequence[str]) -> set[str]:
+    """Of `row_ids`, those `entity`'s table still has (asked for by id, 50 a request)."""
+    if not row_ids:
+        return set()
+    found = hook.find(entity.entity_set, entity.primary_id, row_ids, select=[entity.primary_id])
+    return {str(row.get(entity.primary_id)) for row in found}
+
+
+def delete_row(hook: Dynamics365Hook, entity: Entity, row_id: str) -> bool:
+    """Delete one row; False when it was already gone."""
+    return hook.delete_record(entity.entity_set, row_id)
+
+
 def _refused_query(
     entity: Entity, select: Sequence[str], criteria: str | None, error: ClientError
 ) -> str | None:
