@@ -230,6 +230,14 @@ def _incremental(data: dict[str, Any]) -> list[str]:
         "scanning every value of a field). AC -> Dynamics reads the changed contacts (100 per "
         "request), their tags (up to 4 requests per 100) and their custom fields the same way.",
         "",
+        "Deletions cost every run a fixed few requests: Dynamics -> AC reads each table's "
+        "change-tracking delta link (1 request per table while fewer than 5,000 rows changed), "
+        "and AC -> Dynamics scans `incremental.deletion_scan_per_run` AC contacts (300 by "
+        "default: 3 requests) for deletions of linked ones. The scan also gives the links a bulk "
+        "import wrote their AC ids, which spares Dynamics -> AC the `GET /contacts?email=` of a "
+        "record's first change (it has met some of them by then: 2,051 AC requests for 1,000 "
+        "changes instead of 2,062 before the scan).",
+        "",
     ]
     return lines
 
