@@ -60,7 +60,7 @@ def populate(world: World, n: int) -> list[tuple[Entity, str, str, str]]:
 
 
 @settings(
-    max_examples=25,
+    max_examples=12,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
