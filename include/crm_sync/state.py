@@ -522,27 +522,45 @@ class StateStore:
         """Every recorded deletion, oldest first (for reports and tests)."""
         return self.deletions_of(None)
 
-    def deletions_of(self, deleted_in: str | None, *, status: str | None = None) -> list[Deletion]:
-        """The recorded deletions in `deleted_in` (every side: None; with `status`, if given),
-        oldest first."""
+    def deletions_of(
+        self,
+        deleted_in: str | None,
+        *,
+        status: str | None = None,
+        dataverse_ids: Iterable[str] | None = None,
+    ) -> list[Deletion]:
+        """The recorded deletions in `deleted_in` (every side: None), with `status` and of
+        `dataverse_ids` when given, oldest first."""
         query = select(deletions)
         if deleted_in is not None:
             query = query.where(deletions.c.deleted_in == deleted_in)
         if status is not None:
             query = query.where(deletions.c.status == status)
-        with self.begin() as connection:
-            return [
-                Deletion(
-                    r.entity,
-                    r.dataverse_id,
-                    r.ac_contact_id,
-                    r.deleted_in,
-                    r.action,
-                    r.status,
-                    r.message,
-                )
-                for r in connection.execute(query.order_by(deletions.c.id))
+        wanted = None if dataverse_ids is None else list(dict.fromkeys(dataverse_ids))
+        chunks = (
+            [query]
+            if wanted is None
+            else [
+                query.where(deletions.c.dataverse_id.in_(wanted[start : start + 500]))
+                for start in range(0, len(wanted), 500)
             ]
+        )
+        found = []
+        with self.begin() as connection:
+            for chunk in chunks:
+                found += list(connection.execute(chunk))
+        return [
+            Deletion(
+                r.entity,
+                r.dataverse_id,
+                r.ac_contact_id,
+                r.deleted_in,
+                r.action,
+                r.status,
+                r.message,
+            )
+            for r in sorted(found, key=lambda r: r.id)
+        ]
 
     def deleted_ac_ids(self, ac_ids: Iterable[str]) -> set[str]:
         """Of `ac_ids`, those of AC contacts whose linked record a deletion was recorded for."""

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from crm_connectors.errors import ClientError, ServerError
+from crm_connectors.errors import AuthenticationError, ClientError, ServerError
 from crm_sync.core import CircuitBreakerTripped, Direction, Flow
 from crm_sync.flows import dataverse, deletions
 from crm_sync.settings import Entity, OnDelete
@@ -383,4 +383,20 @@ def test_an_ac_deletion_handled_by_tag_does_not_count_as_a_dynamics_write(tmp_pa
         world.ac.delete_contact(ac_id)
     run = world.run(Flow.AC_TO_D365, "tombstones")  # nothing is written to Dynamics: no trip
     assert run.counts["load"]["deleted in activecampaign: tag"] == 5
+    world.store.engine.dispose()
+
+
+def test_a_configuration_error_while_reading_deletions_still_fails_the_run(tmp_path: Path) -> None:
+    """Only what a later run can get past is counted and left for next time: a refused
+    credential met while reading deletions fails the run at once, as everywhere else."""
+    world = World(tmp_path)
+    configure(world, {Entity.LEAD: OnDelete.TAG, Entity.CONTACT: OnDelete.TAG}, 300)
+    populate(world, 2)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AuthenticationError("invalid client secret", service="dynamics365", status=401)
+
+    world.dv.changes = refused  # type: ignore[assignment,method-assign]
+    with pytest.raises(AuthenticationError):
+        world.run(Flow.D365_TO_AC, "refused")
     world.store.engine.dispose()

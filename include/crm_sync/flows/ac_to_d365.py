@@ -261,16 +261,9 @@ def validate(ctx: StepContext) -> dict[str, Any]:
 def load(ctx: StepContext) -> dict[str, Any]:
     """Create and update in bulk, link as results arrive, carry the deletions found in AC to
     Dynamics, then advance the watermarks."""
-    deleted = ctx.staging.read(DELETED)
 
     def write(valid: pd.DataFrame, _meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
         loader = DataverseLoader(ctx, ctx.dv_hook)
-        counts = loader.load(valid)
-        return {**counts, **deletions.apply(ctx, deleted)}, loader.synced_keys
+        return loader.load(valid), loader.synced_keys
 
-    return common.run_load(
-        ctx,
-        write,
-        planned_extra=deletions.plan(ctx, deleted),
-        advance_extra=lambda meta: deletions.advance(ctx, meta),
-    )
+    return deletions.run_load(ctx, write)

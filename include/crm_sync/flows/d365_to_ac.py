@@ -551,17 +551,9 @@ def load(ctx: StepContext) -> dict[str, Any]:
     """Bulk-import into AC (tags included), link as results arrive, carry the deletions found
     in Dynamics to AC, advance the watermarks."""
 
-    deleted = ctx.staging.read(DELETED)
-
     def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
         batch_size = ctx.run_params.batch_size
         loader = ActiveCampaignLoader(ctx, ctx.ac_hook, meta["field_ids"], batch_size=batch_size)
-        counts = loader.load(valid)
-        return {**counts, **deletions.apply(ctx, deleted)}, loader.synced_keys
+        return loader.load(valid), loader.synced_keys
 
-    return common.run_load(
-        ctx,
-        write,
-        planned_extra=deletions.plan(ctx, deleted),
-        advance_extra=lambda meta: deletions.advance(ctx, meta),
-    )
+    return deletions.run_load(ctx, write)

@@ -19,20 +19,25 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import pandas as pd
 from crm_connectors.errors import (
+    ApiConnectionError,
     ChangeTrackingExpiredError,
     ChangeTrackingNotEnabledError,
-    CrmApiError,
+    ClientError,
+    PagingError,
+    RateLimitError,
+    ServerError,
 )
 
 from crm_sync.context import StepContext
 from crm_sync.core import Direction, System
-from crm_sync.flows import activecampaign, dataverse
+from crm_sync.flows import activecampaign, common, dataverse
 from crm_sync.settings import Entity, OnDelete
 from crm_sync.stages import DELETED
 from crm_sync.state import Deletion, RecordLink, Watermark
@@ -41,6 +46,9 @@ log = logging.getLogger("crm_sync")
 
 SCAN = f"{Direction.TO_DYNAMICS365.value}:deletion_scan"
 SCAN_PAGE = 100  # contacts per request of the AC scan (AC's largest page)
+# What a deletion read or action may meet and go on from (retried next run). A configuration
+# error (credentials, host, TLS) is not among them: it fails the run at once, as everywhere.
+PASSING = (ClientError, ServerError, RateLimitError, ApiConnectionError, PagingError)
 # Changes that count towards the mass-change breaker: those that write the other side.
 WRITING = (OnDelete.TAG, OnDelete.DELETE)
 
@@ -91,7 +99,7 @@ def deleted_in_dynamics(ctx: StepContext) -> tuple[pd.DataFrame, dict[str, str],
             continue
         try:
             ids, link = _deleted_ids(ctx, entity)
-        except CrmApiError as error:  # read again next run, from the same link
+        except PASSING as error:  # read again next run, from the same link
             log.warning(
                 "%s: deletions not read (%s); looked for again next run",
                 entity.entity_set,
@@ -156,7 +164,7 @@ def deleted_in_activecampaign(
     position = int(stored.cursor) if stored is not None and stored.cursor else 0
     try:
         gone, position, learned = _scan(ctx, budget, position)
-    except CrmApiError as error:  # scanned again next run, from the same position
+    except PASSING as error:  # scanned again next run, from the same position
         log.warning("deletions in ActiveCampaign not read (%s)", error.code or error.status)
         counts = {"deletions in ActiveCampaign not read (error)": 1}
         return _frame(pending, System.ACTIVECAMPAIGN), None, counts
@@ -260,7 +268,9 @@ def apply(ctx: StepContext, deleted: pd.DataFrame) -> dict[str, int]:
     tags: dict[str, str] = {}
     recorded = {
         (d.entity, d.dataverse_id, d.deleted_in): d.action
-        for d in ctx.store.deletions_of(None, status="done")
+        for d in ctx.store.deletions_of(
+            None, status="done", dataverse_ids=deleted["dataverse_id"].tolist()
+        )
     }
     for row in deleted.to_dict("records"):
         action = action_of(ctx, row["entity"])
@@ -278,7 +288,7 @@ def apply(ctx: StepContext, deleted: pd.DataFrame) -> dict[str, int]:
                 deletion = _in_activecampaign(ctx, deletion, _text(row["email"]), tags)
             elif action is OnDelete.DELETE:
                 dataverse.delete_row(ctx.dv_hook, Entity(row["entity"]), row["dataverse_id"])
-        except CrmApiError as error:
+        except PASSING as error:
             log.warning(
                 "deletion of %s %s not applied (%s): retried next run",
                 row["entity"],
@@ -332,6 +342,29 @@ def _in_activecampaign(
 
 def _text(value: Any) -> str | None:
     return None if value is None or pd.isna(value) else str(value)
+
+
+def run_load(
+    ctx: StepContext,
+    write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
+) -> dict[str, Any]:
+    """A direction's `load`: `common.run_load` around its writer, with the deletions the
+    extract found applied after the writes (planned in a dry run), and the delta links and the
+    scan position stored with the watermarks."""
+    deleted = ctx.staging.read(DELETED)
+
+    def write_and_apply(
+        valid: pd.DataFrame, meta: dict[str, Any]
+    ) -> tuple[Mapping[str, int], Iterable[str]]:
+        counts, synced = write(valid, meta)
+        return {**counts, **apply(ctx, deleted)}, synced
+
+    return common.run_load(
+        ctx,
+        write_and_apply,
+        planned_extra=plan(ctx, deleted),
+        advance_extra=lambda meta: advance(ctx, meta),
+    )
 
 
 def advance(ctx: StepContext, meta: dict[str, Any]) -> None:
