@@ -42,8 +42,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m devtools.demo
 
+# Two workers, each taking whole test files (module fixtures stay in one process); every test
+# gets its own ports, PostgreSQL database, Redis queue and staging folder.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 check: $(STAMP)
 	$(PY) -m crm_sync check $(CHECK_ARGS)

@@ -39,10 +39,17 @@ def _serve(args: argparse.Namespace) -> None:
     ac_ssl = (
         {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)} if ac_tls else {}
     )
+    # A stop does not wait for clients' idle keep-alive connections (the hooks' pools) to close.
+    graceful = {"timeout_graceful_shutdown": 1}
     servers = [
         uvicorn.Server(
             uvicorn.Config(
-                ac_app, host=args.host, port=args.ac_port, log_level=args.log_level, **ac_ssl
+                ac_app,
+                host=args.host,
+                port=args.ac_port,
+                log_level=args.log_level,
+                **ac_ssl,
+                **graceful,
             )
         ),
         uvicorn.Server(
@@ -53,6 +60,7 @@ def _serve(args: argparse.Namespace) -> None:
                 log_level=args.log_level,
                 ssl_certfile=str(tls.cert_path),
                 ssl_keyfile=str(tls.key_path),
+                **graceful,
             )
         ),
     ]

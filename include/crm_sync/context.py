@@ -74,10 +74,16 @@ class StepContext:
         from crm_sync.cursors import cursor
         from crm_sync.settings import Entity, InitialSync
 
-        manual = (
-            stream in set(Entity)
-            and self.settings.entities[Entity(stream)].initial_sync is InitialSync.MANUAL
+        settings = self.settings
+        initial = (
+            settings.entities[Entity(stream)].initial_sync
+            if stream in set(Entity)
+            else {
+                "account": settings.accounts.initial_sync,
+                "opportunity": settings.opportunities.initial_sync,
+            }.get(stream)
         )
+        manual = initial is InitialSync.MANUAL
         overlap = self.settings.incremental.overlap_minutes
         return cursor(self.direction, stream, overlap, manual_initial_sync=manual)
 

@@ -37,6 +37,8 @@ class FirstRun(StrEnum):
 
 TAGGED = "tagged"  # AC contacts newly carrying a D365 tag (by tag association time)
 UPDATED = "updated"  # AC contacts updated (by `udate`)
+ACCOUNT = "account"  # accounts (Dataverse `modifiedon`, AC `updatedTimestamp`)
+OPPORTUNITY = "opportunity"  # opportunities (Dataverse `modifiedon`)
 
 # The first-run rule of every stream. AC -> Dynamics reads every tagged contact once (the tags
 # are the queue); the updated stream then adds nothing. Dynamics -> AC reads every matching row
@@ -46,6 +48,11 @@ FIRST_RUN: dict[tuple[Direction, str], FirstRun] = {
     (Direction.TO_DYNAMICS365, TAGGED): FirstRun.EVERYTHING,
     (Direction.TO_DYNAMICS365, UPDATED): FirstRun.SKIP,
     **{(Direction.TO_ACTIVECAMPAIGN, e.value): FirstRun.EVERYTHING for e in Entity},
+    # Accounts both ways and opportunities: every one on the first run (AC accounts by their
+    # `updatedTimestamp`, read whole: AC has no filter on it).
+    (Direction.TO_ACTIVECAMPAIGN, ACCOUNT): FirstRun.EVERYTHING,
+    (Direction.TO_ACTIVECAMPAIGN, OPPORTUNITY): FirstRun.EVERYTHING,
+    (Direction.TO_DYNAMICS365, ACCOUNT): FirstRun.EVERYTHING,
 }
 
 

@@ -20,13 +20,22 @@ class Action(StrEnum):
     NEW_CONTACT = "new_contact"
     UPDATE_LEAD = "update_lead"
     UPDATE_CONTACT = "update_contact"
+    NEW_ACCOUNT = "new_account"
+    UPDATE_ACCOUNT = "update_account"
+    NEW_DEAL = "new_deal"
+    UPDATE_DEAL = "update_deal"
     NOT_ELIGIBLE = "not_eligible"
     QUARANTINE = "quarantine"
 
 
-NEW_ACTIONS = (Action.NEW_LEAD, Action.NEW_CONTACT)
-WRITE_ACTIONS = (Action.NEW_LEAD, Action.NEW_CONTACT, Action.UPDATE_LEAD, Action.UPDATE_CONTACT)
-UPDATE_ACTIONS = (Action.UPDATE_LEAD, Action.UPDATE_CONTACT)
+NEW_ACTIONS = (Action.NEW_LEAD, Action.NEW_CONTACT, Action.NEW_ACCOUNT, Action.NEW_DEAL)
+UPDATE_ACTIONS = (
+    Action.UPDATE_LEAD,
+    Action.UPDATE_CONTACT,
+    Action.UPDATE_ACCOUNT,
+    Action.UPDATE_DEAL,
+)
+WRITE_ACTIONS = NEW_ACTIONS + UPDATE_ACTIONS
 
 
 class Reason(StrEnum):
@@ -51,6 +60,10 @@ class Reason(StrEnum):
     AMBIGUOUS_EMAIL = "ambiguous_email"
     INVALID_OPTION = "invalid_option"
     TARGET_REJECTED = "target_rejected"
+    DUPLICATE_ACCOUNT = "duplicate_account"
+    ACCOUNT_NAME_TAKEN = "account_name_taken"
+    NO_DEAL_CONTACT = "no_deal_contact"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
 
 
 #: Reasons that depend on another record's link (who holds an email): checked again on every run

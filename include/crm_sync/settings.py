@@ -111,6 +111,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_criteria(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    from crm_connectors.odata import check_filter
+
+    check_filter(value)
+    return value.strip()
+
+
 class FieldMap(_Strict):
     """One mapped field: an ActiveCampaign field and a Dataverse column."""
 
@@ -157,19 +166,128 @@ class EntitySettings(_Strict):
     on_delete: OnDelete = OnDelete.TAG
     lead_topic: str = "ActiveCampaign lead"
 
-    @field_validator("record_criteria")
-    @classmethod
-    def _criteria(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        from crm_connectors.odata import check_filter
-
-        check_filter(value)
-        return value.strip()
+    _criteria = field_validator("record_criteria")(_check_criteria)
 
     def moves(self, direction: Direction) -> bool:
         """Whether records of this entity move in `direction`."""
         return self.enabled and self.direction.allows(direction)
+
+
+AC_ACCOUNT_FIELDS = ("name", "accountUrl")
+#: Dynamics `salesstage` options (opportunity.md) as `opportunities.stages` names them.
+SALES_STAGES = {0: "qualify", 1: "develop", 2: "propose", 3: "close"}
+
+
+class AccountField(FieldMap):
+    """One mapped account field: an AC account attribute and a Dataverse account column."""
+
+    @field_validator("activecampaign")
+    @classmethod
+    def _ac_field(cls, value: str) -> str:
+        if value in AC_ACCOUNT_FIELDS:
+            return value
+        raise ValueError(
+            f"'{value}' is not an ActiveCampaign account field; allowed: "
+            + ", ".join(AC_ACCOUNT_FIELDS)
+        )
+
+
+class AccountSettings(_Strict):
+    """Accounts <-> AC accounts: matched on name (and website domain), fields mapped."""
+
+    enabled: bool = False
+    direction: EntityDirection = EntityDirection.TWO_WAY
+    record_criteria: str | None = None
+    initial_sync: InitialSync = InitialSync.ON_FIRST_SWITCH_ON
+    # Contacts are put on their account on both sides (parentcustomerid <-> accountContacts).
+    associate_contacts: bool = True
+    field_mapping: tuple[AccountField, ...] = (
+        AccountField(activecampaign="name", dynamics365="name"),
+        AccountField(activecampaign="accountUrl", dynamics365="websiteurl"),
+    )
+
+    _criteria = field_validator("record_criteria")(_check_criteria)
+
+    @model_validator(mode="after")
+    def _mapping_rules(self) -> AccountSettings:
+        where = "accounts.field_mapping"
+        if not any(
+            f.activecampaign == "name" and f.dynamics365 == "name" for f in self.field_mapping
+        ):
+            raise ValueError(f"{where}: the name mapping (name <-> name) is the match key")
+        seen: set[str] = set()
+        for f in self.field_mapping:
+            if f.activecampaign in seen:
+                raise ValueError(f"{where}: '{f.activecampaign}' mapped twice")
+            seen.add(f.activecampaign)
+            if f.activecampaign == "name" and f.direction != FieldDirection.TWO_WAY:
+                raise ValueError(f"{where}: the name mapping must be two_way")
+            if self.direction != EntityDirection.TWO_WAY and f.direction != FieldDirection.TWO_WAY:
+                raise ValueError(
+                    f"{where}.{f.activecampaign}: a per-field direction is allowed only when "
+                    f"accounts.direction is two_way (it is {self.direction.value})"
+                )
+        return self
+
+    def moves(self, direction: Direction) -> bool:
+        """Whether accounts move in `direction`."""
+        return self.enabled and self.direction.allows(direction)
+
+
+class OpportunitySettings(_Strict):
+    """Opportunities -> AC deals (one way, as the native integration)."""
+
+    enabled: bool = False
+    record_criteria: str | None = None
+    initial_sync: InitialSync = InitialSync.ON_FIRST_SWITCH_ON
+    # The AC pipeline deals go to (by title; created with the stages below when missing).
+    pipeline: Annotated[str, Field(min_length=1, max_length=255)] = "Dynamics 365"
+    # Lowercase ISO 4217 code of the pipeline; Dynamics values are read in this currency.
+    currency: Annotated[str, Field(pattern=r"^[a-z]{3}$")] = "usd"
+    # Dynamics sales stage -> AC stage title of that pipeline (every stage must be named).
+    stages: dict[str, Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        default_factory=lambda: {
+            "qualify": "Qualify",
+            "develop": "Develop",
+            "propose": "Propose",
+            "close": "Close",
+        }
+    )
+    # The AC user owning a deal: by the Dynamics owner's id, else the default.
+    owner_default: Annotated[str, Field(pattern=r"^[0-9]+$")] = "1"
+    owners: dict[str, Annotated[str, Field(pattern=r"^[0-9]+$")]] = Field(default_factory=dict)
+
+    _criteria = field_validator("record_criteria")(_check_criteria)
+
+    @field_validator("owners")
+    @classmethod
+    def _owner_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        # Dataverse ids are GUIDs, compared in lower case whatever case the file uses.
+        return {str(k).strip().lower(): v for k, v in value.items()}
+
+    @field_validator("stages")
+    @classmethod
+    def _every_stage(cls, value: dict[str, str]) -> dict[str, str]:
+        wanted = set(SALES_STAGES.values())
+        unknown = set(value) - wanted
+        if unknown or set(value) != wanted:
+            raise ValueError(
+                "name an AC stage for each Dynamics sales stage: "
+                + ", ".join(SALES_STAGES.values())
+                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
+            )
+        return value
+
+    def stage_of(self, sales_stage: Any) -> str:
+        """The AC stage title of a Dynamics `salesstage` value (empty: the first stage)."""
+        try:
+            return self.stages[SALES_STAGES[int(sales_stage)]]
+        except (TypeError, ValueError, KeyError):
+            return self.stages[SALES_STAGES[0]]
+
+    def owner_of(self, dynamics_owner: Any) -> str:
+        """The AC user id of a Dynamics owner id."""
+        return self.owners.get(str(dynamics_owner).lower(), self.owner_default)
 
 
 class Safety(_Strict):
@@ -197,6 +315,8 @@ class SyncSettings(_Strict):
         default_factory=lambda: {e: EntitySettings() for e in Entity}
     )
     field_mapping: dict[Entity, tuple[FieldMap, ...]]
+    accounts: AccountSettings = AccountSettings()
+    opportunities: OpportunitySettings = OpportunitySettings()
     conflict_rule: ConflictRule = ConflictRule.MOST_RECENT
     safety: Safety = Safety()
     incremental: Incremental = Incremental()

@@ -88,6 +88,44 @@ DELETED = Stage(
     "deleted",
     {c: OBJECT for c in ("entity", "dataverse_id", "ac_contact_id", "email", "deleted_in")},
 )
+# Accounts and deals (`flows/accounts.py`, `flows/deals.py`): the rows read, and the plan (one row
+# per record to write or refuse; `ac_id` the AC account or deal, `payload` JSON of what to write).
+OBJECT_PLAN_COLUMNS = {
+    "record_key": OBJECT,
+    "dataverse_id": OBJECT,
+    "ac_id": OBJECT,
+    "action": OBJECT,
+    "reason": OBJECT,
+    "payload": OBJECT,
+    "synced_values": OBJECT,
+    "source_hash": OBJECT,
+    "n_fields": COUNT,
+    "unchanged": FLAG,
+    "relink": FLAG,  # matched (by name) without a link
+}
+# Mapped account columns ride along; the match's own columns are declared.
+DV_ACCOUNTS = Stage(
+    "extract",
+    "dv_accounts",
+    {
+        "dataverse_id": OBJECT,
+        "dv_modified_at": TIME,
+        "name": OBJECT,
+        "websiteurl": OBJECT,
+        "statecode": OBJECT,
+    },
+)
+AC_ACCOUNTS = Stage(
+    "extract",
+    "ac_accounts",
+    {"ac_id": OBJECT, "ac_updated_at": TIME, "name": OBJECT, "accountUrl": OBJECT},
+)
+ACCOUNT_PLAN = Stage("map_fields", "accounts", OBJECT_PLAN_COLUMNS)
+ACCOUNT_VALID = Stage("validate", "accounts", OBJECT_PLAN_COLUMNS)
+OPPORTUNITIES = Stage("extract", "opportunities", {"dataverse_id": OBJECT, "dv_modified_at": TIME})
+DEAL_PLAN = Stage("map_fields", "deals", OBJECT_PLAN_COLUMNS)
+DEAL_VALID = Stage("validate", "deals", OBJECT_PLAN_COLUMNS)
+
 CONFLICTS = Stage(
     "map_fields",
     "conflicts",

@@ -142,6 +142,23 @@ deletions = Table(
     UniqueConstraint("entity", "dataverse_id", "deleted_in", name="uq_crm_sync_deletions_record"),
 )
 
+# Accounts and opportunities linked to their AC account or deal (`kind`: account, opportunity),
+# one to one; `synced_values` as on contact links (what both sides agreed on at the last sync).
+object_links = Table(
+    "crm_sync_object_links",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("dataverse_id", String(36), nullable=False),
+    Column("ac_id", String(32), nullable=False),
+    Column("origin", String(32), nullable=False),
+    Column("synced_values", JSON, nullable=False, default=dict),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("kind", "dataverse_id", name="uq_crm_sync_object_links_dv"),
+    UniqueConstraint("kind", "ac_id", name="uq_crm_sync_object_links_ac"),
+)
+
 # Upgrade steps from version N-1 to N, each a list of DDL callables; empty while at version 1.
 UPGRADES: dict[int, list[Any]] = {}
 
@@ -202,6 +219,17 @@ class Deletion:
     action: str
     status: str = "done"
     message: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectLink:
+    """A Dynamics account or opportunity linked to its AC account or deal."""
+
+    kind: str
+    dataverse_id: str
+    ac_id: str
+    origin: str
+    synced_values: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -476,6 +504,77 @@ class StateStore:
             return [row.dataverse_id for row in connection.execute(query)]
 
     # -- deletions ----------------------------------------------------------------------------
+    # -- account and deal links ---------------------------------------------------------------
+    def object_links(
+        self, kind: str, *, dataverse_ids: Iterable[str] | None = None, ac_ids: Iterable[str] = ()
+    ) -> list[ObjectLink]:
+        """The `kind` links of these Dataverse or AC ids; every one when neither is given."""
+        columns = object_links.c
+        by_dv = None if dataverse_ids is None else [str(v) for v in dataverse_ids]
+        by_ac = [str(v) for v in ac_ids]
+        wanted: list[Any] = []
+        if by_dv is None and not by_ac:
+            wanted = [columns.kind == kind]
+        for column, values in ((columns.dataverse_id, by_dv or []), (columns.ac_id, by_ac)):
+            wanted += [
+                (columns.kind == kind) & column.in_(values[start : start + 500])
+                for start in range(0, len(values), 500)
+            ]
+        found: dict[int, ObjectLink] = {}
+        with self.begin() as connection:
+            for where in wanted:
+                for row in connection.execute(select(object_links).where(where)):
+                    found[row.id] = ObjectLink(
+                        row.kind,
+                        row.dataverse_id,
+                        row.ac_id,
+                        row.origin,
+                        dict(row.synced_values or {}),
+                    )
+        return list(found.values())
+
+    def save_object_links(self, records: Sequence[ObjectLink]) -> list[ObjectLink]:
+        """Insert or update links (on kind + Dataverse id) in one transaction. One to one: a
+        link whose AC id another record's link holds is not saved, and is returned."""
+        now = utcnow()
+        refused: list[ObjectLink] = []
+        columns = object_links.c
+
+        def write(connection: Connection) -> None:
+            refused.clear()
+            for record in records:
+                holder = connection.execute(
+                    select(columns.dataverse_id).where(
+                        (columns.kind == record.kind) & (columns.ac_id == record.ac_id)
+                    )
+                ).scalar()
+                if holder is not None and holder != record.dataverse_id:
+                    refused.append(record)
+                    continue
+                values = {
+                    "ac_id": record.ac_id,
+                    "origin": record.origin,
+                    "synced_values": record.synced_values,
+                    "updated_at": now,
+                }
+                mine = (columns.kind == record.kind) & (columns.dataverse_id == record.dataverse_id)
+                if (
+                    connection.execute(update(object_links).where(mine).values(**values)).rowcount
+                    == 0
+                ):
+                    connection.execute(
+                        insert(object_links).values(
+                            kind=record.kind,
+                            dataverse_id=record.dataverse_id,
+                            created_at=now,
+                            **values,
+                        )
+                    )
+
+        if records:
+            self._upsert(write)
+        return refused
+
     def record_deletions(self, found: Sequence[Deletion], run_id: str) -> None:
         """Record deletions and what was done, in one transaction. A `done` one that is not
         `ignore` ends its link; a `pending` one (its action failed) keeps it, to be retried."""

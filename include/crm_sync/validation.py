@@ -32,7 +32,7 @@ class TargetRules:
     """What the target accepts, for one entity: the inputs of the expectation suite."""
 
     name: str
-    email_column: str
+    email_column: str | None  # None: the records have no email (accounts, deals)
     required: tuple[str, ...] = ()
     max_length: dict[str, int] = field(default_factory=dict)
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -65,11 +65,12 @@ def _suite(rules: TargetRules, columns: set[str]) -> Any:
 
     suite = gx.ExpectationSuite(name=f"crm_sync_{rules.name}")
     email = rules.email_column
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column=email))
-    suite.add_expectation(
-        gx.expectations.ExpectColumnValuesToMatchRegex(column=email, regex=EMAIL_PATTERN)
-    )
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeUnique(column=email))
+    if email is not None:
+        suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column=email))
+        suite.add_expectation(
+            gx.expectations.ExpectColumnValuesToMatchRegex(column=email, regex=EMAIL_PATTERN)
+        )
+        suite.add_expectation(gx.expectations.ExpectColumnValuesToBeUnique(column=email))
     for column in rules.required:
         if column in columns and column != email:
             suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column=column))

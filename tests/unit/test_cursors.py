@@ -38,6 +38,9 @@ def test_the_watermark_names_stay_those_the_state_stores_hold() -> None:
         "activecampaign_to_dynamics365:updated",
         "dynamics365_to_activecampaign:lead",
         "dynamics365_to_activecampaign:contact",
+        "dynamics365_to_activecampaign:account",
+        "dynamics365_to_activecampaign:opportunity",
+        "activecampaign_to_dynamics365:account",
     }
     for name in names:
         assert cursor_named(name, OVERLAP).name == name

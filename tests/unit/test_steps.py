@@ -97,11 +97,18 @@ class Run:
 
 class World:
     """Both systems (fakes), the settings of `sync.yaml`, a SQLite state store and a staging
-    folder. The AC account already has the four D365 tags and the two custom fields mapped."""
+    folder. The AC account already has the four D365 tags and the two custom fields mapped.
+    Leads and contacts only: accounts and deals are tested against the sandbox's emulators
+    (tests/e2e/test_accounts.py, test_deals_flow.py)."""
 
     def __init__(self, root: Path) -> None:
-        self.settings = load_settings(DEFAULT_SETTINGS_PATH).model_copy(
-            update={"staging": str(root / "staging")}
+        shipped = load_settings(DEFAULT_SETTINGS_PATH)
+        self.settings = shipped.model_copy(
+            update={
+                "staging": str(root / "staging"),
+                "accounts": shipped.accounts.model_copy(update={"enabled": False}),
+                "opportunities": shipped.opportunities.model_copy(update={"enabled": False}),
+            }
         )
         self.state_url = f"sqlite:///{root / 'state.db'}"
         self.store = StateStore.from_url(self.state_url)

@@ -11,7 +11,7 @@ import pandas as pd
 from crm_sync.classify import attach_links, classify_for_dynamics
 from crm_sync.context import StepContext
 from crm_sync.cursors import TAGGED, UPDATED
-from crm_sync.flows import common, deletions
+from crm_sync.flows import common, deletions, objects
 from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader
 from crm_sync.flows.dataverse import DataverseLoader, rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
@@ -108,6 +108,9 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     }
     deleted, position, deletion_counts = deletions.deleted_in_activecampaign(ctx)
     meta["deletion_scan"] = position
+    object_counts, object_marks, object_initial = objects.extract(ctx, started)
+    meta["watermarks"].update(object_marks)
+    meta["initial_sync"] = object_initial
     ctx.staging.write_json("extract", "meta", meta)
     counts = {
         "newly tagged": len(tagged_ids),
@@ -116,6 +119,7 @@ def extract(ctx: StepContext) -> dict[str, Any]:
         "contacts read": len(contacts),
         "linked": len(links),
         **deletion_counts,
+        **object_counts,
     }
     return common.finish(
         ctx,
@@ -223,7 +227,10 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
         conflicts.append(decided)
     common.quarantine_rows(ctx, classified, "map_fields", missing_reasons)
     mapped, decided = common.concat(AC_MAPPED, planned), common.concat(CONFLICTS, conflicts)
-    counts = common.plan_counts(mapped, decided, **{"linked record missing": len(missing_reasons)})
+    counts = {
+        **common.plan_counts(mapped, decided, **{"linked record missing": len(missing_reasons)}),
+        **objects.plan(ctx),
+    }
     return common.finish(ctx, "map_fields: plan", counts, (AC_MAPPED, mapped), (CONFLICTS, decided))
 
 
@@ -254,7 +261,15 @@ def validate(ctx: StepContext) -> dict[str, Any]:
         )
         failures.update(validate_records(frame, rules).failures)
     deleting = deletions.writes(ctx, ctx.staging.read(DELETED))
-    return common.accept_valid(ctx, mapped, to_write, failures, deleting=deleting)
+    object_counts, object_writes = objects.validate(ctx)
+    return common.accept_valid(
+        ctx,
+        mapped,
+        to_write,
+        failures,
+        other_changes=deleting + object_writes,
+        other_counts=object_counts,
+    )
 
 
 # -- load --------------------------------------------------------------------------------------

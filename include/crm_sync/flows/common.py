@@ -259,13 +259,15 @@ def accept_valid(
     failures: Mapping[str, list[tuple[str, str]]],
     *,
     uncounted_creates: pd.Series | None = None,
-    deleting: int = 0,
+    other_changes: int = 0,
+    other_counts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """After validation: trip the breakers, quarantine failures, stage the valid rows, report.
 
     `uncounted_creates` (a mask over `to_write`) leaves those rows' creates out of the
-    mass-change share: the initial sync creates by design. `deleting`: how many deletions the
-    load will carry to the other side; they count as changes.
+    mass-change share: the initial sync creates by design. `other_changes`: how many other
+    writes the load will make (deletions carried to the other side, accounts, deals); they
+    count as changes. `other_counts`: their validation counts, for the report.
     """
     check_quarantine_share(ctx, failures, len(to_write))
     quarantine_rows(ctx, mapped, "validate", failures)
@@ -283,10 +285,15 @@ def accept_valid(
     # A relink writes an existing record: it counts as an update even when its creates do not.
     check_mass_change(
         ctx,
-        updates + int(relinks.sum()) + creates - int((relinks & counted).sum()) + deleting,
+        updates + int(relinks.sum()) + creates - int((relinks & counted).sum()) + other_changes,
         relinked=int(relinks.sum()),
     )
-    counts = {"valid": len(valid), "quarantined": len(failures), **_reason_counts(failures)}
+    counts = {
+        "valid": len(valid),
+        "quarantined": len(failures),
+        **_reason_counts(failures),
+        **(other_counts or {}),
+    }
     return finish(ctx, "validate: Great Expectations", counts, (PLANS[ctx.direction].valid, valid))
 
 

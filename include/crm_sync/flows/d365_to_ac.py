@@ -15,7 +15,7 @@ from crm_sync.classify import classify_for_activecampaign
 from crm_sync.context import StepContext
 from crm_sync.core import System
 from crm_sync.cursors import backfill_read
-from crm_sync.flows import common, deletions
+from crm_sync.flows import common, deletions, objects
 from crm_sync.flows.activecampaign import ActiveCampaignLoader, ActiveCampaignReader
 from crm_sync.flows.dataverse import changed_rows, rows_by
 from crm_sync.identity import claimed_by_other_dataverse_records
@@ -61,6 +61,8 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     started = utcnow()
     ctx.store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
     dv, marks, counts, initial = _changed_rows(ctx, started)
+    object_counts, object_marks, object_initial = objects.extract(ctx, started)
+    marks, initial = {**marks, **object_marks}, initial + object_initial
     # The backfill looks too: its first look stores the delta links the scheduled runs go on from.
     deleted, delta_links, deletion_counts = deletions.deleted_in_dynamics(ctx)
     dv, counts["contacts of qualified leads"] = _qualified_into(ctx, ctx.dv_hook, dv)
@@ -104,6 +106,7 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     counts["found in AC by email (no link)"] = len(matched)
     counts["AC contacts read"] = len(ac_current)
     counts.update(deletion_counts)
+    counts.update(object_counts)
     return common.finish(
         ctx,
         "extract: Dynamics 365 rows",
@@ -508,7 +511,7 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
         planned.append(out)
         conflicts.append(decided)
     mapped, decided = common.concat(DV_MAPPED, planned), common.concat(CONFLICTS, conflicts)
-    counts = common.plan_counts(mapped, decided)
+    counts = {**common.plan_counts(mapped, decided), **objects.plan(ctx)}
     return common.finish(ctx, "map_fields: plan", counts, (DV_MAPPED, mapped), (CONFLICTS, decided))
 
 
@@ -541,8 +544,15 @@ def validate(ctx: StepContext) -> dict[str, Any]:
     initial = set(ctx.staging.read_json("extract", "meta").get("initial_sync", []))
     uncounted = to_write["entity"].isin(initial) | ctx.is_backfill
     deleting = deletions.writes(ctx, ctx.staging.read(DELETED))
+    object_counts, object_writes = objects.validate(ctx)
     return common.accept_valid(
-        ctx, mapped, to_write, failures, uncounted_creates=uncounted, deleting=deleting
+        ctx,
+        mapped,
+        to_write,
+        failures,
+        uncounted_creates=uncounted,
+        other_changes=deleting + object_writes,
+        other_counts=object_counts,
     )
 
 

@@ -38,7 +38,12 @@ def select_columns(entity: Entity, columns: Iterable[str]) -> list[str]:
     """The `$select` list: primary id, the mapped columns, and the system columns we use."""
     # A contact's origin lead (QualifyLead sets it), and the contact a lead was qualified into
     # (set as well when a lead is qualified into an existing contact, which keeps its own).
-    extra = ["_originatingleadid_value"] if entity is Entity.CONTACT else ["_parentcontactid_value"]
+    # A contact's company (`parentcustomerid`): its account, for the accounts sync.
+    extra = (
+        ["_originatingleadid_value", "_parentcustomerid_value"]
+        if entity is Entity.CONTACT
+        else ["_parentcontactid_value"]
+    )
     ordered = [entity.primary_id, *columns, *SYSTEM_COLUMNS, *extra]
     return list(dict.fromkeys(ordered))
 

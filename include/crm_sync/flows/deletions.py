@@ -37,7 +37,7 @@ from crm_connectors.errors import (
 
 from crm_sync.context import StepContext
 from crm_sync.core import Direction, System
-from crm_sync.flows import activecampaign, common, dataverse
+from crm_sync.flows import activecampaign, common, dataverse, objects
 from crm_sync.settings import Entity, OnDelete
 from crm_sync.stages import DELETED
 from crm_sync.state import Deletion, RecordLink, Watermark
@@ -348,21 +348,21 @@ def run_load(
     ctx: StepContext,
     write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
 ) -> dict[str, Any]:
-    """A direction's `load`: `common.run_load` around its writer, with the deletions the
-    extract found applied after the writes (planned in a dry run), and the delta links and the
-    scan position stored with the watermarks."""
+    """A direction's `load`: `common.run_load` around its writer (the contacts), then the
+    accounts and deals (`flows/objects.py`), then the deletions the extract found (all planned
+    in a dry run); the delta links and the scan position are stored with the watermarks."""
     deleted = ctx.staging.read(DELETED)
 
     def write_and_apply(
         valid: pd.DataFrame, meta: dict[str, Any]
     ) -> tuple[Mapping[str, int], Iterable[str]]:
         counts, synced = write(valid, meta)
-        return {**counts, **apply(ctx, deleted)}, synced
+        return {**counts, **objects.load(ctx), **apply(ctx, deleted)}, synced
 
     return common.run_load(
         ctx,
         write_and_apply,
-        planned_extra=plan(ctx, deleted),
+        planned_extra={**objects.planned(ctx), **plan(ctx, deleted)},
         advance_extra=lambda meta: advance(ctx, meta),
     )
 
