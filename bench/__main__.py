@@ -19,7 +19,7 @@ from typing import Any
 from bench.harness import machine, prepare_process
 from sandbox.process import PROJECT_ROOT
 
-BENCHMARKS = ("backfill", "creation", "incremental", "pipeline", "side_by_side")
+BENCHMARKS = ("backfill", "creation", "incremental", "pipeline", "side_by_side", "accounts_deals")
 QUICK = {
     "sizes": [200, 1000],
     "creation_records": 300,
@@ -28,6 +28,9 @@ QUICK = {
     "pipeline_rows": 50_000,
     "pipeline_chunk": 25_000,
     "side_by_side_records": 40,
+    "accounts": 10,
+    "account_contacts": 50,
+    "opportunities": 10,
     "repeats": 1,
 }
 
@@ -45,6 +48,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pipeline-rows", type=int, default=1_000_000)
     parser.add_argument("--pipeline-chunk", type=int, default=100_000)
     parser.add_argument("--side-by-side-records", type=int, default=2000)
+    parser.add_argument("--accounts", type=int, default=100, help="accounts_deals: accounts")
+    parser.add_argument(
+        "--account-contacts", type=int, default=500, help="accounts_deals: contacts seeded"
+    )
+    parser.add_argument(
+        "--opportunities", type=int, default=100, help="accounts_deals: opportunities"
+    )
     parser.add_argument("--results", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--docs", type=Path, default=PROJECT_ROOT / "docs")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the page")
@@ -70,6 +80,8 @@ def command(args: argparse.Namespace, name: str) -> str:
         "incremental": f"--incremental-records {args.incremental_records} --changes {args.changes}",
         "pipeline": f"--pipeline-rows {args.pipeline_rows} --pipeline-chunk {args.pipeline_chunk}",
         "side_by_side": f"--side-by-side-records {args.side_by_side_records}",
+        "accounts_deals": f"--accounts {args.accounts} --account-contacts "
+        f"{args.account_contacts} --opportunities {args.opportunities}",
     }[name]
     return f"python -m bench --only {name} --repeats {args.repeats} {options}"
 
@@ -112,6 +124,10 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         return scenarios.incremental(args.incremental_records, changes, work)
     if name == "pipeline":
         return pipeline(args)
+    if name == "accounts_deals":
+        return scenarios.accounts_deals(
+            args.accounts, args.opportunities, args.account_contacts, work
+        )
     return scenarios.side_by_side(args.side_by_side_records, work)
 
 

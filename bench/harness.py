@@ -121,24 +121,43 @@ class Sandbox(SandboxProcess):
         with _sqlite(self.data_dir / "activecampaign.db") as db:
             yield db
 
+    @contextmanager
+    def dv_db(self) -> Iterator[sqlite3.Connection]:
+        """The Dataverse emulator's SQLite."""
+        with _sqlite(self.data_dir / "dataverse.db") as db:
+            yield db
+
     def age(self, seconds: int) -> None:
         """Move every stored time of both emulators `seconds` back, the sync's watermarks staying:
         as if the data had last changed that long before the sync's last run (so the watermarks'
         overlap holds none of it)."""
         with self.ac_db() as db:
+            tables = _tables(db)
             for table, columns in (
                 ("contacts", ("cdate", "udate")),
                 ("contact_tags", ("cdate",)),
                 ("field_values", ("cdate", "udate")),
+                ("accounts", ("cdate", "udate")),
+                ("account_contacts", ("cdate", "udate")),
+                ("deals", ("cdate", "mdate")),
             ):
+                if table not in tables:
+                    continue
                 sets = ", ".join(f"{c} = {c} - ?" for c in columns)
                 db.execute(f"UPDATE {table} SET {sets}", (seconds,) * len(columns))  # noqa: S608
         with _sqlite(self.data_dir / "dataverse.db") as db:
-            for table in ("leads", "contacts"):
+            tables = _tables(db)
+            for table in ("leads", "contacts", "accounts", "opportunities"):
+                if table not in tables:
+                    continue
                 db.execute(
                     f"UPDATE {table} SET createdon = createdon - ?, modifiedon = modifiedon - ?",  # noqa: S608
                     (seconds, seconds),
                 )
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 @contextmanager
@@ -207,14 +226,16 @@ def run_flow(
 
 
 @contextmanager
-def incremental_settings(folder: Path, **incremental: Any) -> Iterator[None]:
-    """The shipped `sync.yaml` with these `incremental` keys changed, for the block."""
+def settings_override(folder: Path, **sections: dict[str, Any]) -> Iterator[None]:
+    """The settings in force (the shipped `sync.yaml`, or an override around this one) with
+    these sections' keys changed, for the block."""
     import yaml
     from crm_sync.settings import SETTINGS_PATH_ENV, settings_path
 
     raw = yaml.safe_load(settings_path().read_text(encoding="utf-8"))
-    raw["incremental"] = {**raw.get("incremental", {}), **incremental}
-    path = folder / "sync.yaml"
+    for section, keys in sections.items():
+        raw[section] = {**(raw.get(section) or {}), **keys}
+    path = folder / f"sync-{uuid.uuid4().hex[:8]}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     before = os.environ.get(SETTINGS_PATH_ENV)
     os.environ[SETTINGS_PATH_ENV] = str(path)
@@ -225,6 +246,53 @@ def incremental_settings(folder: Path, **incremental: Any) -> Iterator[None]:
             os.environ.pop(SETTINGS_PATH_ENV, None)
         else:
             os.environ[SETTINGS_PATH_ENV] = before
+
+
+@contextmanager
+def incremental_settings(folder: Path, **incremental: Any) -> Iterator[None]:
+    """The shipped `sync.yaml` with these `incremental` keys changed, for the block."""
+    with settings_override(folder, incremental=incremental):
+        yield
+
+
+@dataclass
+class Call:
+    """One call of a watched function: its label, seconds, and the API requests made in it."""
+
+    label: str
+    seconds: float
+    requests: dict[str, Counter[str]]
+
+
+@contextmanager
+def watch_calls(sandbox: Sandbox, targets: dict[str, tuple[Any, str]]) -> Iterator[list[Call]]:
+    """Wrap each `targets[label] = (module, function name)` for the block, so that each call is
+    timed and the requests answered during it counted (the emulators' counters, read before and
+    after: the counter reads are admin calls, not counted, and not in the seconds). The
+    functions must be called through their module (`module.function(...)`)."""
+    calls: list[Call] = []
+    originals = {label: getattr(module, name) for label, (module, name) in targets.items()}
+
+    def wrap(label: str, function: Any) -> Any:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            before = sandbox.requests_made()
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - started
+                after = sandbox.requests_made()
+                calls.append(Call(label, seconds, {s: after[s] - before[s] for s in after}))
+
+        return watched
+
+    for label, (module, name) in targets.items():
+        setattr(module, name, wrap(label, originals[label]))
+    try:
+        yield calls
+    finally:
+        for label, (module, name) in targets.items():
+            setattr(module, name, originals[label])
 
 
 @contextmanager

@@ -1,10 +1,12 @@
-"""The API-bound benchmarks: backfill, creation, incremental cost, and the naive baseline."""
+"""The API-bound benchmarks: backfill, creation, incremental cost, the naive baseline, and
+accounts and deals."""
 
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,11 +22,14 @@ from bench.harness import (
     DATAVERSE_REQUESTS_PER_WINDOW,
     DATAVERSE_WINDOW_SECONDS,
     WRITE_COST_MS,
+    Call,
     FlowRun,
     Sandbox,
     incremental_settings,
     run_flow,
     run_folder,
+    settings_override,
+    watch_calls,
 )
 
 BACKFILL = "initial_sync_backfill"
@@ -445,3 +450,223 @@ def side_by_side(records: int, root: Path | None) -> dict:
         "time_ratio": naive["seconds"] / project["seconds"],
         "naive_records_per_second": naive["records"] / naive["seconds"],
     }
+
+
+# -- 7: accounts and deals ------------------------------------------------------------------------
+ACCOUNT_FUNCTIONS = ("extract", "plan", "validate", "load", "associate")
+DEAL_FUNCTIONS = ("extract", "plan", "validate", "load")
+#: Both off: the quiet runs without them, to tell what they add.
+OBJECTS_OFF = {"accounts": {"enabled": False}, "opportunities": {"enabled": False}}
+
+
+def _object_functions() -> dict[str, tuple[Any, str]]:
+    """The functions `flows/objects.py` calls for accounts and deals, by label."""
+    from crm_sync.flows import accounts, deals
+
+    return {
+        **{f"accounts.{name}": (accounts, name) for name in ACCOUNT_FUNCTIONS},
+        **{f"deals.{name}": (deals, name) for name in DEAL_FUNCTIONS},
+    }
+
+
+def _phases(calls: list[Call]) -> dict[str, dict[str, Any]]:
+    """Per watched function: seconds and requests (per service and route), over its calls."""
+    sums: dict[str, dict[str, Any]] = {}
+    for call in calls:
+        item = sums.setdefault(call.label, {"seconds": 0.0, "ac": Counter(), "d365": Counter()})
+        item["seconds"] += call.seconds
+        item["ac"].update(call.requests["ac"])
+        item["d365"].update(call.requests["d365"])
+    return {
+        label: {
+            "seconds": item["seconds"],
+            "ac": sum(item["ac"].values()),
+            "d365": sum(item["d365"].values()),
+            "ac_by_route": dict(item["ac"]),
+            "d365_by_route": dict(item["d365"]),
+        }
+        for label, item in sums.items()
+    }
+
+
+def _part(phases: dict[str, dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """The phases of `labels` summed: seconds, requests, requests per route."""
+    ac: Counter[str] = Counter()
+    d365: Counter[str] = Counter()
+    for label in labels:
+        ac.update(phases.get(label, {}).get("ac_by_route", {}))
+        d365.update(phases.get(label, {}).get("d365_by_route", {}))
+    return {
+        "seconds": sum(phases.get(label, {}).get("seconds", 0.0) for label in labels),
+        "ac": sum(ac.values()),
+        "d365": sum(d365.values()),
+        "ac_by_route": dict(ac),
+        "d365_by_route": dict(d365),
+    }
+
+
+def _account_labels(*names: str) -> list[str]:
+    return [f"accounts.{n}" for n in names or ACCOUNT_FUNCTIONS]
+
+
+def _deal_labels(*names: str) -> list[str]:
+    return [f"deals.{n}" for n in names or DEAL_FUNCTIONS]
+
+
+def _run_watched(
+    flow: str, sandbox: Sandbox, state: str
+) -> tuple[FlowRun, dict[str, dict[str, Any]]]:
+    with watch_calls(sandbox, _object_functions()) as calls:
+        run = run_flow(flow, sandbox, state)
+    return run, _phases(calls)
+
+
+def _with_objects(run: FlowRun, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A run's summary (as benchmark 3's) with the part accounts and deals took of it."""
+    accounts, deals = _part(phases, _account_labels()), _part(phases, _deal_labels())
+    written = {
+        k: v
+        for k, v in run.counts["load"].items()
+        if k.startswith(("created", "updated", "linked", "AC ", "deals ", "contacts put", "Dyn"))
+        or "accounts" in k
+    }
+    return {
+        **_summary(run),
+        "written": written,
+        "accounts": accounts,
+        "deals": deals,
+        "phases": phases,
+        "counts": run.counts,
+    }
+
+
+def _world(sandbox: Sandbox) -> dict[str, int]:
+    """What the seed made that accounts and deals depend on (from the emulator's database)."""
+    with sandbox.dv_db() as db:
+
+        def one(sql: str) -> int:
+            return int(db.execute(sql).fetchone()[0])
+
+        return {
+            "accounts": one("SELECT count(*) FROM accounts"),
+            "active accounts": one("SELECT count(*) FROM accounts WHERE statecode = 0"),
+            "contacts": one("SELECT count(*) FROM contacts"),
+            "active contacts on an account": one(
+                "SELECT count(*) FROM contacts WHERE statecode = 0 AND parentcustomerid IS NOT NULL"
+            ),
+            "opportunities": one("SELECT count(*) FROM opportunities"),
+            "opportunities of an account": one(
+                "SELECT count(*) FROM opportunities WHERE parentaccountid IS NOT NULL"
+            ),
+        }
+
+
+def _ac_objects(sandbox: Sandbox) -> dict[str, int]:
+    with sandbox.ac_db() as db:
+        return {
+            table: int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+            for table in ("contacts", "accounts", "account_contacts", "deals")
+        }
+
+
+def accounts_deals(accounts: int, opportunities: int, contacts: int, root: Path | None) -> dict:
+    """Benchmark 7: an initial sync of `accounts` Dynamics accounts, `contacts` contacts (about
+    60 % of them on an account) and `opportunities` opportunities into ActiveCampaign, at AC's
+    5 requests/s; then the first scheduled run of each direction, and quiet runs (nothing
+    changed) of each direction with accounts and deals on and off."""
+    from sandbox.activecampaign.seed import seed_activecampaign
+    from sandbox.dataverse.seed import seed_dataverse
+
+    with (
+        run_folder(root, f"accounts-deals-{accounts}") as folder,
+        Sandbox(folder / "sandbox") as sandbox,
+    ):
+        seed_dataverse(
+            sandbox.data_dir,
+            seed=SEED,
+            leads=0,
+            contacts=contacts,
+            accounts=accounts,
+            opportunities=opportunities,
+        )
+        # An account configured for the sync: the mapped custom fields exist, no contacts yet.
+        seed_activecampaign(sandbox.data_dir, seed=SEED, contacts=0)
+        world = _world(sandbox)
+        state = _state_url(folder)
+        sandbox.connect(state)
+        started = time.perf_counter()
+        run, phases = _run_watched(BACKFILL, sandbox, state)
+        initial = _with_objects(run, phases)
+        initial["step_seconds"] = run.seconds
+        after = _ac_objects(sandbox)
+        # The first scheduled run of each direction after the initial sync (the AC -> Dynamics
+        # one reads every D365 tag association and every AC account once), a day later.
+        first: dict[str, Any] = {}
+        for flow in (D365_TO_AC, AC_TO_D365):
+            sandbox.age(DAY)
+            first[flow] = _with_objects(*_run_watched(flow, sandbox, state))
+        # Quiet runs: nothing changed for a day; with accounts and deals on, then off.
+        quiet: dict[str, dict[str, Any]] = {}
+        for label, sections in (("on", {}), ("off", OBJECTS_OFF)):
+            with settings_override(folder, **sections):
+                quiet[label] = {}
+                for flow in (D365_TO_AC, AC_TO_D365):
+                    sandbox.age(DAY)
+                    quiet[label][flow] = _with_objects(*_run_watched(flow, sandbox, state))
+        wall = time.perf_counter() - started
+    return {
+        "accounts": accounts,
+        "opportunities": opportunities,
+        "contacts": contacts,
+        "world": world,
+        "ac_after": after,
+        "initial": initial,
+        "objects": _object_rates(initial, phases),
+        "first": first,
+        "quiet": quiet,
+        "quiet_added": {
+            flow: {
+                service: quiet["on"][flow][service] - quiet["off"][flow][service]
+                for service in ("ac", "d365")
+            }
+            for flow in (D365_TO_AC, AC_TO_D365)
+        },
+        "measured_seconds": wall,
+    }
+
+
+def _object_rates(initial: dict[str, Any], phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Accounts and deals written by the initial sync: AC requests per object, objects per
+    second, and the ceilings (5 requests/s over the requests per object; 5 objects/s at one
+    write each)."""
+    load = initial["counts"]["load"]
+    accounts_written = sum(
+        load.get(k, 0) for k in ("AC accounts created", "accounts linked (by name)")
+    )
+    associations = load.get("contacts put on their AC account", 0)
+    deals_written = load.get("deals created", 0)
+    parts = {
+        "accounts": (_part(phases, _account_labels()), accounts_written),
+        "account writes": (
+            _part(phases, _account_labels("extract", "plan", "validate", "load")),
+            accounts_written,
+        ),
+        "associations": (_part(phases, _account_labels("associate")), associations),
+        "deals": (_part(phases, _deal_labels()), deals_written),
+    }
+    out: dict[str, Any] = {}
+    for name, (part, written) in parts.items():
+        per = part["ac"] / written if written else 0.0
+        rate = written / part["seconds"] if part["seconds"] else 0.0
+        ceiling = AC_REQUESTS_PER_SECOND / per if per else 0.0
+        out[name] = {
+            **part,
+            "written": written,
+            "ac_per_object": per,
+            "per_second": rate,
+            "ceiling": ceiling,
+            "ratio": rate / ceiling if ceiling else 0.0,
+            "ac_requests_per_second": part["ac"] / part["seconds"] if part["seconds"] else 0.0,
+            "one_write_ratio": rate / AC_REQUESTS_PER_SECOND,
+        }
+    return out

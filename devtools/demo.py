@@ -58,8 +58,13 @@ class Demo:
         self.sandbox.stop()
 
     def seed(self) -> None:
-        print("• seeding: 60 ActiveCampaign contacts, 120 Dynamics leads, 80 Dynamics contacts")
-        self.sandbox.seed(seed=7, ac_contacts=60, leads=120, contacts=80)
+        print(
+            "• seeding: 60 ActiveCampaign contacts; in Dynamics 120 leads, 80 contacts, "
+            "12 accounts, 16 opportunities"
+        )
+        self.sandbox.seed(
+            seed=7, ac_contacts=60, leads=120, contacts=80, accounts=12, opportunities=16
+        )
 
     def migrate(self) -> None:
         print(f"• preparing Airflow's metadata database in {AIRFLOW_HOME}")
@@ -80,10 +85,17 @@ class Demo:
         return list(body["value"] if isinstance(body, dict) else body)
 
     def ac_api(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = requests.request(
-            method, f"{self.sandbox.ac_url}/api/3/{path}",
-            headers={"Api-Token": load_or_create(DATA_DIR).ac_api_token}, timeout=60, **kwargs,
-        )  # fmt: skip
+        """One AC API call as a user's script would make it: within the 5 requests a second
+        (limits are on), waiting out a 429 as its Retry-After says."""
+        for _ in range(10):
+            response = requests.request(
+                method, f"{self.sandbox.ac_url}/api/3/{path}",
+                headers={"Api-Token": load_or_create(DATA_DIR).ac_api_token}, timeout=60,
+                **kwargs,
+            )  # fmt: skip
+            if response.status_code != 429:
+                break
+            time.sleep(float(response.headers.get("Retry-After") or 1))
         response.raise_for_status()
         return response.json()
 
@@ -151,6 +163,7 @@ class Demo:
             all(e in ac for e in dv_emails if "@" in e and "." in e.split("@")[-1]),
         )
         self.check("no duplicate ActiveCampaign emails", len(ac) == len(self.ac_contacts()))
+        self.check_accounts_and_deals()
 
         rng = random.Random(7)
         plain = [c for c in self.ac_contacts() if not any(t.startswith("D365:") for t in c["tags"])]
@@ -203,8 +216,21 @@ class Demo:
         )
         print("• 3 Dynamics leads change their job title; 1 gets an invalid email (quarantined)")
 
+        renamed = self.store.object_links("account")[0]
+        self.ac_api(
+            "PUT", f"accounts/{renamed.ac_id}", json={"account": {"name": "Renamed in AC Ltd"}}
+        )
+        print("• 1 synced account is renamed in ActiveCampaign")
+
         before = {s: len(self.dv_rows(s)) for s in ("leads", "contacts")}
         self.run_dag("activecampaign_to_dynamics365", "2. ActiveCampaign → Dynamics 365")
+        self.check(
+            "the account renamed in ActiveCampaign is renamed in Dynamics",
+            any(
+                r["accountid"] == renamed.dataverse_id and r["name"] == "Renamed in AC Ltd"
+                for r in self.dv_rows("accounts")
+            ),
+        )
         after = {s: len(self.dv_rows(s)) for s in ("leads", "contacts")}
         dv_by_email = {
             r["emailaddress1"].lower(): r
@@ -232,6 +258,19 @@ class Demo:
             sum(after.values()) - sum(before.values())
             == len([c for c, _ in queued if c["email"].lower() not in dv_emails]),
         )
+
+        won = next(
+            r for r in self.dv_rows("opportunities")
+            if r["statecode"] == 0
+            and r["opportunityid"] in {lk.dataverse_id for lk in self.store.object_links("opportunity")}
+        )  # fmt: skip
+        self.admin(
+            "d365",
+            "POST",
+            "actions/WinOpportunity",
+            json={"OpportunityClose": {"opportunityid@odata.bind": f"/opportunities({won['opportunityid']})"}, "Status": 3},
+        )  # fmt: skip
+        print("• 1 synced opportunity is won in Dynamics")
 
         touched = {r["leadid"] for r in [*changed_leads, broken]}
         deleted_lead = next(
@@ -261,6 +300,11 @@ class Demo:
             "the lead deleted in Dynamics: its AC contact is tagged 'D365: Deleted in Dynamics'",
             "D365: Deleted in Dynamics" in deleted_tags and "D365: Lead" not in deleted_tags,
         )
+        (deal_link,) = self.store.object_links("opportunity", dataverse_ids=[won["opportunityid"]])
+        self.check(
+            "the opportunity won in Dynamics is a won deal in ActiveCampaign",
+            str(self.ac_api("GET", f"deals/{deal_link.ac_id}")["deal"]["status"]) == "1",
+        )
         self.check(
             "records created from AC are not echoed back as changes",
             report.get("counts", {}).get("created in ActiveCampaign (lead)", 0) == 0,
@@ -282,7 +326,7 @@ class Demo:
             k
             for r in (again_ac, again_dv)
             for k, v in r.get("counts", {}).items()
-            if v and k.startswith(("created", "updated"))
+            if v and any(w in k for w in ("created", "updated", "put on", "taken off"))
         ]
         self.check("no writes on the second pass (no echo loop)", not written)
         self.check(
@@ -295,6 +339,49 @@ class Demo:
                 r["contactid"] == linked[opted_out["id"]].dataverse_id
                 for r in self.dv_rows("contacts")
             ),
+        )
+
+    def check_accounts_and_deals(self) -> None:
+        """After the initial sync: accounts, contacts on them, and deals in ActiveCampaign."""
+        accounts = self.ac_api("GET", "accounts", params={"limit": 100})["accounts"]
+        links = {lk.dataverse_id: lk.ac_id for lk in self.store.object_links("account")}
+        waiting = self.quarantine("dynamics365_to_activecampaign")
+        active = [r for r in self.dv_rows("accounts") if r["statecode"] == 0]
+        print(
+            f"    {len(accounts)} AC accounts, {len(links)} linked; "
+            f"{sum(k.startswith('account:') for k in waiting)} accounts quarantined"
+        )
+        self.check(
+            "every active Dynamics account is an AC account, or quarantined with its reason",
+            all(r["accountid"] in links or f"account:{r['accountid']}" in waiting for r in active),
+        )
+        ac_by_contact = {
+            str(a["contact"]): str(a["account"])
+            for a in self.ac_api("GET", "accountContacts", params={"limit": 100})["accountContacts"]
+        }
+        contact_links = {
+            lk.dataverse_id: lk.email for lk in self.store.all_links() if lk.entity == "contact"
+        }
+        ac_ids = {c["email"].lower(): str(c["id"]) for c in self.ac_contacts()}
+        on_account = [
+            (ac_ids.get(contact_links[r["contactid"]], ""), links[r["_parentcustomerid_value"]])
+            for r in self.dv_rows("contacts")
+            if r.get("_parentcustomerid_value") in links and r["contactid"] in contact_links
+        ]
+        self.check(
+            f"the {len(on_account)} synced contacts of synced accounts are on that AC account",
+            bool(on_account) and all(ac_by_contact.get(c) == a for c, a in on_account),
+        )
+        deals = self.ac_api("GET", "deals", params={"limit": 100})["deals"]
+        deal_links = self.store.object_links("opportunity")
+        print(
+            f"    {len(deals)} AC deals from {len(self.dv_rows('opportunities'))} opportunities; "
+            f"{sum(k.startswith('opportunity:') for k in waiting)} waiting in the quarantine"
+        )
+        self.check(
+            "every synced opportunity is one AC deal, with its value in cents",
+            len(deals) == len(deal_links) > 0
+            and {str(d["id"]) for d in deals} == {lk.ac_id for lk in deal_links},
         )
 
 

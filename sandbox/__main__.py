@@ -109,7 +109,14 @@ def _seed(args: argparse.Namespace) -> None:
     data_dir: Path = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     ac = seed_activecampaign(data_dir, seed=args.seed, contacts=args.ac_contacts)
-    dv = seed_dataverse(data_dir, seed=args.seed, leads=args.leads, contacts=args.contacts)
+    dv = seed_dataverse(
+        data_dir,
+        seed=args.seed,
+        leads=args.leads,
+        contacts=args.contacts,
+        accounts=args.accounts,
+        opportunities=args.opportunities,
+    )
     print(f"seeded ActiveCampaign: {ac}")
     print(f"seeded Dataverse: {dv}")
 
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     seed.add_argument("--ac-contacts", type=int, default=200)
     seed.add_argument("--leads", type=int, default=100)
     seed.add_argument("--contacts", type=int, default=100)
+    seed.add_argument("--accounts", type=int, default=0)
+    seed.add_argument("--opportunities", type=int, default=0)
     seed.set_defaults(run=_seed)
 
     env = commands.add_parser("env", help="print AIRFLOW_CONN_* exports for the running sandbox")

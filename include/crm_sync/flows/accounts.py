@@ -525,6 +525,8 @@ def load(ctx: StepContext) -> dict[str, int]:
         counts[what] = counts.get(what, 0) + 1
     ctx.store.save_object_links(links)
     ctx.store.resolve([r for r in valid.loc[valid["unchanged"], "record_key"]], ctx.direction)
+    if links:
+        counts["accounts unchanged"] = len(links)
     if failures:
         common.quarantine_rows(ctx, valid, "load", failures)
         counts["accounts refused by the target"] = len(failures)
