@@ -226,28 +226,38 @@ def check_privileges(pf: Preflight) -> Iterator[Row]:
 
 
 def _privilege_row(settings: SyncSettings, entity: Entity, held: dict[str, str]) -> Row:
-    table = entity.value.capitalize()
+    return _table_privileges(
+        entity.value.capitalize(),
+        entity.value,
+        held,
+        writes=settings.entities[entity].moves(Direction.TO_DYNAMICS365),
+    )
+
+
+def _table_privileges(table: str, logical: str, held: dict[str, str], *, writes: bool) -> Row:
+    """The row of one table's privileges (`table`: its schema name, `logical`: its logical name):
+    Read, and with `writes` Create and Write."""
     # Read and Write reach every record whatever its owner: at a lower depth the sync would miss
     # the records other users own (and create duplicates of them) or fail to update them.
     needed: list[tuple[str, str | None, str]] = [("Read", "Global", "read")]
-    if settings.entities[entity].moves(Direction.TO_DYNAMICS365):
+    if writes:
         needed += [("Create", None, "create"), ("Write", "Global", "update")]
     granted, problems, fixes = [], [], []
     for operation, depth, verb in needed:
         name = f"prv{operation}{table}"
         have = held.get(name)
         if have is None:
-            problems.append(f"{name} is missing (the sync cannot {verb} {entity.value}s)")
+            problems.append(f"{name} is missing (the sync cannot {verb} {logical}s)")
         elif depth and have != depth:
             problems.append(
                 f"{name} is at {_DEPTH_LABELS.get(have, have)} level (the sync would not "
-                f"{verb} the {entity.value}s other users own)"
+                f"{verb} the {logical}s other users own)"
             )
         else:
             granted.append(f"{name} ({_DEPTH_LABELS.get(have, have)})")
             continue
         fixes.append(f"{operation} at {_DEPTH_LABELS[depth]} level" if depth else operation)
-    label = f"dataverse privileges: {entity.value}"
+    label = f"dataverse privileges: {logical}"
     if problems:
         return Row(
             label,
@@ -312,6 +322,100 @@ def check_record_criteria(pf: Preflight) -> Iterator[Row]:
             )
             continue
         yield Row(label, OK, "Dataverse accepts the filter")
+
+
+def check_accounts_and_deals(pf: Preflight) -> Iterator[Row]:
+    """Accounts and opportunities, when on: the tables' privileges and columns, their
+    record_criteria, and the AC pipeline deals go to."""
+    from crm_connectors.errors import ClientError, CrmApiError
+
+    accounts, deals = pf.conf.accounts, pf.conf.opportunities
+    if not (accounts.enabled or deals.enabled):
+        yield Row("accounts and deals", OK, "off in sync.yaml")
+        return
+    try:
+        held: dict[str, str] | None = pf.dv_hook.user_privileges(pf.user_id)
+    except CrmApiError as error:
+        held = None
+        yield Row(
+            "dataverse privileges: account, opportunity",
+            WARN,
+            f"could not read the application user's privileges ({describe(error)})",
+        )
+    tables = []
+    if accounts.enabled:
+        tables.append(("Account", "account", "accounts", accounts.moves(Direction.TO_DYNAMICS365)))
+    if deals.enabled:
+        tables.append(("Opportunity", "opportunity", "opportunities", False))
+    for schema, name, entity_set, writes in tables:
+        if held is not None:
+            yield _table_privileges(schema, name, held, writes=writes)
+        criteria = accounts.record_criteria if name == "account" else deals.record_criteria
+        label = f"record_criteria: {name}"
+        try:
+            pf.dv_hook.first_row(entity_set, select=[f"{name}id"], filter=criteria)
+        except ClientError as error:
+            if error.status != 400:
+                raise
+            yield Row(
+                label,
+                FAIL,
+                f"Dataverse refused {entity_set}.record_criteria in sync.yaml ({error.message}): "
+                "fix the filter, or set it to null",
+            )
+            continue
+        yield Row(
+            label,
+            OK,
+            "Dataverse accepts the filter" if criteria else f"not set: every {name} syncs",
+        )
+    if accounts.enabled:
+        columns = list(
+            dict.fromkeys([f.dynamics365 for f in accounts.field_mapping] + ["websiteurl"])
+        )
+        try:
+            pf.dv_hook.check_columns("accounts", columns)
+        except Exception as error:
+            yield Row("dataverse columns: account", FAIL, describe(error))
+        else:
+            yield Row("dataverse columns: account", OK, f"the {len(columns)} columns exist")
+    if deals.enabled:
+        yield _pipeline_row(pf)
+
+
+def _pipeline_row(pf: Preflight) -> Row:
+    deals = pf.conf.opportunities
+    label = "activecampaign pipeline"
+    wanted = list(dict.fromkeys(deals.stages.values()))
+    found = [
+        p
+        for p in pf.ac_hook.list_pipelines(title=deals.pipeline)
+        if p.get("title") == deals.pipeline
+    ]
+    if not found:
+        return Row(
+            label,
+            WARN,
+            f"no pipeline '{deals.pipeline}' yet: the first load creates it, with the stages "
+            f"{', '.join(wanted)}",
+        )
+    currency = str(found[0].get("currency") or "").lower()
+    if currency and currency != deals.currency:
+        return Row(
+            label,
+            FAIL,
+            f"'{deals.pipeline}' is in {currency}, opportunities.currency says {deals.currency}: "
+            "set opportunities.currency to the pipeline's, or use another pipeline",
+        )
+    stages = {str(s.get("title")) for s in found[0].get("dealStages") or []}
+    missing = [t for t in wanted if t not in stages]
+    if missing:
+        return Row(
+            label,
+            WARN,
+            f"'{deals.pipeline}' lacks the stages {', '.join(missing)}: the first load adds them",
+        )
+    return Row(label, OK, f"'{deals.pipeline}' has the {len(wanted)} stages")
 
 
 # -- ActiveCampaign --------------------------------------------------------------------------
@@ -446,6 +550,11 @@ CHECKS = (
     Check("dataverse privileges", check_privileges, ("settings", "dynamics365")),
     Check("dataverse columns", check_columns, ("settings", "dynamics365")),
     Check("record_criteria", check_record_criteria, ("settings", "dynamics365")),
+    Check(
+        "accounts and deals",
+        check_accounts_and_deals,
+        ("settings", "dynamics365", "activecampaign"),
+    ),
     Check("activecampaign custom fields", check_custom_fields, ("settings", "activecampaign")),
     Check("activecampaign tags", check_tags, ("activecampaign",)),
     Check("activecampaign rate limit", check_activecampaign_rate, ("activecampaign",)),

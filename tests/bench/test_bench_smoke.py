@@ -82,6 +82,28 @@ def test_naive_path_costs_a_request_per_record_and_tag(root: Path) -> None:
     assert result["request_ratio"] > 10
 
 
+def test_accounts_and_deals_are_written_and_cost_a_few_requests_when_quiet(root: Path) -> None:
+    result = scenarios.accounts_deals(6, 6, 30, root)
+    world, after, objects = result["world"], result["ac_after"], result["objects"]
+    # Every active account is created (one POST each), every opportunity becomes a deal.
+    assert objects["accounts"]["written"] == world["active accounts"] == after["accounts"]
+    assert objects["account writes"]["ac_by_route"]["POST /api/3/accounts"] == after["accounts"]
+    assert objects["deals"]["written"] == world["opportunities"] == after["deals"]
+    assert objects["associations"]["written"] == after["account_contacts"] > 0
+    for part in objects.values():
+        assert part["ac_per_object"] >= 1 and part["per_second"] > 0
+    for label in ("on", "off"):
+        for run in result["quiet"][label].values():
+            assert run["written"] == {}
+    off = result["quiet"]["off"]
+    for direction in (scenarios.D365_TO_AC, scenarios.AC_TO_D365):
+        assert off[direction]["accounts"]["ac"] == off[direction]["deals"]["ac"] == 0
+    # Towards AC: one Dataverse query each for changed accounts and opportunities, no AC.
+    assert result["quiet_added"][scenarios.D365_TO_AC] == {"ac": 0, "d365": 2}
+    # Towards Dynamics: every AC account, 100 a request.
+    assert result["quiet_added"][scenarios.AC_TO_D365]["ac"] == 1
+
+
 def test_pipeline_figures_and_the_page_come_out(tmp_path: Path) -> None:
     results, docs = tmp_path / "results", tmp_path / "docs"
     subprocess.run(

@@ -273,3 +273,29 @@ def test_an_opportunity_becomes_a_deal_of_its_contact_and_account_in_one_run(
     before = writes(world, "ac")
     assert world.run(TO_AC).state == "success"
     assert writes(world, "ac") == before
+
+
+@sqlite_only
+def test_a_pipeline_in_another_currency_stops_the_run_before_any_write(
+    world: World, tmp_path: Path
+) -> None:
+    path = tmp_path / "sync.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["opportunities"] = {"enabled": True, "pipeline": "Sales", "currency": "usd"}
+    path.write_text(yaml.safe_dump(raw))
+    world._ac(
+        "POST",
+        "dealGroups",
+        json={"dealGroup": {"title": "Sales", "currency": "eur", "allgroups": 1, "allusers": 1}},
+    )
+    acme = dv_account(world, "Acme Corp")
+    world._dv(
+        "POST",
+        "opportunities",
+        json={"name": "Carrots", "customerid_account@odata.bind": f"/accounts({acme})"},
+    )
+    before = writes(world, "ac")
+    run = world.run(TO_AC)
+    assert run.state == "failed"
+    assert writes(world, "ac") == before  # validate stopped it: nothing was written
+    assert world._ac("GET", "deals")["deals"] == []

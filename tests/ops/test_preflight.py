@@ -100,13 +100,21 @@ def test_good_set_up_passes(configured: Sandbox) -> None:
         "dataverse columns: contact",
         "record_criteria: lead",
         "record_criteria: contact",
+        "dataverse privileges: account",
+        "dataverse privileges: opportunity",
+        "record_criteria: account",
+        "record_criteria: opportunity",
+        "dataverse columns: account",
+        "activecampaign pipeline",
         "activecampaign custom fields",
         "activecampaign tags",
         "activecampaign rate limit",
         "dynamics365 rate limit",
     }
-    # The tags do not exist yet in a new account: the first run creates them.
+    # The tags and the deals' pipeline do not exist yet in a new account: the first run
+    # creates them.
     assert statuses.pop("activecampaign tags") == WARN
+    assert statuses.pop("activecampaign pipeline") == WARN
     assert set(statuses.values()) == {OK}
     assert "schema version 1" in result.stdout
     assert "x-ms-dop-hint" in result.stdout
@@ -142,7 +150,7 @@ def test_wrong_activecampaign_token(
     assert preflight.main() == 1
     out = capsys.readouterr().out
     assert_clean(configured, out)
-    assert out.strip().splitlines()[-1] == "10 ok, 0 warnings, 1 failed, 3 skipped"
+    assert out.strip().splitlines()[-1] == "10 ok, 0 warnings, 1 failed, 4 skipped"
     rows = by_check(preflight.run_checks())
     login = rows["activecampaign login"]
     assert login.status == FAIL
@@ -314,3 +322,32 @@ def test_invalid_settings_skip_what_needs_them(
     assert "job_frequency" in rows["settings"].detail
     assert rows["dataverse columns"].status == SKIP
     assert rows["activecampaign tags"].status == WARN  # needs no settings
+
+
+def test_accounts_and_deals_are_checked_when_on(
+    configured: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accounts written both ways need Create and Write on Account; the deals' pipeline must be
+    in the currency the settings say."""
+    configured.admin("d365", "PUT", "privileges", json={"prvWriteAccount": None})
+    world = World(configured, f"sqlite:///{tmp_path / 'state.db'}")
+    pipeline = world._ac(
+        "POST", "dealGroups", json={"dealGroup": {"title": "Dynamics 365", "currency": "eur",
+                                                  "allgroups": 1, "allusers": 1}}
+    )  # fmt: skip
+    assert pipeline["dealGroup"]["id"]
+    rows = by_check(preflight.run_checks())
+    account = rows["dataverse privileges: account"]
+    assert account.status == FAIL and "prvWriteAccount is missing" in account.detail
+    assert rows["dataverse privileges: opportunity"].status == OK
+    currency = rows["activecampaign pipeline"]
+    assert currency.status == FAIL and "is in eur" in currency.detail
+
+    def off(raw: dict) -> None:
+        raw["accounts"]["enabled"] = False
+        raw["opportunities"]["enabled"] = False
+
+    settings_with(tmp_path, monkeypatch, off)
+    rows = by_check(preflight.run_checks())
+    assert rows["accounts and deals"] == Row("accounts and deals", OK, "off in sync.yaml")
+    assert "dataverse privileges: account" not in rows

@@ -531,6 +531,8 @@ def validate(ctx: StepContext) -> tuple[dict[str, int], int]:
     failures = check_deals(deals)
     common.quarantine_rows(ctx, planned, "validate", failures)
     valid = planned[writing & ~planned["record_key"].isin(list(failures))]
+    if not valid[~valid["unchanged"]].empty:
+        check_pipeline_currency(ctx)
     ctx.staging.write(DEAL_VALID, valid)
     changing = valid[~valid["unchanged"]]
     counts: Counter[str] = Counter(
@@ -541,6 +543,22 @@ def validate(ctx: StepContext) -> tuple[dict[str, int], int]:
     if ctx.is_backfill or initial:
         changing = changing[changing["action"] == Action.UPDATE_DEAL.value]
     return {k: v for k, v in counts.items() if v}, len(changing)
+
+
+def check_pipeline_currency(ctx: StepContext) -> None:
+    """Before anything is written: an existing pipeline in another currency than
+    `opportunities.currency` is a configuration error (its deals' values would be read in the
+    wrong currency)."""
+    settings = _settings(ctx)
+    title = settings.pipeline
+    for pipeline in ctx.ac_hook.list_pipelines(title=title):
+        currency = str(pipeline.get("currency") or "").lower()
+        if pipeline.get("title") == title and currency and currency != settings.currency:
+            raise ConfigurationError(
+                f"the ActiveCampaign pipeline '{title}' is in {currency}, but "
+                f"opportunities.currency in sync.yaml says {settings.currency}: set it to the "
+                "pipeline's currency, or name another pipeline (opportunities.pipeline)"
+            )
 
 
 # -- load ---------------------------------------------------------------------------------------
