@@ -295,39 +295,43 @@ def check_columns(pf: Preflight) -> Iterator[Row]:
 
 
 def check_record_criteria(pf: Preflight) -> Iterator[Row]:
-    from crm_connectors.errors import ClientError
-
     for entity in _enabled(pf):
-        label = f"record_criteria: {entity.value}"
         conf = pf.conf.entities[entity]
         if not conf.moves(Direction.TO_ACTIVECAMPAIGN):
+            label = f"record_criteria: {entity.value}"
             yield Row(label, OK, f"not used: {entity.value}s move only to Dynamics 365")
             continue
-        if not conf.record_criteria:
-            yield Row(label, OK, f"not set: every {entity.value} syncs")
-            continue
-        try:
-            pf.dv_hook.first_row(
-                entity.entity_set, select=[entity.primary_id], filter=conf.record_criteria
-            )
-        except ClientError as error:
-            if error.status != 400:
-                raise
-            yield Row(
-                label,
-                FAIL,
-                f"Dataverse refused entities.{entity.value}.record_criteria in sync.yaml "
-                f"({error.message}): fix the filter (a column the table has, a literal of the "
-                "column's type; docs/configuration.md), or set it to null",
-            )
-            continue
-        yield Row(label, OK, "Dataverse accepts the filter")
+        yield _criteria_row(
+            pf, entity.value, entity.entity_set, conf.record_criteria, f"entities.{entity.value}"
+        )
+
+
+def _criteria_row(pf: Preflight, name: str, entity_set: str, criteria: str | None, key: str) -> Row:
+    """Whether Dataverse accepts a table's `record_criteria` (`key`: where sync.yaml sets it)."""
+    from crm_connectors.errors import ClientError
+
+    label = f"record_criteria: {name}"
+    if not criteria:
+        return Row(label, OK, f"not set: every {name} syncs")
+    try:
+        pf.dv_hook.first_row(entity_set, select=[f"{name}id"], filter=criteria)
+    except ClientError as error:
+        if error.status != 400:
+            raise
+        return Row(
+            label,
+            FAIL,
+            f"Dataverse refused {key}.record_criteria in sync.yaml ({error.message}): fix the "
+            "filter (a column the table has, a literal of the column's type; "
+            "docs/configuration.md), or set it to null",
+        )
+    return Row(label, OK, "Dataverse accepts the filter")
 
 
 def check_accounts_and_deals(pf: Preflight) -> Iterator[Row]:
     """Accounts and opportunities, when on: the tables' privileges and columns, their
     record_criteria, and the AC pipeline deals go to."""
-    from crm_connectors.errors import ClientError, CrmApiError
+    from crm_connectors.errors import CrmApiError
 
     accounts, deals = pf.conf.accounts, pf.conf.opportunities
     if not (accounts.enabled or deals.enabled):
@@ -351,24 +355,7 @@ def check_accounts_and_deals(pf: Preflight) -> Iterator[Row]:
         if held is not None:
             yield _table_privileges(schema, name, held, writes=writes)
         criteria = accounts.record_criteria if name == "account" else deals.record_criteria
-        label = f"record_criteria: {name}"
-        try:
-            pf.dv_hook.first_row(entity_set, select=[f"{name}id"], filter=criteria)
-        except ClientError as error:
-            if error.status != 400:
-                raise
-            yield Row(
-                label,
-                FAIL,
-                f"Dataverse refused {entity_set}.record_criteria in sync.yaml ({error.message}): "
-                "fix the filter, or set it to null",
-            )
-            continue
-        yield Row(
-            label,
-            OK,
-            "Dataverse accepts the filter" if criteria else f"not set: every {name} syncs",
-        )
+        yield _criteria_row(pf, name, entity_set, criteria, entity_set)
     if accounts.enabled:
         columns = list(
             dict.fromkeys([f.dynamics365 for f in accounts.field_mapping] + ["websiteurl"])

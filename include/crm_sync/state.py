@@ -506,16 +506,21 @@ class StateStore:
     # -- deletions ----------------------------------------------------------------------------
     # -- account and deal links ---------------------------------------------------------------
     def object_links(
-        self, kind: str, *, dataverse_ids: Iterable[str] | None = None, ac_ids: Iterable[str] = ()
+        self,
+        kind: str,
+        *,
+        dataverse_ids: Iterable[str] | None = None,
+        ac_ids: Iterable[str] | None = None,
     ) -> list[ObjectLink]:
-        """The `kind` links of these Dataverse or AC ids; every one when neither is given."""
+        """The `kind` links of these Dataverse or AC ids (an empty list: none); every one when
+        neither is given."""
         columns = object_links.c
         by_dv = None if dataverse_ids is None else [str(v) for v in dataverse_ids]
-        by_ac = [str(v) for v in ac_ids]
+        by_ac = None if ac_ids is None else [str(v) for v in ac_ids]
         wanted: list[Any] = []
-        if by_dv is None and not by_ac:
+        if by_dv is None and by_ac is None:
             wanted = [columns.kind == kind]
-        for column, values in ((columns.dataverse_id, by_dv or []), (columns.ac_id, by_ac)):
+        for column, values in ((columns.dataverse_id, by_dv or []), (columns.ac_id, by_ac or [])):
             wanted += [
                 (columns.kind == kind) & column.in_(values[start : start + 500])
                 for start in range(0, len(values), 500)

@@ -49,12 +49,14 @@ def worlds(draw: st.DrawFn) -> tuple[pd.DataFrame, pd.DataFrame, list[ObjectLink
             "statecode": [draw(st.sampled_from(["0", "0", "1"])) for _ in range(n_dv)],
         }
     )
+    # Unique as AC keeps them (trimmed, without case): "Ac  me" and "acme " are two accounts
+    # to AC, one name to the match.
     ac_rows, seen = [], set()
     for i in range(draw(st.integers(0, 5))):
         name = draw(NAMES)
-        if not name_key(name) or name_key(name) in seen:
+        if not name_key(name) or name.strip().lower() in seen:
             continue
-        seen.add(name_key(name))
+        seen.add(name.strip().lower())
         ac_rows.append({"ac_id": str(i), "name": name, "accountUrl": url(draw(HOSTS), "{h}")})
     ac = pd.DataFrame(ac_rows, columns=["ac_id", "name", "accountUrl"])
     pairs = list(zip(dv["dataverse_id"], ac["ac_id"], strict=False))
@@ -95,6 +97,10 @@ def test_towards_activecampaign_a_match_is_one_to_one_and_same_company(world: tu
             assert holder.get(row["ac_id"]) in (None, row["dataverse_id"])
             assert name_key(names[row["ac_id"]]) == name_key(mine["name"])
             assert _domains_agree(mine["websiteurl"], urls[row["ac_id"]])
+        if row["action"] == Action.UPDATE_ACCOUNT.value:
+            # One AC account of that name (for the match): never one of two twins.
+            twins = [n for n in ac["name"] if name_key(n) == name_key(mine["name"])]
+            assert len(twins) == 1
         if row["action"] == Action.NEW_ACCOUNT.value and name_key(mine["name"]):
             # Created only where AC has no account of that name (AC would refuse it).
             assert name_key(mine["name"]) not in {name_key(n) for n in ac["name"]}

@@ -35,16 +35,24 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import pandas as pd
-from crm_connectors.errors import ClientError, NotFoundError
+from crm_connectors.errors import (
+    ApiConnectionError,
+    ClientError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+)
 
 from crm_sync.context import StepContext
 from crm_sync.core import Direction, System
-from crm_sync.cursors import backfill_read
+from crm_sync.errors import ConfigurationError
 from crm_sync.flows import activecampaign, common
 from crm_sync.flows.activecampaign import parse_ac_time
 from crm_sync.mapping import MappedField, expand_synced, plan_writes
@@ -71,6 +79,9 @@ PRIMARY_ID = "accountid"
 DV_KEY = "account:"  # record keys: account:<accountid> (Dynamics -> AC)
 AC_KEY = "ac_account:"  # ac_account:<id> (AC -> Dynamics)
 _SPACES = re.compile(r"\s+")
+#: The namespace of the ids given to Dynamics accounts created from AC accounts (uuid5 of the AC
+#: account's URL): the same AC account always gives the same id.
+DYNAMICS_IDS = uuid.UUID("6f1c3a52-8d0e-4b8e-9a77-2f0d5c1e4b21")
 
 
 # -- the matching key ---------------------------------------------------------------------------
@@ -86,7 +97,10 @@ def domain_of(value: Any) -> str | None:
     text = clean_text(value)
     if not text:
         return None
-    host = urlsplit(text if "//" in text else f"//{text}").hostname
+    try:
+        host = urlsplit(text if "//" in text else f"//{text}").hostname
+    except ValueError:  # not a URL (a stray bracket, full-width characters): no domain
+        return None
     if not host:
         return None
     host = host.lower().rstrip(".")
@@ -135,15 +149,37 @@ def _dv_frame(ctx: StepContext, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return DV_ACCOUNTS.conform(frame)
 
 
-def _dv_by(ctx: StepContext, column: str, values: list[str]) -> pd.DataFrame:
-    """Dynamics accounts whose `column` is one of `values` (ids or names)."""
-    wanted: list[object] = [v for v in dict.fromkeys(values) if v]
+def _dv_by_id(ctx: StepContext, ids: list[str], criteria: str | None = None) -> pd.DataFrame:
+    """The Dynamics accounts of these ids (that match `criteria`, if given)."""
+    wanted: list[object] = [uuid.UUID(str(v)) for v in dict.fromkeys(ids) if v]
     if not wanted:
         return _dv_frame(ctx, [])
-    if column == PRIMARY_ID:
-        wanted = [uuid.UUID(str(v)) for v in wanted]
-    rows = ctx.dv_hook.find(ENTITY_SET, column, wanted, select=_dv_columns(ctx))
-    return _dv_frame(ctx, list(rows))
+    rows = ctx.dv_hook.find(
+        ENTITY_SET, PRIMARY_ID, wanted, select=_dv_columns(ctx), filter=criteria
+    )
+    return _dv_frame(ctx, list(_configured(ctx, rows)))
+
+
+def _dv_active(ctx: StepContext) -> pd.DataFrame:
+    """Every active Dynamics account (5,000 a request), for matching names: compared here, as
+    the match compares them (no name goes into a URL, nor into a log line)."""
+    rows = ctx.dv_hook.query(ENTITY_SET, select=_dv_columns(ctx), filter="statecode eq 0")
+    return _dv_frame(ctx, list(_configured(ctx, rows)))
+
+
+def _configured(ctx: StepContext, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`rows`, with Dataverse refusing the query (400) turned into the configuration error it
+    is: a mapped account column the table lacks, or `accounts.record_criteria`."""
+    try:
+        yield from rows
+    except ClientError as error:
+        if error.status != 400:
+            raise
+        raise ConfigurationError(
+            f"Dataverse refused the read of accounts ({error.message}). This is a configuration "
+            "error: check accounts.field_mapping (columns the account table has, by logical "
+            "name) and accounts.record_criteria in sync.yaml (docs/configuration.md)"
+        ) from error
 
 
 def _ac_accounts(ctx: StepContext) -> pd.DataFrame:
@@ -169,16 +205,12 @@ def extract(
     watermark to store after the load, and ["account"] when this is the first read."""
     if not _moves(ctx):
         return {}, {}, []
-    cursor = ctx.cursor(KIND)
-    read = (
-        backfill_read(ctx.run_params.modified_since)
-        if ctx.is_backfill
-        else cursor.read(ctx.store, started)
-    )
+    cursor, read = common.stream_read(ctx, KIND, started)
+    prefix = DV_KEY if ctx.direction is Direction.TO_ACTIVECAMPAIGN else AC_KEY
     retried = [
-        e.record_key.split(":", 1)[1]
+        e.record_key.removeprefix(prefix)
         for e in ctx.store.open_quarantine(ctx.direction)
-        if e.record_key.startswith((DV_KEY, AC_KEY))
+        if e.record_key.startswith(prefix)
     ]
     label = "accounts read for the initial sync (first run)" if read.initial else None
     if ctx.direction is Direction.TO_ACTIVECAMPAIGN:
@@ -198,8 +230,10 @@ def extract(
                 filter=criteria,
                 primary_id=PRIMARY_ID,
             )
-        changed = _dv_frame(ctx, list(rows))
-        again = _dv_by(ctx, PRIMARY_ID, retried)
+        changed = _dv_frame(ctx, list(_configured(ctx, rows)))
+        # Quarantined accounts are read again, if they still match the criteria.
+        again = _dv_by_id(ctx, retried, criteria)
+        gone = [i for i in retried if i not in set(again["dataverse_id"])]
         dv = pd.concat([changed, again], ignore_index=True).drop_duplicates("dataverse_id")
         ac = _ac_accounts(ctx) if not dv.empty else AC_ACCOUNTS.empty()
         newest = changed["dv_modified_at"].max() if not changed.empty else None
@@ -213,20 +247,43 @@ def extract(
             else pd.Series(True, index=every.index)
         )
         ac = every[changed_mask | every["ac_id"].isin(retried)]
+        gone = [i for i in retried if i not in set(every["ac_id"])]
         links = ctx.store.object_links(KIND, ac_ids=ac["ac_id"].tolist())
-        by_id = _dv_by(ctx, PRIMARY_ID, [lk.dataverse_id for lk in links])
-        unlinked = ac[~ac["ac_id"].isin([lk.ac_id for lk in links])]
-        by_name = _dv_by(ctx, "name", unlinked["name"].dropna().tolist())
-        dv = pd.concat([by_id, by_name], ignore_index=True).drop_duplicates("dataverse_id")
+        # A linked AC account whose fields are still those last synced (the sync's own write
+        # coming back, or a change to an unmapped field) has nothing to send: not read further.
+        agreed = {lk.ac_id for lk in links if _as_synced(ctx, ac, lk)} - set(retried)
+        ac = ac[~ac["ac_id"].isin(agreed)]
+        links = [lk for lk in links if lk.ac_id not in agreed]
+        dv = _dv_by_id(ctx, [lk.dataverse_id for lk in links])
+        if not ac["ac_id"].isin([lk.ac_id for lk in links]).all():
+            # AC accounts with no link: matched by name against every active Dynamics account.
+            dv = pd.concat([dv, _dv_active(ctx)], ignore_index=True).drop_duplicates("dataverse_id")
         newest = every.loc[changed_mask, "ac_updated_at"].max() if changed_mask.any() else None
         counts = {
             label or "AC accounts changed": int(changed_mask.sum()),
             "Dynamics accounts read": len(dv),
         }
+    # A quarantined account deleted since (or out of the criteria now) no longer waits.
+    if gone and not ctx.dry_run:
+        ctx.store.resolve([prefix + i for i in gone], ctx.direction)
+        counts["accounts no longer waiting (deleted or out of the criteria)"] = len(gone)
     ctx.staging.write(DV_ACCOUNTS, dv)
     ctx.staging.write(AC_ACCOUNTS, ac)
     mark = newest.isoformat() if newest is not None and not pd.isna(newest) else None
     return counts, {cursor.name: mark}, [KIND] if read.initial else []
+
+
+def _as_synced(ctx: StepContext, ac: pd.DataFrame, link: ObjectLink) -> bool:
+    """Whether the AC account of `link` holds, in every field written towards Dynamics, the
+    value last synced."""
+    row = ac[ac["ac_id"] == link.ac_id]
+    if row.empty:
+        return False
+    return all(
+        (clean_text(row.iloc[0].get(m.field.activecampaign)) or "")
+        == str(link.synced_values.get(m.key) or "")
+        for m in fields(ctx)
+    )
 
 
 # -- plan (map_fields) --------------------------------------------------------------------------
@@ -296,10 +353,9 @@ def pair_towards_ac(dv: pd.DataFrame, ac: pd.DataFrame, known: list[ObjectLink])
     goes to and the action, given the account links `known` of both."""
     links = {lk.dataverse_id: lk for lk in known}
     holders = {lk.ac_id: lk.dataverse_id for lk in known}
-    ac_by_name = {
-        name_key(n): (i, u)
-        for i, n, u in zip(ac["ac_id"], ac["name"], ac["accountUrl"], strict=True)
-    }
+    ac_by_name: dict[str | None, list[tuple[str, Any]]] = {}
+    for i, n, u in zip(ac["ac_id"], ac["name"], ac["accountUrl"], strict=True):
+        ac_by_name.setdefault(name_key(n), []).append((i, u))
     present = set(ac["ac_id"])
     names = dv["name"].map(name_key)
     unlinked_names = names[~dv["dataverse_id"].isin(list(links))].value_counts()
@@ -312,7 +368,7 @@ def pair_towards_ac(dv: pd.DataFrame, ac: pd.DataFrame, known: list[ObjectLink])
             if link.ac_id in present:
                 rows.append(_row(record, dvid, link.ac_id, Action.UPDATE_ACCOUNT))
             else:  # deleted in AC: created again, and linked anew
-                rows.append(_row(record, dvid, None, Action.NEW_ACCOUNT, reason="re-created"))
+                rows.append(_row(record, dvid, link.ac_id, Action.NEW_ACCOUNT, reason="re-created"))
             continue
         if str(row.get("statecode") or "0") not in ("0", "0.0"):
             rows.append(_row(record, dvid, None, Action.NOT_ELIGIBLE, reason="inactive"))
@@ -330,7 +386,13 @@ def pair_towards_ac(dv: pd.DataFrame, ac: pd.DataFrame, known: list[ObjectLink])
         if found is None:
             rows.append(_row(record, dvid, None, Action.NEW_ACCOUNT))
             continue
-        ac_id, url = found
+        if len(found) > 1:  # "Acme Corp" and "Acme  Corp": AC keeps both, the match cannot
+            rows.append(_row(record, dvid, None, Action.QUARANTINE, Reason.DUPLICATE_ACCOUNT,
+                             f"ActiveCampaign accounts {', '.join(sorted(i for i, _ in found))} "
+                             "have this name but for case and spaces: which one it is cannot be "
+                             "told; rename or merge them in ActiveCampaign"))  # fmt: skip
+            continue
+        ((ac_id, url),) = found
         holder = holders.get(ac_id)
         if holder is not None and holder != dvid:
             rows.append(_row(record, dvid, ac_id, Action.QUARANTINE, Reason.DUPLICATE_ACCOUNT,
@@ -357,6 +419,14 @@ def pair_towards_dynamics(
     present = set(dv["dataverse_id"])
     active = dv[dv["statecode"].fillna("0").astype(str).isin(["0", "0.0"])]
     by_name = active.assign(key=active["name"].map(name_key)).groupby("key")
+    # AC keeps "Acme Corp" and "Acme  Corp" apart; the match cannot: such twins (unlinked)
+    # do not take one Dynamics account between them.
+    unlinked_keys = ac.loc[~ac["ac_id"].isin(list(links)), "name"].map(name_key)
+    twins = {
+        key: sorted(ac.loc[unlinked_keys[unlinked_keys == key].index, "ac_id"])
+        for key, n in unlinked_keys.value_counts().items()
+        if n > 1
+    }
     rows = []
     for row in ac.to_dict("records"):
         ac_id = row["ac_id"]
@@ -378,7 +448,13 @@ def pair_towards_dynamics(
             i for i, url in zip(group["dataverse_id"], group["websiteurl"], strict=True)
             if i not in holders and not _domains_differ(url, row["accountUrl"])
         ]  # fmt: skip
-        if len(candidates) > 1:
+        if candidates and key in twins:
+            rows.append(_row(record, None, ac_id, Action.QUARANTINE, Reason.DUPLICATE_ACCOUNT,
+                             f"ActiveCampaign accounts {', '.join(twins[key])} have this name "
+                             "but for case and spaces, and Dynamics account "
+                             f"{candidates[0]} too: which one it is cannot be told; rename or "
+                             "merge them in ActiveCampaign"))  # fmt: skip
+        elif len(candidates) > 1:
             rows.append(_row(record, None, ac_id, Action.QUARANTINE, Reason.DUPLICATE_ACCOUNT,
                              f"{len(candidates)} unlinked Dynamics accounts have its name "
                              f"({', '.join(sorted(candidates))}): which one it is cannot be "
@@ -490,19 +566,40 @@ def planned(ctx: StepContext) -> dict[str, int]:
 
 
 def load(ctx: StepContext) -> dict[str, int]:
-    """Write the valid accounts, each linked as soon as it is written, then the contacts'
-    associations. A refused write quarantines its account; the others go on."""
+    """Write the valid accounts, each linked as soon as it is written. A refused write
+    quarantines its account; the others go on. The links are read again first: what an earlier
+    attempt of this load (a retried task) or an overlapping run wrote is not written twice."""
     if not _moves(ctx):
         return {}
     valid = ctx.staging.read(ACCOUNT_VALID)
     counts: dict[str, int] = {}
     links: list[ObjectLink] = []
     failures: dict[str, list[tuple[str, str]]] = {}
+    towards_ac = ctx.direction is Direction.TO_ACTIVECAMPAIGN
+    source = "dataverse_id" if towards_ac else "ac_id"
+    known = ctx.store.object_links(
+        KIND,
+        **{("dataverse_ids" if towards_ac else "ac_ids"): [str(i) for i in valid[source].dropna()]},
+    )
+    now = {(lk.dataverse_id if towards_ac else lk.ac_id): lk for lk in known}
     for row in valid.to_dict("records"):
         synced = json.loads(row["synced_values"] or "{}")
         if row["unchanged"]:
             links.append(_link(ctx, row, row["dataverse_id"], row["ac_id"], synced))
             continue
+        link = now.get(str(row[source])) if pd.notna(row[source]) else None
+        if row["reason"] == "re-created" and link is not None and link.ac_id == row["ac_id"]:
+            link = None  # the link of the AC account deleted there, as the plan saw it
+        if link is not None and link.synced_values == synced:
+            ctx.store.resolve([row["record_key"]], ctx.direction)
+            counts["accounts already written (an earlier attempt)"] = (
+                counts.get("accounts already written (an earlier attempt)", 0) + 1
+            )
+            continue
+        if link is not None and row["action"] == Action.NEW_ACCOUNT.value:
+            # Created by an earlier attempt whose values since changed: an update of it.
+            row = {**row, "action": Action.UPDATE_ACCOUNT.value, "reason": None,
+                   "dataverse_id": link.dataverse_id, "ac_id": link.ac_id}  # fmt: skip
         try:
             dataverse_id, ac_id, what = _write(ctx, row)
         except ClientError as error:
@@ -573,14 +670,29 @@ def _write(ctx: StepContext, row: dict[str, Any]) -> tuple[str, str, str]:
     values = {k: v for k, v in payload.items() if k in {m.key for m in fields(ctx)}}
     if new:
         return (
-            ctx.dv_hook.create_record(ENTITY_SET, values),
+            _create_in_dynamics(ctx, row["ac_id"], values),
             row["ac_id"],
-            "Dynamics accounts created",
+            ("Dynamics accounts created"),
         )
     if values:
         ctx.dv_hook.update_record(ENTITY_SET, row["dataverse_id"], values)
     what = "Dynamics accounts updated" if values else "accounts linked (by name)"
     return row["dataverse_id"], row["ac_id"], what
+
+
+def _create_in_dynamics(ctx: StepContext, ac_id: str, values: dict[str, Any]) -> str:
+    """Create the Dynamics account of an AC account, with an id made from the AC account's
+    (`DYNAMICS_IDS`): an attempt that died between the create and the link is followed by a
+    create of the same id, which Dataverse refuses as existing (412): it is updated instead."""
+    ctx.ac_hook.get_conn()  # the AC account's URL needs the connection's host
+    account_id = str(uuid.uuid5(DYNAMICS_IDS, f"{ctx.ac_hook.base_url}/accounts/{ac_id}"))
+    try:
+        return ctx.dv_hook.create_record(ENTITY_SET, {**values, PRIMARY_ID: account_id})
+    except ClientError as error:
+        if error.status != 412:
+            raise
+    ctx.dv_hook.update_record(ENTITY_SET, account_id, values)
+    return account_id
 
 
 def _source_values(ctx: StepContext, dataverse_id: str) -> dict[str, Any]:
@@ -599,51 +711,162 @@ def _source_values(ctx: StepContext, dataverse_id: str) -> dict[str, Any]:
 
 # -- contacts on their account ------------------------------------------------------------------
 ASSOCIATE_ALL_ABOVE = 20  # more contacts than this: read every AC association (100 a request)
+# What an association write may meet and leave for the next run (the contact's entry in the
+# quarantine, tried again every run); a configuration error fails the run, as everywhere.
+PASSING = (ClientError, ServerError, RateLimitError, ApiConnectionError)
+DV_ASSOCIATION = "account_contact:"  # quarantine keys: account_contact:<contactid> (towards AC)
+AC_ASSOCIATION = "ac_account_contact:"  # ac_account_contact:<AC contact id> (towards Dynamics)
+
+
+@dataclass(frozen=True)
+class Move:
+    """One contact to put on an account (or take off one) on the target side."""
+
+    contact: str  # the Dynamics contact id
+    ac_contact: str
+    ac_account: str  # the AC account it ends on ("" for none): stored as the last synced
+    target: str  # what the target is given: an AC account id, a Dynamics account id, or ""
+    first: bool = False  # the contact's first association: never synced before
 
 
 def associate(ctx: StepContext) -> dict[str, int]:
-    """After the load: put the contacts this run synced on their account on the target side,
-    where the association changed on the source since it was last synced."""
+    """After the load: put the contacts this run read on their account on the target side,
+    where the source changed the association since it was last synced (both changed: Dynamics
+    wins, it is the system of record). The moves count towards the mass-change breaker; one
+    the target refuses is quarantined and tried again next run, the others go on."""
     if not (_moves(ctx) and _settings(ctx).associate_contacts):
         return {}
-    try:
-        if ctx.direction is Direction.TO_ACTIVECAMPAIGN:
-            contacts = _contacts_read_in_dynamics(ctx)
-            return _associate_in_ac(ctx, contacts) if not contacts.empty else {}
-        contacts = _contacts_read_in_ac(ctx)
-        return _associate_in_dynamics(ctx, contacts) if not contacts.empty else {}
-    except (ClientError, NotFoundError) as error:  # left as is; looked at again next time
-        log.warning("contact associations not synced (%s %s)", error.status, error.code or "")
-        return {"contact associations not synced (error)": 1}
+    towards_ac = ctx.direction is Direction.TO_ACTIVECAMPAIGN
+    prefix = DV_ASSOCIATION if towards_ac else AC_ASSOCIATION
+    waiting = [
+        e.record_key.removeprefix(prefix)
+        for e in ctx.store.open_quarantine(ctx.direction)
+        if e.record_key.startswith(prefix)
+    ]
+    if towards_ac:
+        moves = _moves_in_ac(ctx, _contacts_read_in_dynamics(ctx, waiting))
+    else:
+        moves = _moves_in_dynamics(ctx, _contacts_read_in_ac(ctx, waiting))
+    if not moves:
+        return {}
+    # Changing associations synced before counts; a contact's first one counts as a create
+    # (not in the initial sync, where they come by design).
+    initial = set(ctx.staging.read_json("extract", "meta").get("initial_sync", []))
+    counted = [m for m in moves if not (m.first and (ctx.is_backfill or initial))]
+    if counted:
+        common.check_mass_change(
+            ctx,
+            len(counted),
+            written="The run's contacts and accounts were written, none of these associations.",
+        )
+    done, failures = _apply_moves(ctx, moves)
+    keys = {m.contact: prefix + (m.contact if towards_ac else m.ac_contact) for m in moves}
+    ctx.store.save_object_links(
+        [
+            ObjectLink(
+                ASSOCIATION,
+                m.contact,
+                m.ac_contact,
+                ctx.direction.source.value,
+                {"account": m.ac_account},
+            )
+            for m in done
+        ]
+    )
+    ctx.store.resolve([keys[m.contact] for m in done], ctx.direction)
+    if failures:
+        ctx.store.quarantine(
+            [
+                (
+                    keys[m.contact],
+                    ctx.direction.value,
+                    "load",
+                    Reason.TARGET_REJECTED.value,
+                    f"the contact could not be put on its account: {why}",
+                    None,
+                )
+                for m, why in failures
+            ],
+            ctx.run_id,
+        )
+    counts = {
+        "contacts put on their AC account"
+        if towards_ac
+        else "contacts put on their Dynamics account": sum(bool(m.target) for m in done),
+        "contacts taken off their AC account": sum(not m.target for m in done),
+        "contact associations refused (quarantined)": len(failures),
+    }
+    return {k: v for k, v in counts.items() if v}
 
 
-def _contacts_read_in_dynamics(ctx: StepContext) -> pd.DataFrame:
-    """The linked contacts this run read, and those of the accounts it linked: `dataverse_id`,
-    `_parentcustomerid_value`."""
+def _apply_moves(ctx: StepContext, moves: list[Move]) -> tuple[list[Move], list[tuple[Move, str]]]:
+    """Write each move; the ones done, and the ones refused with why."""
+    towards_ac = ctx.direction is Direction.TO_ACTIVECAMPAIGN
+    current = _ac_account_of(ctx, [m.ac_contact for m in moves]) if towards_ac else {}
+    done: list[Move] = []
+    failures: list[tuple[Move, str]] = []
+    for move in moves:
+        try:
+            if towards_ac:
+                _move_in_ac(ctx, move, current.get(move.ac_contact))
+            else:
+                bind = {"parentcustomerid_account@odata.bind": f"/accounts({move.target})"}
+                ctx.dv_hook.update_record("contacts", move.contact, bind)
+        except PASSING as error:
+            log.warning(
+                "contact %s not put on its account (%s %s): tried again next run",
+                move.contact,
+                error.status,
+                error.code or "",
+            )
+            failures.append((move, f"{error.status} {error.code or ''} {error.message}"))
+            continue
+        done.append(move)
+    return done, failures
+
+
+def _move_in_ac(ctx: StepContext, move: Move, current: tuple[str, str] | None) -> None:
+    hook = ctx.ac_hook
+    if current is None:
+        if move.target:
+            hook.associate_contact(move.target, move.ac_contact)
+    elif move.target and current[1] != move.target:
+        hook.update_account_contact(current[0], account_id=move.target)
+    elif not move.target:
+        hook.remove_account_contact(current[0])
+
+
+def _contacts_read_in_dynamics(ctx: StepContext, waiting: list[str]) -> pd.DataFrame:
+    """The linked contacts this run read, those of the accounts it linked, and those whose
+    association waits in the quarantine: `dataverse_id`, `_parentcustomerid_value`."""
     read = ctx.staging.read(DV_CHANGED)
     parent = "_parentcustomerid_value"
     read = (
         read.loc[read["entity"] == "contact", ["dataverse_id", parent]]
         if parent in read
-        else (pd.DataFrame(columns=["dataverse_id", parent]))
+        else pd.DataFrame(columns=["dataverse_id", parent])
     )
     valid = ctx.staging.read(ACCOUNT_VALID)
     linked_now = valid.loc[
         (valid["action"] == Action.NEW_ACCOUNT.value) | valid["relink"], "dataverse_id"
     ].dropna()
-    links = {
-        lk.dataverse_id: lk.ac_id for lk in ctx.store.object_links(KIND, dataverse_ids=linked_now)
-    }
+    links = {lk.dataverse_id for lk in ctx.store.object_links(KIND, dataverse_ids=linked_now)}
+    more: list[dict[str, Any]] = []
     if links:
-        rows = ctx.dv_hook.find(
+        more += ctx.dv_hook.find(
             "contacts",
             parent,
             [uuid.UUID(i) for i in links],
             select=["contactid", parent],
             filter="statecode eq 0",
         )
+    if waiting:
+        more += ctx.dv_hook.find(
+            "contacts", "contactid", [uuid.UUID(i) for i in waiting], select=["contactid", parent]
+        )
+    if more:
         members = pd.DataFrame(
-            [{"dataverse_id": str(r["contactid"]), parent: r.get(parent)} for r in rows],
+            [{"dataverse_id": str(r["contactid"]), parent: r.get(parent)} for r in more],
             columns=["dataverse_id", parent],
         )
         read = pd.concat([read, members], ignore_index=True).drop_duplicates("dataverse_id")
@@ -655,12 +878,12 @@ def _contacts_read_in_dynamics(ctx: StepContext) -> pd.DataFrame:
     return read[read["dataverse_id"].isin(linked)]
 
 
-def _contacts_read_in_ac(ctx: StepContext) -> pd.DataFrame:
-    """The linked contacts this run read in AC (written or unchanged): `dataverse_id`,
-    `ac_contact_id`."""
+def _contacts_read_in_ac(ctx: StepContext, waiting: list[str]) -> pd.DataFrame:
+    """The linked contacts this run read in AC (written or unchanged), and those whose
+    association waits in the quarantine: `dataverse_id`, `ac_contact_id`."""
     mapped = ctx.staging.read(AC_MAPPED)
     ac_ids = mapped.loc[mapped["entity"] == "contact", "ac_id"].dropna().astype(str).tolist()
-    links = [lk for lk in ctx.store.links_for(ac_ids=ac_ids) if lk.entity == "contact"]
+    links = [lk for lk in ctx.store.links_for(ac_ids=ac_ids + waiting) if lk.entity == "contact"]
     return pd.DataFrame(
         {
             "dataverse_id": [lk.dataverse_id for lk in links],
@@ -671,6 +894,7 @@ def _contacts_read_in_ac(ctx: StepContext) -> pd.DataFrame:
 
 
 def _stored(ctx: StepContext, dataverse_ids: list[str]) -> dict[str, str]:
+    """The AC account each contact was last put on ("" for none), by Dynamics contact id."""
     return {
         lk.dataverse_id: str(lk.synced_values.get("account") or "")
         for lk in ctx.store.object_links(ASSOCIATION, dataverse_ids=dataverse_ids)
@@ -688,7 +912,12 @@ def _ac_account_of(ctx: StepContext, ac_contact_ids: list[str]) -> dict[str, tup
     return {r["contact"]: (r["id"], r["account"]) for r in rows if r["contact"] in wanted}
 
 
-def _associate_in_ac(ctx: StepContext, contacts: pd.DataFrame) -> dict[str, int]:
+def _moves_in_ac(ctx: StepContext, contacts: pd.DataFrame) -> list[Move]:
+    """Where Dynamics changed a contact's company since it was last synced (or it was never
+    synced and Dynamics names a linked account): the AC account to put its AC contact on. An
+    account not linked yet is looked at again when the contact is read next."""
+    if contacts.empty:
+        return []
     parents = contacts.set_index("dataverse_id")["_parentcustomerid_value"].astype(object)
     accounts = {
         lk.dataverse_id: lk.ac_id
@@ -699,88 +928,76 @@ def _associate_in_ac(ctx: StepContext, contacts: pd.DataFrame) -> dict[str, int]
         dvid: accounts.get(str(parent), "") if pd.notna(parent) else ""
         for dvid, parent in parents.items()
     }
-    # Only where Dynamics changed it since the last sync (or it was never synced and Dynamics
-    # names a linked account); an account not linked yet is looked at again next time.
     changed = {
         dvid: account
         for dvid, account in wanted.items()
         if account != stored.get(dvid, "") and (account or dvid in stored)
     }
     if not changed:
-        return {}
+        return []
     # The AC contacts (a link a bulk import wrote has no AC id yet: found by its email).
     contact_links = {
         lk.dataverse_id: lk
         for lk in ctx.store.links_for(dataverse_ids=list(changed))
         if lk.entity == "contact"
     }
-    ac_ids = {
-        dvid: activecampaign.contact_id_of(ctx.ac_hook, link.ac_contact_id, link.email)
-        for dvid, link in contact_links.items()
-    }
-    targets = {dvid: str(ac_id) for dvid, ac_id in ac_ids.items() if ac_id is not None}
-    current = _ac_account_of(ctx, list(targets.values()))
-    hook, put, taken_off, links = ctx.ac_hook, 0, 0, []
-    for dvid, contact in targets.items():
-        account = changed[dvid]
-        found = current.get(contact)
-        if found is None:
-            if account:
-                hook.associate_contact(account, contact)
-                put += 1
-        elif account and found[1] != account:
-            hook.update_account_contact(found[0], account_id=account)
-            put += 1
-        elif not account and found[1] == stored.get(dvid):
-            # Taken off in Dynamics: off the account it was synced to (not one AC chose since).
-            hook.remove_account_contact(found[0])
-            taken_off += 1
-        links.append(ObjectLink(ASSOCIATION, dvid, contact, System.DYNAMICS365.value,
-                                {"account": account}))  # fmt: skip
-    ctx.store.save_object_links(links)
-    counts = {
-        "contacts put on their AC account": put,
-        "contacts taken off their AC account": taken_off,
-    }
-    return {k: v for k, v in counts.items() if v}
+    moves, learned = [], {}
+    for dvid, link in contact_links.items():
+        ac_contact = activecampaign.contact_id_of(ctx.ac_hook, link.ac_contact_id, link.email)
+        if ac_contact is None:
+            continue
+        first = dvid not in stored
+        moves.append(Move(dvid, str(ac_contact), changed[dvid], changed[dvid], first))
+        if link.ac_contact_id is None:
+            learned[str(ac_contact)] = link
+    # Remembered in the links, so the deals of this run and later runs need not look again
+    # (an id another link holds stays with it).
+    taken = {lk.ac_contact_id for lk in ctx.store.links_for(ac_ids=list(learned))}
+    ctx.store.save_links(
+        [replace(link, ac_contact_id=i) for i, link in learned.items() if i not in taken]
+    )
+    return moves
 
 
-def _associate_in_dynamics(ctx: StepContext, contacts: pd.DataFrame) -> dict[str, int]:
+def _moves_in_dynamics(ctx: StepContext, contacts: pd.DataFrame) -> list[Move]:
+    """Where AC put a contact on another linked account than the one last synced, and Dynamics
+    did not change its company since (then Dynamics wins): the Dynamics account to set. Taking
+    a contact off its AC account does not clear its company in Dynamics."""
+    if contacts.empty:
+        return []
     by_ac = dict(zip(contacts["ac_contact_id"].astype(str), contacts["dataverse_id"], strict=True))
     current = {c: account for c, (_, account) in _ac_account_of(ctx, list(by_ac)).items()}
+    stored = _stored(ctx, list(by_ac.values()))
     accounts = {
         lk.ac_id: lk.dataverse_id
-        for lk in ctx.store.object_links(KIND, ac_ids=list(current.values()))
+        for lk in ctx.store.object_links(
+            KIND, ac_ids=list({*current.values(), *filter(None, stored.values())})
+        )
     }
-    stored = _stored(ctx, list(by_ac.values()))
-    # Where AC puts the contact on a linked account other than the one last synced. Taking a
-    # contact off its AC account does not clear its company in Dynamics.
     changed = {
-        by_ac[c]: (account, accounts[account])
+        by_ac[c]: (c, account)
         for c, account in current.items()
         if account in accounts and account != stored.get(by_ac[c], "")
     }
     if not changed:
-        return {}
+        return []
     rows = ctx.dv_hook.find(
         "contacts",
         "contactid",
         [uuid.UUID(d) for d in changed],
         select=["contactid", "_parentcustomerid_value"],
     )
-    parent = {str(r["contactid"]): r.get("_parentcustomerid_value") for r in rows}
-    counts, links = 0, []
-    for dvid, (ac_account, account) in changed.items():
-        # Never synced: a company Dynamics names already is kept (the system of record).
-        if dvid not in parent or (dvid not in stored and parent[dvid]):
+    parent = {str(r["contactid"]): str(r.get("_parentcustomerid_value") or "") for r in rows}
+    moves = []
+    for dvid, (ac_contact, ac_account) in changed.items():
+        if dvid not in parent:
             continue
-        if str(parent[dvid] or "") != account:
-            ctx.dv_hook.update_record(
-                "contacts", dvid, {"parentcustomerid_account@odata.bind": f"/accounts({account})"}
-            )
-            counts += 1
-        contact = next(c for c, d in by_ac.items() if d == dvid)
-        links.append(ObjectLink(ASSOCIATION, dvid, contact, System.ACTIVECAMPAIGN.value,
-                                {"account": ac_account}))  # fmt: skip
-    ctx.store.save_object_links(links)
-    return {"contacts put on their Dynamics account": counts} if counts else {}
+        synced_company = accounts.get(stored.get(dvid, ""), "")
+        # Dynamics changed it too since the last sync (or, never synced, names a company):
+        # Dynamics wins, and dynamics365_to_activecampaign carries its choice to AC.
+        if parent[dvid] != synced_company and (dvid in stored or parent[dvid]):
+            continue
+        if parent[dvid] == accounts[ac_account]:
+            continue
+        moves.append(Move(dvid, ac_contact, ac_account, accounts[ac_account], dvid not in stored))
+    return moves

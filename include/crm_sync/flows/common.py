@@ -13,7 +13,7 @@ import pandas as pd
 
 from crm_sync.context import StepContext
 from crm_sync.core import CircuitBreakerTripped
-from crm_sync.cursors import cursor_named
+from crm_sync.cursors import Cursor, Read, backfill_read, cursor_named
 from crm_sync.mapping import MappedField, fields_towards
 from crm_sync.records import (
     NEW_ACTIONS,
@@ -152,13 +152,20 @@ def rows_to_write(
             yield entity, fields_towards(ctx.settings, entity, ctx.direction), rows
 
 
-def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> None:
+def check_mass_change(
+    ctx: StepContext,
+    changes: int,
+    *,
+    relinked: int = 0,
+    written: str = "Nothing was written.",
+) -> None:
     """Stop before writing when a run would change too large a share of the linked records.
 
     `relinked` of the `changes` overwrite records found by email, with no link (a new or lost
     state store): with fewer links than `mass_change_min_linked`, those alone are held, as a
     share of that number.
     A dry run is never stopped: it writes nothing, and its plan is what the operator checks.
+    `written`: what the message says was written when it stops the run.
     """
     safety = ctx.settings.safety
     linked = ctx.store.count_links()
@@ -184,7 +191,7 @@ def check_mass_change(ctx: StepContext, changes: int, *, relinked: int = 0) -> N
             log.warning("%s A real run stops here unless confirm_mass_change=true.", message)
             return
         raise CircuitBreakerTripped(
-            f"{message} Nothing was written. Check the plan (trigger with dry_run=true), then "
+            f"{message} {written} Check the plan (trigger with dry_run=true), then "
             "trigger the DAG with confirm_mass_change=true to let it through."
         )
 
@@ -335,6 +342,15 @@ def refresh_agreed_links(ctx: StepContext, unchanged: pd.DataFrame) -> int:
             stale.append((row["entity"], str(row["dataverse_id"]), values))
     ctx.store.refresh_synced_values(stale)
     return len(stale)
+
+
+def stream_read(ctx: StepContext, stream: str, started: datetime) -> tuple[Cursor, Read]:
+    """The cursor of `stream` and where this run reads it from: the backfill from its form's
+    day, a scheduled run from the cursor (its first run: everything, or from now)."""
+    cursor = ctx.cursor(stream)
+    if ctx.is_backfill:
+        return cursor, backfill_read(ctx.run_params.modified_since)
+    return cursor, cursor.read(ctx.store, started)
 
 
 def advance_cursors(ctx: StepContext, meta: Mapping[str, Any]) -> None:

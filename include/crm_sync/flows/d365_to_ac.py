@@ -14,7 +14,6 @@ from crm_connectors.odata import all_of
 from crm_sync.classify import classify_for_activecampaign
 from crm_sync.context import StepContext
 from crm_sync.core import System
-from crm_sync.cursors import backfill_read
 from crm_sync.flows import common, deletions, objects
 from crm_sync.flows.activecampaign import ActiveCampaignLoader, ActiveCampaignReader
 from crm_sync.flows.dataverse import changed_rows, rows_by
@@ -128,12 +127,7 @@ def _changed_rows(
     quarantined = [e.record_key for e in ctx.store.open_quarantine(ctx.direction)]
     for entity in _entities(ctx):
         columns = [f.dynamics365 for f in ctx.settings.mapping(entity)]
-        cursor = ctx.cursor(entity.value)
-        read = (
-            backfill_read(ctx.run_params.modified_since)
-            if ctx.is_backfill
-            else cursor.read(ctx.store, started)
-        )
+        cursor, read = common.stream_read(ctx, entity.value, started)
         criteria = ctx.settings.entities[entity].record_criteria
         changed = changed_rows(ctx.dv_hook, entity, columns, since=read.since, criteria=criteria)
         retry_ids = [k.split(":", 1)[1] for k in quarantined if k.startswith(f"{entity.value}:")]

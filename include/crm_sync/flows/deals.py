@@ -49,7 +49,6 @@ from crm_connectors.errors import ApiConnectionError, ClientError, NotFoundError
 
 from crm_sync.context import StepContext
 from crm_sync.core import Direction, System
-from crm_sync.cursors import backfill_read
 from crm_sync.errors import ConfigurationError
 from crm_sync.flows import activecampaign, common
 from crm_sync.records import Action, Reason, clean_text
@@ -463,12 +462,7 @@ def extract(
     the stream's first read."""
     if not _moves(ctx):
         return {}, {}, []
-    cursor = ctx.cursor(KIND)
-    read = (
-        backfill_read(ctx.run_params.modified_since)
-        if ctx.is_backfill
-        else cursor.read(ctx.store, started)
-    )
+    cursor, read = common.stream_read(ctx, KIND, started)
     changed = _changed(ctx, read.since)
     seen = {str(r[PRIMARY_ID]) for r in changed}
     waiting = [
@@ -531,10 +525,14 @@ def validate(ctx: StepContext) -> tuple[dict[str, int], int]:
     failures = check_deals(deals)
     common.quarantine_rows(ctx, planned, "validate", failures)
     valid = planned[writing & ~planned["record_key"].isin(list(failures))]
-    if not valid[~valid["unchanged"]].empty:
+    # An opportunity still waiting for its contact or account is written only if the load
+    # finds one linked by then (a contact this run creates, counted with the contacts): it
+    # is not a change of its own, for the breaker nor for the pipeline check.
+    missing = valid.get("missing", pd.Series(None, index=valid.index, dtype=object))
+    changing = valid[~valid["unchanged"] & missing.isna()]
+    if not changing.empty:
         check_pipeline_currency(ctx)
     ctx.staging.write(DEAL_VALID, valid)
-    changing = valid[~valid["unchanged"]]
     counts: Counter[str] = Counter(
         {"deals valid": len(changing), "deals quarantined": len(failures)}
     )
@@ -550,15 +548,19 @@ def check_pipeline_currency(ctx: StepContext) -> None:
     `opportunities.currency` is a configuration error (its deals' values would be read in the
     wrong currency)."""
     settings = _settings(ctx)
-    title = settings.pipeline
-    for pipeline in ctx.ac_hook.list_pipelines(title=title):
-        currency = str(pipeline.get("currency") or "").lower()
-        if pipeline.get("title") == title and currency and currency != settings.currency:
-            raise ConfigurationError(
-                f"the ActiveCampaign pipeline '{title}' is in {currency}, but "
-                f"opportunities.currency in sync.yaml says {settings.currency}: set it to the "
-                "pipeline's currency, or name another pipeline (opportunities.pipeline)"
-            )
+    for pipeline in ctx.ac_hook.list_pipelines(title=settings.pipeline):
+        if pipeline.get("title") == settings.pipeline:
+            _same_currency(pipeline, settings)
+
+
+def _same_currency(pipeline: Mapping[str, Any], settings: OpportunitySettings) -> None:
+    currency = str(pipeline.get("currency") or "").lower()
+    if currency and currency != settings.currency:
+        raise ConfigurationError(
+            f"the ActiveCampaign pipeline '{settings.pipeline}' is in {currency}, but "
+            f"opportunities.currency in sync.yaml says {settings.currency}: set it to the "
+            "pipeline's currency, or name another pipeline (opportunities.pipeline)"
+        )
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -744,6 +746,7 @@ class _DealLoader:
             found = [p for p in self.hook.list_pipelines(title=title) if p.get("title") == title]
             if found:
                 pipeline = min(found, key=lambda p: int(p["id"]))
+                _same_currency(pipeline, self.settings)
             else:
                 pipeline = self.hook.create_pipeline(title, self.settings.currency)
                 self.counts["AC pipeline created"] += 1
