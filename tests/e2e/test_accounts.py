@@ -173,6 +173,14 @@ def test_activecampaign_accounts_and_associations_reach_dynamics(world: World) -
     assert world.run(TO_AC).state == "success"
     assert writes(world, "ac") == before
     assert ac_account_of(world, ac_contact) == str(new["account"]["id"])
+    # A change in Dynamics later: the link keeps where the account was created.
+    world.dv_update("accounts", accounts["Tyrell"]["accountid"], websiteurl="tyrell.example/en")
+    assert world.run(TO_AC).state == "success"
+    origins = {
+        lk.dataverse_id: lk.origin
+        for lk in StateStore.from_url(world.state_url).object_links("account")
+    }
+    assert origins == {acme: "dynamics365", accounts["Tyrell"]["accountid"]: "activecampaign"}
 
 
 @sqlite_only

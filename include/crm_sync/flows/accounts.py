@@ -585,7 +585,8 @@ def load(ctx: StepContext) -> dict[str, int]:
     for row in valid.to_dict("records"):
         synced = json.loads(row["synced_values"] or "{}")
         if row["unchanged"]:
-            links.append(_link(ctx, row, row["dataverse_id"], row["ac_id"], synced))
+            previous = now.get(str(row[source])) if pd.notna(row[source]) else None
+            links.append(_link(ctx, row, row["dataverse_id"], row["ac_id"], synced, previous))
             continue
         link = now.get(str(row[source])) if pd.notna(row[source]) else None
         if row["reason"] == "re-created" and link is not None and link.ac_id == row["ac_id"]:
@@ -611,7 +612,7 @@ def load(ctx: StepContext) -> dict[str, int]:
                        f"{error.code or ''} {error.message}".replace("  ", " "))
             ]  # fmt: skip
             continue
-        refused = ctx.store.save_object_links([_link(ctx, row, dataverse_id, ac_id, synced)])
+        refused = ctx.store.save_object_links([_link(ctx, row, dataverse_id, ac_id, synced, link)])
         if refused:
             failures[row["record_key"]] = [
                 (Reason.DUPLICATE_ACCOUNT, "written, but another account's link holds its "
@@ -631,13 +632,21 @@ def load(ctx: StepContext) -> dict[str, int]:
 
 
 def _link(
-    ctx: StepContext, row: dict[str, Any], dataverse_id: Any, ac_id: Any, synced: dict[str, Any]
+    ctx: StepContext,
+    row: dict[str, Any],
+    dataverse_id: Any,
+    ac_id: Any,
+    synced: dict[str, Any],
+    previous: ObjectLink | None,
 ) -> ObjectLink:
-    origin = (
-        ctx.direction.source.value
-        if row["action"] == Action.NEW_ACCOUNT.value
-        else (System.DYNAMICS365.value)
-    )
+    """The link after a write: its origin is where the account was first created (kept from
+    the link before; a new one: this run's source; one matched by name: Dynamics)."""
+    if previous is not None:
+        origin = previous.origin
+    elif row["action"] == Action.NEW_ACCOUNT.value:
+        origin = ctx.direction.source.value
+    else:
+        origin = System.DYNAMICS365.value
     return ObjectLink(KIND, str(dataverse_id), str(ac_id), origin, synced)
 
 
