@@ -58,6 +58,23 @@ class Entity(StrEnum):
         return f"{self.value}id"
 
 
+class ObjectKind(StrEnum):
+    """A Dynamics table synced as an object of its own (not a person): accounts, opportunities."""
+
+    ACCOUNT = "account"
+    OPPORTUNITY = "opportunity"
+
+    @property
+    def entity_set(self) -> str:
+        """The Web API entity set name (`accounts`, `opportunities`)."""
+        return "accounts" if self is ObjectKind.ACCOUNT else "opportunities"
+
+    @property
+    def primary_id(self) -> str:
+        """The table's primary key column (`accountid`, `opportunityid`)."""
+        return f"{self.value}id"
+
+
 class EntityDirection(StrEnum):
     """Which way records of an entity move, as `sync.yaml` says it (a `Direction`, or both)."""
 
@@ -118,6 +135,15 @@ def _check_criteria(value: str | None) -> str | None:
 
     check_filter(value)
     return value.strip()
+
+
+def _not_tag(value: OnDelete) -> OnDelete:
+    if value is OnDelete.TAG:
+        raise ValueError(
+            "'tag' marks an ActiveCampaign contact; for accounts and opportunities use "
+            "ignore, unlink or delete"
+        )
+    return value
 
 
 class FieldMap(_Strict):
@@ -201,12 +227,15 @@ class AccountSettings(_Strict):
     initial_sync: InitialSync = InitialSync.ON_FIRST_SWITCH_ON
     # Contacts are put on their account on both sides (parentcustomerid <-> accountContacts).
     associate_contacts: bool = True
+    # A linked account deleted in Dynamics: ignore | unlink | delete (`tag` is for people).
+    on_delete: OnDelete = OnDelete.UNLINK
     field_mapping: tuple[AccountField, ...] = (
         AccountField(activecampaign="name", dynamics365="name"),
         AccountField(activecampaign="accountUrl", dynamics365="websiteurl"),
     )
 
     _criteria = field_validator("record_criteria")(_check_criteria)
+    _on_delete = field_validator("on_delete")(_not_tag)
 
     @model_validator(mode="after")
     def _mapping_rules(self) -> AccountSettings:
@@ -256,8 +285,11 @@ class OpportunitySettings(_Strict):
     # The AC user owning a deal: by the Dynamics owner's id, else the default.
     owner_default: Annotated[str, Field(pattern=r"^[0-9]+$")] = "1"
     owners: dict[str, Annotated[str, Field(pattern=r"^[0-9]+$")]] = Field(default_factory=dict)
+    # A linked opportunity deleted in Dynamics: ignore | unlink | delete (its deal).
+    on_delete: OnDelete = OnDelete.UNLINK
 
     _criteria = field_validator("record_criteria")(_check_criteria)
+    _on_delete = field_validator("on_delete")(_not_tag)
 
     @field_validator("owners")
     @classmethod

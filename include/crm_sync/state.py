@@ -580,6 +580,16 @@ class StateStore:
             self._upsert(write)
         return refused
 
+    def delete_object_link(self, kind: str, dataverse_id: str) -> None:
+        """Forget the `kind` link of one Dataverse id (unlinked)."""
+        columns = object_links.c
+        with self.begin() as connection:
+            connection.execute(
+                object_links.delete().where(
+                    (columns.kind == kind) & (columns.dataverse_id == dataverse_id)
+                )
+            )
+
     def record_deletions(self, found: Sequence[Deletion], run_id: str) -> None:
         """Record deletions and what was done, in one transaction. A `done` one that is not
         `ignore` ends its link; a `pending` one (its action failed) keeps it, to be retried."""
@@ -666,13 +676,17 @@ class StateStore:
             for r in sorted(found, key=lambda r: r.id)
         ]
 
-    def deleted_ac_ids(self, ac_ids: Iterable[str]) -> set[str]:
-        """Of `ac_ids`, those of AC contacts whose linked record a deletion was recorded for."""
+    def deleted_ac_ids(
+        self, ac_ids: Iterable[str], entities: Sequence[str] = ("lead", "contact")
+    ) -> set[str]:
+        """Of `ac_ids`, those whose linked record of one of `entities` a deletion was recorded
+        for (AC numbers contacts, accounts and deals apart: the entity tells them apart)."""
         wanted = list(dict.fromkeys(ac_ids))
         found: set[str] = set()
         for start in range(0, len(wanted), 500):
             query = select(deletions.c.ac_contact_id).where(
                 deletions.c.ac_contact_id.in_(wanted[start : start + 500])
+                & deletions.c.entity.in_(list(entities))
             )
             with self.begin() as connection:
                 found |= {r.ac_contact_id for r in connection.execute(query)}

@@ -312,3 +312,52 @@ def test_a_pipeline_in_another_currency_stops_the_run_before_any_deal(
     assert world.run(TO_AC).state == "failed"
     assert writes(world, "ac") == before
     assert world._ac("GET", "deals")["deals"] == []
+
+
+@sqlite_only
+def test_an_account_deleted_in_dynamics_is_unlinked_and_not_sent_back(world: World) -> None:
+    """`accounts.on_delete: unlink` (the default): the AC account stays, the link ends, the
+    deletion is recorded, and a later change of the AC account does not re-create it in
+    Dynamics."""
+    acme = dv_account(world, "Acme Corp")
+    assert world.run(TO_AC).state == "success"
+    assert world.run(TO_DV).state == "success"
+    (first,) = ac_accounts(world).values()
+    world._dv("DELETE", f"accounts({acme})")
+    run = world.run(TO_AC)
+    assert counts(world, TO_AC, run)["deleted in dynamics365: unlink"] == 1
+    store = StateStore.from_url(world.state_url)
+    assert store.object_links("account") == []
+    assert [(d.entity, d.dataverse_id, d.action) for d in store.all_deletions()] == [
+        ("account", acme, "unlink")
+    ]
+    assert set(ac_accounts(world)) == {"Acme Corp"}
+    world._ac("PUT", f"accounts/{first['id']}", json={"account": {"name": "Acme Inc"}})
+    assert world.run(TO_DV).state == "success"
+    assert world.dv_rows("accounts") == []
+    assert store.open_quarantine(TO_DV) == []
+
+
+@sqlite_only
+def test_an_opportunity_deleted_in_dynamics_deletes_its_deal_when_asked(
+    world: World, tmp_path: Path
+) -> None:
+    path = tmp_path / "sync.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["opportunities"] = {"enabled": True, "on_delete": "delete"}
+    path.write_text(yaml.safe_dump(raw))
+    acme = dv_account(world, "Acme Corp")
+    opportunity = world._dv(
+        "POST",
+        "opportunities",
+        json={"name": "Carrots", "customerid_account@odata.bind": f"/accounts({acme})"},
+        headers={"Prefer": "return=representation"},
+    ).json()["opportunityid"]
+    assert world.run(TO_AC).state == "success"
+    assert len(world._ac("GET", "deals")["deals"]) == 1
+    world._dv("DELETE", f"opportunities({opportunity})")
+    run = world.run(TO_AC)
+    assert counts(world, TO_AC, run)["deleted in dynamics365: delete"] == 1
+    assert world._ac("GET", "deals")["deals"] == []
+    assert StateStore.from_url(world.state_url).object_links("opportunity") == []
+    assert set(ac_accounts(world)) == {"Acme Corp"}  # never a cascade to the account

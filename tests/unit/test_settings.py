@@ -128,3 +128,34 @@ def test_entity_and_field_directions_allow_the_directions_they_name() -> None:
     assert not FieldDirection.TO_DYNAMICS365.allows(Direction.TO_ACTIVECAMPAIGN)
     assert FieldDirection.TO_ACTIVECAMPAIGN.allows(Direction.TO_ACTIVECAMPAIGN)
     assert not EntityDirection.TO_ACTIVECAMPAIGN.allows(Direction.TO_DYNAMICS365)
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "expected"),
+    [
+        ("accounts", {"on_delete": "tag"}, "accounts.on_delete: 'tag' marks an ActiveCampaign"),
+        ("opportunities", {"on_delete": "tag"}, "opportunities.on_delete: 'tag' marks"),
+        ("accounts", {"field_mapping": [{"activecampaign": "accountUrl", "dynamics365": "websiteurl"}]},
+         "the name mapping (name <-> name) is the match key"),
+        ("accounts", {"field_mapping": [{"activecampaign": "email", "dynamics365": "name"}]},
+         "'email' is not an ActiveCampaign account field"),
+        ("opportunities", {"stages": {"qualify": "Q"}}, "name an AC stage for each Dynamics sales stage"),
+        ("opportunities", {"currency": "USD"}, "opportunities.currency"),
+    ],
+)  # fmt: skip
+def test_accounts_and_opportunities_refuse_what_cannot_work(
+    section: str, change: dict, expected: str
+) -> None:
+    raw = shipped()
+    raw[section] = {**raw[section], **change}
+    with pytest.raises(SettingsError, match=None) as raised:
+        parse_settings(raw)
+    assert expected in str(raised.value)
+
+
+def test_owner_ids_are_compared_in_lower_case() -> None:
+    raw = shipped()
+    raw["opportunities"]["owners"] = {"AB12CD34-0000-0000-0000-000000000001": "7"}
+    settings = parse_settings(raw).opportunities
+    assert settings.owner_of("ab12cd34-0000-0000-0000-000000000001") == "7"
+    assert settings.owner_of("someone-else") == settings.owner_default

@@ -248,6 +248,12 @@ def extract(
         )
         ac = every[changed_mask | every["ac_id"].isin(retried)]
         gone = [i for i in retried if i not in set(every["ac_id"])]
+        # The AC account of a Dynamics account deleted there is not sent back (whatever its
+        # `on_delete` did with the link): Dynamics is not given back what it deleted.
+        deleted = ctx.store.deleted_ac_ids(ac["ac_id"].tolist(), entities=(KIND,))
+        if deleted:
+            ac = ac[~ac["ac_id"].isin(deleted)]
+            gone += [i for i in retried if i in deleted]
         links = ctx.store.object_links(KIND, ac_ids=ac["ac_id"].tolist())
         # A linked AC account whose fields are still those last synced (the sync's own write
         # coming back, or a change to an unmapped field) has nothing to send: not read further.

@@ -21,12 +21,15 @@ from crm_sync.errors import ConfigurationError
 from crm_sync.flows import common
 from crm_sync.mapping import fields_towards, source_prevails
 from crm_sync.records import NEW_ACTIONS, UPDATE_ACTIONS, Reason
-from crm_sync.settings import Entity, FieldMap
+from crm_sync.settings import Entity, FieldMap, ObjectKind
 from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.validation import UTF16, TargetRules
 
 if TYPE_CHECKING:
     from crm_connectors.dynamics365 import Dynamics365Hook, TableInfo
+
+#: A table deletions are followed on: a person's (`Entity`) or an object's (`ObjectKind`).
+Table = Entity | ObjectKind
 
 # -- reading, and checks against the table's metadata ------------------------------------------
 # Ids or emails per `$filter` of a lookup: keeps URLs well under Dataverse's 32 KB limit.
@@ -118,7 +121,7 @@ def changed_rows(
 _PROPERTY = re.compile(r"property named '([^']+)'")
 
 
-def deleted_since(hook: Dynamics365Hook, entity: Entity, delta_link: str) -> tuple[list[str], str]:
+def deleted_since(hook: Dynamics365Hook, entity: Table, delta_link: str) -> tuple[list[str], str]:
     """The ids deleted from `entity`'s table since `delta_link` (change tracking), and the
     link to read from next time. Raises `ChangeTrackingExpiredError` when it is too old."""
     deleted: list[str] = []
@@ -128,7 +131,7 @@ def deleted_since(hook: Dynamics365Hook, entity: Entity, delta_link: str) -> tup
     return deleted, delta_link
 
 
-def every_id(hook: Dynamics365Hook, entity: Entity) -> tuple[set[str], str | None]:
+def every_id(hook: Dynamics365Hook, entity: Table) -> tuple[set[str], str | None]:
     """Every row id of `entity`'s table (one change-tracking read of the ids) and the delta link
     to read its changes from next time. Raises `ChangeTrackingNotEnabledError` when the table
     does not track changes."""
@@ -140,7 +143,7 @@ def every_id(hook: Dynamics365Hook, entity: Entity) -> tuple[set[str], str | Non
     return present, link
 
 
-def existing_ids(hook: Dynamics365Hook, entity: Entity, row_ids: Sequence[str]) -> set[str]:
+def existing_ids(hook: Dynamics365Hook, entity: Table, row_ids: Sequence[str]) -> set[str]:
     """Of `row_ids`, those `entity`'s table still has (asked for by id, 50 a request)."""
     if not row_ids:
         return set()
@@ -148,7 +151,7 @@ def existing_ids(hook: Dynamics365Hook, entity: Entity, row_ids: Sequence[str]) 
     return {str(row.get(entity.primary_id)) for row in found}
 
 
-def delete_row(hook: Dynamics365Hook, entity: Entity, row_id: str) -> bool:
+def delete_row(hook: Dynamics365Hook, entity: Table, row_id: str) -> bool:
     """Delete one row; False when it was already gone."""
     return hook.delete_record(entity.entity_set, row_id)
 

@@ -38,9 +38,9 @@ from crm_connectors.errors import (
 from crm_sync.context import StepContext
 from crm_sync.core import Direction, System
 from crm_sync.flows import activecampaign, common, dataverse, objects
-from crm_sync.settings import Entity, OnDelete
+from crm_sync.settings import Entity, ObjectKind, OnDelete
 from crm_sync.stages import DELETED
-from crm_sync.state import Deletion, RecordLink, Watermark
+from crm_sync.state import Deletion, ObjectLink, RecordLink, Watermark
 
 log = logging.getLogger("crm_sync")
 
@@ -53,7 +53,7 @@ PASSING = (ClientError, ServerError, RateLimitError, ApiConnectionError, PagingE
 WRITING = (OnDelete.TAG, OnDelete.DELETE)
 
 
-def delta_name(entity: Entity) -> str:
+def delta_name(entity: dataverse.Table) -> str:
     """The state-store row holding `entity`'s change-tracking delta link."""
     return f"{Direction.TO_ACTIVECAMPAIGN.value}:{entity.value}:deletions"
 
@@ -114,13 +114,62 @@ def deleted_in_dynamics(ctx: StepContext) -> tuple[pd.DataFrame, dict[str, str],
         linked = [lk for lk in ctx.store.links_for(dataverse_ids=ids) if lk.entity == entity.value]
         found += linked
         counts[f"{entity.entity_set} deleted in Dynamics (linked)"] = len(linked)
+    objects: list[ObjectLink] = []
+    for kind in _object_kinds(ctx):
+        try:
+            ids, link = _deleted_ids(ctx, kind)
+        except PASSING as error:
+            log.warning(
+                "%s: deletions not read (%s); looked for again next run",
+                kind.entity_set,
+                error.code or error.status,
+            )
+            counts[f"{kind.entity_set}: deletions not read (error)"] = 1
+            continue
+        if link is None:
+            counts[f"{kind.entity_set}: deletions not tracked"] = 1
+            continue
+        delta_links[kind.value] = link
+        gone = ctx.store.object_links(kind.value, dataverse_ids=ids)
+        objects += gone
+        counts[f"{kind.entity_set} deleted in Dynamics (linked)"] = len(gone)
     pending = _pending(ctx, System.DYNAMICS365)
     if pending:
         counts["deletions retried"] = len(pending)
-    return _frame(_unique(found + pending), System.DYNAMICS365), delta_links, counts
+    frame = pd.concat(
+        [_frame(_unique(found + pending), System.DYNAMICS365), _object_frame(objects)],
+        ignore_index=True,
+    ).drop_duplicates(["entity", "dataverse_id"])
+    return DELETED.conform(frame), delta_links, counts
 
 
-def _deleted_ids(ctx: StepContext, entity: Entity) -> tuple[list[str], str | None]:
+def _object_kinds(ctx: StepContext) -> list[ObjectKind]:
+    """The object tables whose deletions this run follows (Dynamics -> AC only)."""
+    kinds = []
+    if ctx.settings.accounts.moves(ctx.direction):
+        kinds.append(ObjectKind.ACCOUNT)
+    if ctx.settings.opportunities.enabled and ctx.direction is Direction.TO_ACTIVECAMPAIGN:
+        kinds.append(ObjectKind.OPPORTUNITY)
+    return kinds
+
+
+def _object_frame(links: list[ObjectLink]) -> pd.DataFrame:
+    """Linked accounts or opportunities deleted in Dynamics, as `DELETED` rows (the AC
+    account's or deal's id in `ac_contact_id`)."""
+    rows = [
+        {
+            "entity": lk.kind,
+            "dataverse_id": lk.dataverse_id,
+            "ac_contact_id": lk.ac_id,
+            "email": None,
+            "deleted_in": System.DYNAMICS365.value,
+        }
+        for lk in links
+    ]
+    return DELETED.conform(pd.DataFrame(rows, columns=list(DELETED.columns)))
+
+
+def _deleted_ids(ctx: StepContext, entity: dataverse.Table) -> tuple[list[str], str | None]:
     """The ids deleted from `entity`'s table since its stored delta link, and the new link
     (None when the table does not track changes: deletions are then not seen)."""
     stored = ctx.store.watermark(delta_name(entity))
@@ -132,7 +181,11 @@ def _deleted_ids(ctx: StepContext, entity: Entity) -> tuple[list[str], str | Non
     # No link yet (or it expired): every row id now, against the links of the table as they
     # were before the read (a record linked meanwhile existed before its link; it is not missed
     # by a read that started earlier), and each candidate asked for again by id.
-    linked = ctx.store.links_of_entity(entity.value)
+    linked = (
+        ctx.store.links_of_entity(entity.value)
+        if isinstance(entity, Entity)
+        else [lk.dataverse_id for lk in ctx.store.object_links(entity.value)]
+    )
     try:
         present, link = dataverse.every_id(ctx.dv_hook, entity)
     except ChangeTrackingNotEnabledError:
@@ -237,7 +290,11 @@ def _unique(links: list[RecordLink]) -> list[RecordLink]:
 
 # -- validate and load ----------------------------------------------------------------------
 def action_of(ctx: StepContext, entity: str) -> OnDelete:
-    """The `on_delete` of `entity`."""
+    """The `on_delete` of `entity` (a person's table, or `account` / `opportunity`)."""
+    if entity == ObjectKind.ACCOUNT.value:
+        return ctx.settings.accounts.on_delete
+    if entity == ObjectKind.OPPORTUNITY.value:
+        return ctx.settings.opportunities.on_delete
     return ctx.settings.entities[Entity(entity)].on_delete
 
 
@@ -284,7 +341,9 @@ def apply(ctx: StepContext, deleted: pd.DataFrame) -> dict[str, int]:
             action.value,
         )
         try:
-            if row["deleted_in"] == System.DYNAMICS365.value:
+            if row["entity"] in set(ObjectKind):
+                _object_in_activecampaign(ctx, deletion)
+            elif row["deleted_in"] == System.DYNAMICS365.value:
                 deletion = _in_activecampaign(ctx, deletion, _text(row["email"]), tags)
             elif action is OnDelete.DELETE:
                 dataverse.delete_row(ctx.dv_hook, Entity(row["entity"]), row["dataverse_id"])
@@ -301,7 +360,16 @@ def apply(ctx: StepContext, deleted: pd.DataFrame) -> dict[str, int]:
     # A record gone from one side no longer waits in either direction's quarantine (an AC
     # contact whose linked Dynamics row was missing, a row whose AC contact was).
     handled = [d for d in done if d.status == "done" and d.action != OnDelete.IGNORE.value]
-    ctx.store.resolve([f"ac:{d.ac_contact_id}" for d in handled], Direction.TO_DYNAMICS365)
+    ctx.store.resolve(
+        [
+            f"ac_account:{d.ac_contact_id}"
+            if d.entity == ObjectKind.ACCOUNT
+            else f"ac:{d.ac_contact_id}"
+            for d in handled
+            if d.entity != ObjectKind.OPPORTUNITY
+        ],
+        Direction.TO_DYNAMICS365,
+    )
     ctx.store.resolve(
         [f"{d.entity}:{d.dataverse_id}" for d in handled], Direction.TO_ACTIVECAMPAIGN
     )
@@ -312,6 +380,21 @@ def apply(ctx: StepContext, deleted: pd.DataFrame) -> dict[str, int]:
         )
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _object_in_activecampaign(ctx: StepContext, deletion: Deletion) -> None:
+    """Apply a Dynamics account's or opportunity's deletion to its AC account or deal: `unlink`
+    and `delete` end the link (`delete` deletes the AC account or deal first; one already gone
+    needs nothing); `ignore` keeps it."""
+    action = OnDelete(deletion.action)
+    if action is OnDelete.IGNORE:
+        return
+    if action is OnDelete.DELETE and deletion.ac_contact_id:
+        if deletion.entity == ObjectKind.ACCOUNT:
+            ctx.ac_hook.delete_account(deletion.ac_contact_id)
+        else:
+            ctx.ac_hook.delete_deal(deletion.ac_contact_id)
+    ctx.store.delete_object_link(deletion.entity, deletion.dataverse_id)
 
 
 def _in_activecampaign(
@@ -371,6 +454,7 @@ def advance(ctx: StepContext, meta: dict[str, Any]) -> None:
     """After the load: store the delta links and the scan position the extract reached."""
     started = datetime.fromisoformat(meta["started"])
     for entity, link in (meta.get("delta_links") or {}).items():
-        ctx.store.advance_watermark(Watermark(delta_name(Entity(entity)), started, link))
+        table = ObjectKind(entity) if entity in set(ObjectKind) else Entity(entity)
+        ctx.store.advance_watermark(Watermark(delta_name(table), started, link))
     if meta.get("deletion_scan"):
         ctx.store.advance_watermark(Watermark(SCAN, started, meta["deletion_scan"]))
