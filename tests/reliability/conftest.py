@@ -84,7 +84,7 @@ def world(
     return wired_world(sandbox_env, state_url, tmp_path, monkeypatch)
 
 
-_BASELINES: dict[tuple[str, int, int, int], list[Snapshot]] = {}
+_BASELINES: dict[tuple[str, int, int, int, bool], list[Snapshot]] = {}
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def baseline(
     """
 
     def compute(scenario: Scenario, rounds: int = 1) -> list[Snapshot]:
-        key = (scenario.direction, scenario.size, scenario.seed, rounds)
+        key = (scenario.direction, scenario.size, scenario.seed, rounds, scenario.objects)
         if key not in _BASELINES:
             url = f"sqlite:///{tmp_path / 'baseline.db'}"
             with monkeypatch.context() as patch:
@@ -107,7 +107,9 @@ def baseline(
                 )
                 patch.setenv("CRM_SYNC_STAGING", str(tmp_path / "baseline-staging"))
                 undisturbed = World(world.sandbox, url)
-                clean = Scenario(scenario.direction, scenario.size, scenario.seed)
+                clean = Scenario(
+                    scenario.direction, scenario.size, scenario.seed, objects=scenario.objects
+                )
                 clean.prepare(undisturbed)
                 states = []
                 for round_no in range(rounds):

@@ -19,6 +19,7 @@ import requests
 from crm_sync.state import StateStore
 
 from tests.e2e.world import World
+from tests.reliability import objects
 
 AC_TO_D365 = "activecampaign_to_dynamics365"
 D365_TO_AC = "dynamics365_to_activecampaign"
@@ -98,6 +99,16 @@ class Attempt:
         what, _, task = lines[-1].partition(" ")
         return what, task
 
+    def held(self) -> list[str]:
+        """The writes whose answer the worker holds or held (`answers` with `then: hold`)."""
+        path = self.run_dir / f"held-{self.pid}"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def answers(self) -> list[str]:
+        """`lose|hold <method> <path>` for each answer lost or held so far."""
+        path = self.run_dir / f"answers-{self.pid}"
+        return path.read_text().splitlines() if path.exists() else []
+
     def alive(self) -> bool:
         """Whether the worker still runs."""
         return bool(self.host.call(op="wait", pid=self.pid, timeout=0).get("timeout"))
@@ -125,8 +136,10 @@ def start_attempt(
     tasks: list[str] | None = None,
     params: dict[str, Any] | None = None,
     gap: float = 0.1,
+    answers: list[dict[str, Any]] | None = None,
 ) -> Attempt:
-    """Start a worker for `tasks` (default: all five) of run `run_id`."""
+    """Start a worker for `tasks` (default: all five) of run `run_id`. `answers`: successful
+    writes whose answer the worker loses or holds (see `tests.reliability.workerhost`)."""
     chosen = list(tasks or TASKS)
     answer = host.call(
         op="run",
@@ -137,6 +150,7 @@ def start_attempt(
         env=run_env(),
         run_dir=str(run_dir),
         gap=gap,
+        answers=answers or [],
     )
     return Attempt(host, dag_id, run_id, run_dir, int(answer["pid"]), chosen)
 
@@ -243,8 +257,13 @@ class Scenario:
     direction: str
     size: int
     seed: int = 1
+    # Accounts, contacts on them and opportunities next to the contacts (`objects.Companies`).
+    objects: bool = False
     ids: dict[str, str] = field(default_factory=dict)
     people: list[Person] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.companies = objects.Companies(self.direction, self.seed) if self.objects else None
 
     @property
     def new(self) -> int:
@@ -257,6 +276,8 @@ class Scenario:
             self._prepare_ac(world)
         else:
             self._prepare_dv(world)
+        if self.companies is not None:
+            self.companies.prepare(world)
         run_dag(world, self.direction, **CONFIRMED)
 
     def change(self, world: World, round_no: int = 0) -> None:
@@ -265,6 +286,8 @@ class Scenario:
             self._change_ac(world, round_no)
         else:
             self._change_dv(world, round_no)
+        if self.companies is not None:
+            self.companies.change(world, round_no)
 
     def _fresh(self, round_no: int) -> list[Person]:
         start = self.size + round_no * self.new
@@ -398,6 +421,8 @@ class Snapshot:
     duplicates: list[str]
     # Write requests the run that led here sent (set by the baseline).
     writes: int = 0
+    # Accounts, contact-account associations, deals and their links (`objects.state`).
+    objects: dict[str, Any] = field(default_factory=dict)
 
     def differences(self, expected: Snapshot) -> list[str]:
         """What differs from `expected`, one line per key.
@@ -408,7 +433,7 @@ class Snapshot:
         Lacking an id the undisturbed run knows, or holding another contact's, is (the first
         item is the email of the contact the id names)."""
         lines = []
-        for part in ("ac", "dv", "links", "quarantine"):
+        for part in ("ac", "dv", "links", "quarantine", "objects"):
             mine, theirs = getattr(self, part), getattr(expected, part)
             for key in sorted(set(mine) | set(theirs)):
                 got, want = mine.get(key), theirs.get(key)
@@ -455,14 +480,16 @@ def snapshot(world: World) -> Snapshot:
             tuple(sorted(link.synced_values.items())),
             link.ac_contact_id is not None,
         )
+    things = objects.state(world, store, ac_email, dv_email)
     quarantine: dict[str, tuple[str, ...]] = {}
     for entry in store.open_quarantine():
         kind, _, raw = entry.record_key.partition(":")
         who = ac_email.get(raw) if kind == "ac" else dv_email.get(raw)
-        key = f"{entry.direction}:{who or entry.record_key}"
+        key = f"{entry.direction}:{things.labels.get(entry.record_key) or who or entry.record_key}"
         quarantine[key] = tuple(sorted((*quarantine.get(key, ()), entry.reason_code)))
     store.engine.dispose()
-    return Snapshot(ac, dv, links, quarantine, duplicates)
+    duplicates = sorted([*duplicates, *things.duplicates])
+    return Snapshot(ac, dv, links, quarantine, duplicates, objects=things.parts)
 
 
 def assert_converged(actual: Snapshot, expected: Snapshot) -> None:

@@ -48,6 +48,42 @@ def _faults(rows: list[dict[str, Any]]) -> list[str]:
     return _table(header, out)
 
 
+def _objects(faults: list[dict[str, Any]], kills: list[dict[str, Any]]) -> list[str]:
+    """The accounts, associations and deals of the same fault and kill runs: what each fault row
+    moved of them and which of their endpoints it hit; the kills in their writes."""
+    by_fault: dict[tuple[int, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in faults:
+        if "objects" in row:
+            by_fault[(row["item"], row["fault"])][row["direction"]] = row
+    out = []
+    for (item, fault), directions in by_fault.items():
+        cells = [item, fault]
+        for direction in SHORT:
+            row = directions.get(direction)
+            hit = ", ".join(row.get("object_endpoints") or []) if row else ""
+            cells += [row["objects"] if row else "-", hit or "-"]
+        dups = sum(d["duplicates"] for d in directions.values())
+        lost = sum(d["lost"] for d in directions.values())
+        out.append([*cells, dups, lost])
+    lines: list[str] = []
+    if out:
+        header = ["item", "fault", "AC → D365: moved", "AC → D365: object endpoints hit", "D365 → AC: moved", "D365 → AC: object endpoints hit", "duplicates", "lost"]  # fmt: skip
+        lines += [*_table(header, out), ""]
+    killed = []
+    for direction, label in SHORT.items():
+        writes: Counter[str] = Counter()
+        mine = [r for r in kills if r["direction"] == direction and r.get("object_writes")]
+        for row in mine:
+            writes.update(row["object_writes"])
+        if writes:
+            done = ", ".join(f"{k} {v}" for k, v in sorted(writes.items()))
+            killed.append([label, sum(writes.values()), done, sum(r["duplicates"] for r in mine), sum(r["lost"] for r in mine)])  # fmt: skip
+    if killed:
+        header = ["direction", "workers killed in an object write", "write (its answer held)", "duplicates", "lost"]  # fmt: skip
+        lines += [*_table(header, killed), ""]
+    return lines
+
+
 def _kills(rows: list[dict[str, Any]], cli: list[dict[str, Any]]) -> list[str]:
     out = []
     for direction, label in SHORT.items():
@@ -87,6 +123,10 @@ def _section(title: str, rows: list[dict[str, Any]]) -> list[str]:
     lines += [*_faults(kinds["faults"]), ""]
     lines += ["Worker killed with SIGKILL (item 4), then retried; every round compared with the undisturbed run.", ""]  # fmt: skip
     lines += [*_kills(kinds["kills"], kinds["kills-cli"]), ""]
+    objects = _objects(kinds["faults"], kinds["kills"])
+    if objects:
+        lines += ["Accounts, contacts on their account and deals in the same runs (compared too; *moved*: accounts, associations and deals the round changed in the target):", ""]  # fmt: skip
+        lines += objects
     lines += [
         "State store lost (item 5), overlapping runs (item 6), partial rejections (item 8):",
         "",

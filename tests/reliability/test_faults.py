@@ -1,6 +1,13 @@
 """The fault matrix (issue 9, items 1-3 and 7): each fault hits one run of a realistic batch in each
 direction, and both systems and the state store must end exactly as the undisturbed run leaves
-them: same records, each exactly once, same values, same links and quarantine."""
+them: same records, each exactly once, same values, same links and quarantine.
+
+The batch carries accounts, contacts on them and opportunities too (`objects.Companies`): the
+429s, 5xx, dropped connections and slow answers also hit the account, accountContact, deal and
+pipeline endpoints of AC and the Dataverse account and opportunity reads (every create and
+association write in each of those rows, and two more endpoints per row in turn, so that every
+one of them is hit in each direction), and the end state compared holds the accounts,
+associations, deals and their links."""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import pytest
 import requests
 
 from tests.e2e.world import World
+from tests.reliability import objects
 from tests.reliability.conftest import BATCH, Figures
 from tests.reliability.harness import (
     AC_TO_D365,
@@ -52,6 +60,8 @@ class Round:
     patch: pytest.MonkeyPatch
     attempt: Attempt | None = None
     seen: dict[str, Any] = field(default_factory=dict)
+    # Successful writes whose answer the worker loses (`tests.reliability.workerhost`).
+    answers: list[dict[str, Any]] = field(default_factory=list)
 
     def inject(self, service: str, **spec: Any) -> None:
         self.world.sandbox.admin(service, "POST", "faults", json=spec)
@@ -85,6 +95,56 @@ class Fault:
     check: Callable[[Round], None]
     during: Callable[[Round], None] | None = None
     after: Callable[[Round], None] | None = None
+    # The fault also sent to a few object endpoints (`objects.READS` and `WRITES`, in turn).
+    on_objects: dict[str, Any] | None = None
+
+
+# Besides every create of the direction, object endpoints each row with `on_objects` hits.
+OBJECT_FAULTS = 2
+
+
+def _object_faults(r: Round, row: int, spec: dict[str, Any]) -> None:
+    """Queue `spec` once for each object create and association write of the direction (the
+    writes a lost answer could repeat), and for OBJECT_FAULTS of its other object endpoints, the
+    `row`-th share of them in turn: over the rows every one of them is hit.
+
+    A slow answer to a create or an association write is one the server wrote and the client
+    gave up on: the worker loses the answer after the write. (The sandbox's latency fault waits
+    before the server reads the request, and a request whose client is gone then arrives
+    without its body: AC refuses it, Dataverse creates an empty account. Neither is what a real
+    service does with a slow write.)"""
+    creates = objects.KILL_WRITES[r.direction]
+    others = [
+        t for t in [*objects.READS[r.direction], *objects.WRITES[r.direction]] if t not in creates
+    ]
+    chosen = [
+        *creates,
+        *(others[(row * OBJECT_FAULTS + j) % len(others)] for j in range(OBJECT_FAULTS)),
+    ]
+    hit = r.seen.setdefault("object endpoints", [])
+    for target in chosen:
+        service, prefix, method = target
+        path = prefix.removeprefix(API[service])
+        path += "id)" if path.endswith("(") else "id" if path.endswith("/") else ""
+        where = f"{'AC' if service == 'ac' else 'Dataverse'} {method} {path}"
+        if spec.get("kind") == "latency" and target in creates:
+            r.answers.append({"method": method, "path_prefix": prefix, "count": 1, "then": "lose"})
+            hit.append(f"{where} (answer lost)")
+            continue
+        hit.append(where)
+        r.inject(service, path_prefix=prefix, method=method, count=1, **spec)
+
+
+def _answers_lost(r: Round) -> int:
+    """Answers the workers of this round lost, after checking that each one asked for was."""
+    assert r.attempt is not None
+    lost = [
+        line
+        for path in r.attempt.run_dir.glob("answers-*")
+        for line in path.read_text().splitlines()
+    ]
+    assert len(lost) == len(r.answers), f"answers lost {lost}, asked for {r.answers}"
+    return len(lost)
 
 
 def _storm(retry_after: int | None, count: int) -> Callable[[Round], None]:
@@ -189,7 +249,7 @@ def _slow_before(r: Round) -> None:
 
 def _slow_check(r: Round) -> None:
     r.assert_all_faults_hit()
-    r.seen["timed out"] = r.seen["injected ac"] + r.seen["injected d365"]
+    r.seen["timed out"] = r.seen["injected ac"] + r.seen["injected d365"] + _answers_lost(r)
 
 
 def _slow_after(r: Round) -> None:
@@ -252,8 +312,20 @@ def _restart_check(r: Round) -> None:
 
 
 FAULTS = [
-    Fault("429 storm with Retry-After, both APIs", 1, _storm(1, 2), _saw("429", 2)),
-    Fault("429 storm without Retry-After, both APIs", 1, _storm(None, 2), _saw("429", 2)),
+    Fault(
+        "429 storm with Retry-After, both APIs",
+        1,
+        _storm(1, 2),
+        _saw("429", 2),
+        on_objects={"status": 429, "retry_after": 1},
+    ),
+    Fault(
+        "429 storm without Retry-After, both APIs",
+        1,
+        _storm(None, 2),
+        _saw("429", 2),
+        on_objects={"status": 429},
+    ),
     Fault(
         "Dataverse concurrency limit (shared app user)",
         1,
@@ -261,14 +333,15 @@ FAULTS = [
         _concurrency_check,
         after=_concurrency_after,
     ),
-    Fault("bursts of 500/502/503, both APIs", 2, _bursts, _saw("502")),
-    Fault("dropped connections, both APIs", 2, _drops, _drops_check),
+    Fault("bursts of 500/502/503, both APIs", 2, _bursts, _saw("502"), on_objects={"status": 502}),
+    Fault("dropped connections, both APIs", 2, _drops, _drops_check, on_objects={"kind": "drop"}),
     Fault(
         "responses slower than the client timeout",
         2,
         _slow_before,
         _slow_check,
         after=_slow_after,
+        on_objects={"kind": "latency", "seconds": TIMEOUT + 1.5},
     ),
     Fault(
         "token expiry in the middle of the run",
@@ -295,6 +368,13 @@ def _moved(before: Snapshot, after: Snapshot, direction: str) -> int:
     return sum(1 for key, value in new.items() if old.get(key) != value)
 
 
+def _objects_moved(before: Snapshot, after: Snapshot, direction: str) -> int:
+    """Accounts, associations and deals the round created or changed in the target system."""
+    target = ("dv account", "dv contact account") if direction == AC_TO_D365 else ("ac ",)
+    old, new = before.objects, after.objects
+    return sum(1 for k, v in new.items() if k.startswith(target) and old.get(k) != v)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_every_fault_ends_as_the_undisturbed_run(
     direction: str,
@@ -305,7 +385,7 @@ def test_every_fault_ends_as_the_undisturbed_run(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    scenario = Scenario(direction, BATCH)
+    scenario = Scenario(direction, BATCH, objects=True)
     expected = baseline(scenario, len(FAULTS))
     scenario.prepare(world)
     previous = snapshot(world)
@@ -318,10 +398,13 @@ def test_every_fault_ends_as_the_undisturbed_run(
             started = time.monotonic()
             try:
                 fault.before(r)
+                if fault.on_objects is not None:
+                    row = [f for f in FAULTS if f.on_objects is not None].index(fault)
+                    _object_faults(r, row, fault.on_objects)
                 r.seen["d365 before"] = r.requests("d365")
                 r.attempt = start_attempt(
                     worker_host, direction, f"fault-{round_no}", tmp_path / f"run-{round_no}",
-                    params=CONFIRMED,
+                    params=CONFIRMED, answers=r.answers,
                 )  # fmt: skip
                 while r.attempt.alive():
                     if fault.during:
@@ -345,6 +428,8 @@ def test_every_fault_ends_as_the_undisturbed_run(
             fault=fault.name,
             direction=direction,
             records=_moved(previous, state, direction),
+            objects=_objects_moved(previous, state, direction),
+            object_endpoints=r.seen.get("object endpoints", []),
             seconds=round(time.monotonic() - started, 1),
             duplicates=0,
             lost=0,

@@ -11,6 +11,14 @@ Protocol: one JSON object per line on stdin, one JSON answer per line on stdout.
    extract..load) with the run's XComs kept in `run_dir`, writes `start <task>` / `done <task>`
    lines to `run_dir/progress`, waits `gap` seconds between tasks (the scheduler's hand-off), logs
    to `run_dir/worker-<pid>.log` and exits 0 when every task succeeded.
+  Optional `"answers": [{"method", "path_prefix", "count", "then": "lose" | "hold",
+  "seconds"}]`: the next `count` requests of the worker matching `method` and the URL path
+  prefix that the server answers with success are sent and written as usual, and then their
+  answer is lost (`lose`: the client sees a read timeout) or held (`hold`: the worker appends
+  `<method> <path>` to `run_dir/held-<pid>` and waits `seconds` before it reads the answer, a
+  window in which to kill it). Each answer lost or held is also appended to
+  `run_dir/answers-<pid>`. This is how the tests make the server finish a write whose answer
+  never reaches the sync (the sandbox's own faults act before the server reads the request).
 - `{"op": "wait", "pid": n, "timeout": s}` -> `{"exit": code or null, "signal": n or null}`.
 """
 
@@ -54,6 +62,41 @@ def _params(dag: Any, conf: dict[str, Any]) -> dict[str, Any]:
     return {**{name: param.value for name, param in dag.params.items()}, **conf}
 
 
+def _lose_answers(specs: list[dict[str, Any]], run_dir: Path) -> None:
+    """Lose or hold the answers of some successful writes (see the module's protocol)."""
+    from urllib.parse import urlsplit
+
+    import requests
+
+    pending = [dict(spec) for spec in specs]
+    original = requests.Session.send
+
+    def send(session: requests.Session, request: Any, **kwargs: Any) -> Any:
+        response = original(session, request, **kwargs)
+        path = urlsplit(request.url).path
+        for spec in pending:
+            if (
+                spec["count"] > 0
+                and request.method == spec["method"]
+                and path.startswith(spec["path_prefix"])
+                and response.status_code < 400
+            ):
+                spec["count"] -= 1
+                with (run_dir / f"answers-{os.getpid()}").open("a") as note:
+                    note.write(f"{spec['then']} {request.method} {path}\n")
+                if spec["then"] == "hold":
+                    with (run_dir / f"held-{os.getpid()}").open("a") as note:
+                        note.write(f"{request.method} {path}\n")
+                    time.sleep(float(spec.get("seconds") or 1.0))
+                    break
+                raise requests.exceptions.ReadTimeout(
+                    "reliability test: the server wrote, the answer was lost", request=request
+                )
+        return response
+
+    requests.Session.send = send  # type: ignore[method-assign]
+
+
 def _run(dags: dict[str, Any], command: dict[str, Any]) -> None:
     """Body of a forked worker; never returns."""
     code = 1
@@ -69,6 +112,8 @@ def _run(dags: dict[str, Any], command: dict[str, Any]) -> None:
         logging.basicConfig(
             level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
         )
+        if command.get("answers"):
+            _lose_answers(command["answers"], run_dir)
         dag = dags[command["dag_id"]]
         context = {
             "dag_run": SimpleNamespace(dag_id=dag.dag_id, run_id=command["run_id"]),

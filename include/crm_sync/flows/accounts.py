@@ -649,7 +649,8 @@ def _link(
     the link before; a new one: this run's source; one matched by name: Dynamics)."""
     if previous is not None:
         origin = previous.origin
-    elif row["action"] == Action.NEW_ACCOUNT.value:
+    elif row["action"] == Action.NEW_ACCOUNT.value or str(dataverse_id) == _made_from(ctx, ac_id):
+        # (matched by name to the account an interrupted load made from this AC account)
         origin = ctx.direction.source.value
     else:
         origin = System.DYNAMICS365.value
@@ -677,9 +678,15 @@ def _write(ctx: StepContext, row: dict[str, Any]) -> tuple[str, str, str]:
                     ("AC accounts updated" if attributes else "accounts linked (by name)"),
                 )
         full = {**_source_values(ctx, row["dataverse_id"]), **attributes}
-        created = ctx.ac_hook.create_account(
-            str(full.get("name")), account_url=full.get("accountUrl")
-        )
+        try:
+            created = ctx.ac_hook.create_account(
+                str(full.get("name")), account_url=full.get("accountUrl")
+            )
+        except ClientError as error:
+            mine = _created_before(ctx, full) if error.code == "duplicate" else None
+            if mine is None:
+                raise
+            return row["dataverse_id"], mine, "accounts linked after an interrupted load"
         what = "AC accounts re-created" if row["reason"] == "re-created" else "AC accounts created"
         return row["dataverse_id"], str(created["id"]), what
     values = {k: v for k, v in payload.items() if k in {m.key for m in fields(ctx)}}
@@ -695,12 +702,34 @@ def _write(ctx: StepContext, row: dict[str, Any]) -> tuple[str, str, str]:
     return row["dataverse_id"], row["ac_id"], what
 
 
+def _made_from(ctx: StepContext, ac_id: Any) -> str | None:
+    """The id a Dynamics account created from this AC account gets (towards Dynamics only)."""
+    if ctx.direction is not Direction.TO_DYNAMICS365 or ac_id is None or pd.isna(ac_id):
+        return None
+    ctx.ac_hook.get_conn()  # the AC account's URL needs the connection's host
+    return str(uuid.uuid5(DYNAMICS_IDS, f"{ctx.ac_hook.base_url}/accounts/{ac_id}"))
+
+
+def _created_before(ctx: StepContext, full: dict[str, Any]) -> str | None:
+    """The AC account that took the name of an account this load is creating, when it is that
+    account: created by an earlier attempt whose answer or link was lost (no other link holds
+    it, and its website's domain agrees). It is given the values and its id returned."""
+    found = ctx.ac_hook.find_account(str(full.get("name")))
+    if found is None or _domains_differ(found.get("accountUrl"), full.get("accountUrl")):
+        return None
+    if ctx.store.object_links(KIND, ac_ids=[str(found["id"])]):
+        return None
+    if (found.get("accountUrl") or None) != (full.get("accountUrl") or None):
+        ctx.ac_hook.update_account(found["id"], accountUrl=full.get("accountUrl"))
+    return str(found["id"])
+
+
 def _create_in_dynamics(ctx: StepContext, ac_id: str, values: dict[str, Any]) -> str:
     """Create the Dynamics account of an AC account, with an id made from the AC account's
     (`DYNAMICS_IDS`): an attempt that died between the create and the link is followed by a
     create of the same id, which Dataverse refuses as existing (412): it is updated instead."""
-    ctx.ac_hook.get_conn()  # the AC account's URL needs the connection's host
-    account_id = str(uuid.uuid5(DYNAMICS_IDS, f"{ctx.ac_hook.base_url}/accounts/{ac_id}"))
+    account_id = _made_from(ctx, ac_id)
+    assert account_id is not None  # towards Dynamics, of an AC account
     try:
         return ctx.dv_hook.create_record(ENTITY_SET, {**values, PRIMARY_ID: account_id})
     except ClientError as error:
@@ -776,18 +805,6 @@ def associate(ctx: StepContext) -> dict[str, int]:
         )
     done, failures = _apply_moves(ctx, moves)
     keys = {m.contact: prefix + (m.contact if towards_ac else m.ac_contact) for m in moves}
-    ctx.store.save_object_links(
-        [
-            ObjectLink(
-                ASSOCIATION,
-                m.contact,
-                m.ac_contact,
-                ctx.direction.source.value,
-                {"account": m.ac_account},
-            )
-            for m in done
-        ]
-    )
     ctx.store.resolve([keys[m.contact] for m in done], ctx.direction)
     if failures:
         ctx.store.quarantine(
@@ -836,8 +853,22 @@ def _apply_moves(ctx: StepContext, moves: list[Move]) -> tuple[list[Move], list[
             )
             failures.append((move, f"{error.status} {error.code or ''} {error.message}"))
             continue
+        # Stored at once: a worker that dies after this write leaves it recorded, so a retry
+        # does not take the sync's own write for a change made in Dynamics.
+        _record_association(ctx, move)
         done.append(move)
     return done, failures
+
+
+def _record_association(ctx: StepContext, move: Move) -> None:
+    link = ObjectLink(
+        ASSOCIATION,
+        move.contact,
+        move.ac_contact,
+        ctx.direction.source.value,
+        {"account": move.ac_account},
+    )
+    ctx.store.save_object_links([link])
 
 
 def _move_in_ac(ctx: StepContext, move: Move, current: tuple[str, str] | None) -> None:
@@ -1007,12 +1038,17 @@ def _moves_in_dynamics(ctx: StepContext, contacts: pd.DataFrame) -> list[Move]:
     for dvid, (ac_contact, ac_account) in changed.items():
         if dvid not in parent:
             continue
+        if parent[dvid] == accounts[ac_account]:
+            # Both sides agree already (this sync's own write, its record lost to a crash; or
+            # the same move made on both sides): recorded, nothing written.
+            _record_association(
+                ctx, Move(dvid, ac_contact, ac_account, accounts[ac_account], dvid not in stored)
+            )
+            continue
         synced_company = accounts.get(stored.get(dvid, ""), "")
         # Dynamics changed it too since the last sync (or, never synced, names a company):
         # Dynamics wins, and dynamics365_to_activecampaign carries its choice to AC.
         if parent[dvid] != synced_company and (dvid in stored or parent[dvid]):
-            continue
-        if parent[dvid] == accounts[ac_account]:
             continue
         moves.append(Move(dvid, ac_contact, ac_account, accounts[ac_account], dvid not in stored))
     return moves
