@@ -98,8 +98,9 @@ def test_accounts_and_deals_are_written_and_cost_a_few_requests_when_quiet(root:
     off = result["quiet"]["off"]
     for direction in (scenarios.D365_TO_AC, scenarios.AC_TO_D365):
         assert off[direction]["accounts"]["ac"] == off[direction]["deals"]["ac"] == 0
-    # Towards AC: one Dataverse query each for changed accounts and opportunities, no AC.
-    assert result["quiet_added"][scenarios.D365_TO_AC] == {"ac": 0, "d365": 2}
+    # Towards AC: per table (accounts, opportunities) one Dataverse query for the changed rows
+    # and one change-tracking read for the deleted ones; no AC.
+    assert result["quiet_added"][scenarios.D365_TO_AC] == {"ac": 0, "d365": 4}
     # Towards Dynamics: every AC account, 100 a request.
     assert result["quiet_added"][scenarios.AC_TO_D365]["ac"] == 1
 
