@@ -94,45 +94,34 @@ def deleted_in_dynamics(ctx: StepContext) -> tuple[pd.DataFrame, dict[str, str],
     found: list[RecordLink] = []
     delta_links: dict[str, str] = {}
     counts: dict[str, int] = {}
-    for entity in Entity:
-        if not ctx.settings.entities[entity].moves(ctx.direction):
-            continue
+    objects: list[ObjectLink] = []
+    tables: list[dataverse.Table] = [
+        e for e in Entity if ctx.settings.entities[e].moves(ctx.direction)
+    ]
+    for table in [*tables, *_object_kinds(ctx)]:
         try:
-            ids, link = _deleted_ids(ctx, entity)
+            ids, link = _deleted_ids(ctx, table)
         except PASSING as error:  # read again next run, from the same link
             log.warning(
                 "%s: deletions not read (%s); looked for again next run",
-                entity.entity_set,
+                table.entity_set,
                 error.code or error.status,
             )
-            counts[f"{entity.entity_set}: deletions not read (error)"] = 1
+            counts[f"{table.entity_set}: deletions not read (error)"] = 1
             continue
         if link is None:
-            counts[f"{entity.entity_set}: deletions not tracked"] = 1
+            counts[f"{table.entity_set}: deletions not tracked"] = 1
             continue
-        delta_links[entity.value] = link
-        linked = [lk for lk in ctx.store.links_for(dataverse_ids=ids) if lk.entity == entity.value]
-        found += linked
-        counts[f"{entity.entity_set} deleted in Dynamics (linked)"] = len(linked)
-    objects: list[ObjectLink] = []
-    for kind in _object_kinds(ctx):
-        try:
-            ids, link = _deleted_ids(ctx, kind)
-        except PASSING as error:
-            log.warning(
-                "%s: deletions not read (%s); looked for again next run",
-                kind.entity_set,
-                error.code or error.status,
-            )
-            counts[f"{kind.entity_set}: deletions not read (error)"] = 1
-            continue
-        if link is None:
-            counts[f"{kind.entity_set}: deletions not tracked"] = 1
-            continue
-        delta_links[kind.value] = link
-        gone = ctx.store.object_links(kind.value, dataverse_ids=ids)
-        objects += gone
-        counts[f"{kind.entity_set} deleted in Dynamics (linked)"] = len(gone)
+        delta_links[table.value] = link
+        if isinstance(table, Entity):
+            gone: list[Any] = [
+                lk for lk in ctx.store.links_for(dataverse_ids=ids) if lk.entity == table.value
+            ]
+            found += gone
+        else:
+            gone = ctx.store.object_links(table.value, dataverse_ids=ids)
+            objects += gone
+        counts[f"{table.entity_set} deleted in Dynamics (linked)"] = len(gone)
     pending = _pending(ctx, System.DYNAMICS365)
     if pending:
         counts["deletions retried"] = len(pending)
