@@ -30,7 +30,8 @@ RUN pip install --no-cache-dir --no-deps -e . -c constraints.txt \
     && python -c "import crm_sync, crm_connectors"
 
 ENV CRM_SYNC_STAGING=/opt/airflow/staging \
-    GX_ANALYTICS_ENABLED=false
+    GX_ANALYTICS_ENABLED=false \
+    PYTHONWARNINGS=ignore:GitWildMatchPattern:DeprecationWarning
 
 # With CRM_SYNC_SANDBOX=true the wrapper points the connections at the sandbox container.
 ENTRYPOINT ["/usr/bin/dumb-init", "--", "/opt/airflow/scripts/airflow-entrypoint.sh"]

@@ -14,8 +14,11 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := True
 export GX_ANALYTICS_ENABLED := false
+# Airflow's plugin loader builds pathspec's deprecated GitWildMatchPattern for every .airflowignore
+# line: without this, every task log starts with that DeprecationWarning.
+export PYTHONWARNINGS := ignore:GitWildMatchPattern:DeprecationWarning
 
-.PHONY: help install demo test check up bench lint typecheck format soak lock clean screenshots
+.PHONY: help install demo test check up bench lint typecheck format soak lock clean screenshots chromium
 
 help:
 	@echo "make demo   - install, start the sandbox, run the sync end to end, print a summary"
@@ -26,7 +29,7 @@ help:
 	@echo "make lint   - ruff check and ruff format --check"
 	@echo "make typecheck - mypy, strict, on include/, plugins/ and devtools/"
 	@echo "make soak   - the reliability and security suites with larger batches and more kill points"
-	@echo "make screenshots - optional: retake the UI screenshots in docs/img (needs: apt-get install -y chromium)"
+	@echo "make screenshots - optional: retake the UI screenshots in docs/img (installs Chromium if missing)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -45,7 +48,7 @@ demo: $(STAMP)
 # Two workers, each taking whole test files (module fixtures stay in one process); every test
 # gets its own ports, PostgreSQL database, Redis queue and staging folder.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 check: $(STAMP)
@@ -60,7 +63,12 @@ up: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
-screenshots: $(STAMP)
+# The browser tests (tests/ui) and the screenshots drive a headless Chromium: installed with
+# apt-get when missing on a Debian machine run as root.
+chromium:
+	@scripts/ensure_chromium.sh
+
+screenshots: $(STAMP) chromium
 	$(PY) scripts/screenshots.py
 
 lint: $(STAMP)

@@ -36,6 +36,9 @@ ADMIN_USER = "admin"
 PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"  # noqa: S105 - a file name
 HEALTHY_PARTS = ("metadatabase", "scheduler", "dag_processor", "triggerer")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# As the Makefile exports: keeps pathspec's GitWildMatchPattern deprecation, which Airflow's
+# plugin loader triggers, out of every task log.
+QUIET_WARNINGS = "ignore:GitWildMatchPattern:DeprecationWarning"
 
 
 class DevServerError(RuntimeError):
@@ -59,6 +62,10 @@ class DevServerOptions:
         default_factory=lambda: Path(os.environ.get("AIRFLOW_HOME") or ROOT / ".airflow")
     )
     startup_timeout: float = 300.0
+    # SimpleAuthManager users and roles (`[core] simple_auth_manager_users`), e.g.
+    # "admin:admin,viewer:viewer"; standalone generates each one's password. None: Airflow's
+    # default (one admin), or the environment's AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS.
+    users: str | None = None
 
 
 class DevServer:
@@ -154,10 +161,13 @@ class DevServer:
             }
         )
         env.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "True")
+        if self.options.users:
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = self.options.users
         # LocalExecutor starts one worker process per slot up front (32 by default). The three
         # DAGs run one run at a time of five sequential tasks, so three slots are ever busy.
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
         env.setdefault("GX_ANALYTICS_ENABLED", "false")
+        env.setdefault("PYTHONWARNINGS", QUIET_WARNINGS)
         return env
 
     def _import_connections(self) -> None:
@@ -239,16 +249,17 @@ class DevServer:
             if code is not None:
                 raise DevServerError(f"{name} exited ({code}); see {_shown(log)}")
 
-    def login(self) -> tuple[str, str]:
-        """The admin user and the password `airflow standalone` generated for it."""
+    def login(self, user: str | None = None) -> tuple[str, str]:
+        """A user (by default the admin) and the password `airflow standalone` generated for it."""
         passwords = json.loads(self.password_file.read_text())
         # `[core] simple_auth_manager_users` may name other users than the default admin.
-        user = ADMIN_USER if ADMIN_USER in passwords else next(iter(passwords))
+        if user is None:
+            user = ADMIN_USER if ADMIN_USER in passwords else next(iter(passwords))
         return user, passwords[user]
 
-    def token(self) -> str:
-        """A REST API token for the admin user."""
-        user, password = self.login()
+    def token(self, user: str | None = None) -> str:
+        """A REST API token for a user (by default the admin)."""
+        user, password = self.login(user)
         response = requests.post(
             f"{self.api_url}/auth/token",
             json={"username": user, "password": password},

@@ -1,6 +1,7 @@
 """`python -m crm_sync <command>`: the project's command line.
 
-`check` runs the preflight (`crm_sync.preflight`). The demo and the dev server are developer
+`check` runs the preflight (`crm_sync.preflight`); `alerts check` the stalled check of the
+alerts (for a cron job), `alerts test` sends a test alert through every channel. The demo and the dev server are developer
 tools outside the library: `python -m devtools.demo`, `python -m devtools.devserver`.
 """
 
@@ -37,7 +38,60 @@ def parser() -> argparse.ArgumentParser:
         help="the settings file (default: $CRM_SYNC_SETTINGS or include/config/sync.yaml)",
     )
     check.add_argument("-v", "--verbose", action="store_true", help="log every API call to stderr")
+    alerts = commands.add_parser(
+        "alerts",
+        help="alerts: check for stalled directions (for cron), or send a test alert",
+        description=(
+            "`alerts check` looks at both directions in the state store (crm_sync_state) and "
+            "sends the stalled alert (alerts.stalled_after in sync.yaml) for each direction with "
+            "no successful run for too long, at most once per job_frequency; it prints one row "
+            "per direction and exits 1 when one is stalled. `alerts test` sends a test alert "
+            "through every channel of alerts.channels and exits 1 when one fails."
+        ),
+    )
+    alerts.add_argument("action", choices=["check", "test"])
+    alerts.add_argument(
+        "--settings",
+        type=Path,
+        metavar="PATH",
+        help="the settings file (default: $CRM_SYNC_SETTINGS or include/config/sync.yaml)",
+    )
+    alerts.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     return root
+
+
+def alerts_command(action: str, settings_file: Path | None) -> int:
+    """`python -m crm_sync alerts check|test`: the report on stdout; 1 when stalled or failed,
+    2 when the settings or the state store cannot be used."""
+    from crm_sync import alerts
+    from crm_sync.settings import SettingsError, load_settings
+    from crm_sync.state import StateStore, state_url_from_connection, utcnow
+
+    try:
+        settings = load_settings(settings_file)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if not settings.alerts.channels:
+        print("alerts: no channel in alerts.channels of sync.yaml: nothing is sent")
+    if action == "test":
+        outcome = alerts.send_test(settings)
+        for channel, result in outcome.items():
+            print(f"{channel}: {result}")
+        return 0 if all(result == "sent" for result in outcome.values()) else 1
+    if settings.alerts.stalled_after is None:
+        print("alerts: alerts.stalled_after is null: the stalled check is off")
+        return 0
+    try:
+        store = StateStore.from_url(state_url_from_connection())
+    except Exception as error:
+        print(f"the state store is not reachable: {type(error).__name__}", file=sys.stderr)
+        return 2
+    now = utcnow()
+    statuses = alerts.check_stalled(settings, store, now=now)
+    for status in statuses:
+        print(status.describe(now))
+    return 1 if any(status.stalled for status in statuses) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    if args.command == "alerts":
+        return alerts_command(args.action, args.settings)
     if not args.verbose:
         # A refused login is a row of the report; the hook's own warning line would repeat it.
         logging.getLogger("crm_connectors").setLevel(logging.ERROR)

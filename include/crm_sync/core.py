@@ -52,5 +52,13 @@ STEPS = ("extract", "tag_classify", "map_fields", "validate", "load")
 class CircuitBreakerTripped(Exception):
     """A safety limit stopped the run before any write; the message says how to proceed.
 
-    Retrying cannot change the data that tripped it: the runner fails the task at once.
+    Retrying cannot change the data that tripped it: the runner records the trip (`breaker`:
+    which limit, `let_through`: what lets the run through) and fails the task at once.
     """
+
+    def __init__(
+        self, message: str, *, breaker: str = "mass_change", let_through: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.breaker = breaker
+        self.let_through = let_through

@@ -59,11 +59,18 @@ FIRST_RUN: dict[tuple[Direction, str], FirstRun] = {
 @dataclass(frozen=True)
 class Read:
     """Where one read starts: `since` (None: from the beginning); `skip`: no read at all;
-    `initial`: the stream's first read of everything (the initial sync on first switch-on)."""
+    `initial`: the stream's first read of everything (the initial sync on first switch-on);
+    `mark`: the stored watermark (the newest change the last run read): a row read again in the
+    overlap window before it is not a change since then."""
 
     since: datetime | None
     skip: bool = False
     initial: bool = False
+    mark: datetime | None = None
+
+    def is_new(self, changed_at: datetime | None) -> bool:
+        """Whether a row changed at `changed_at` changed after the last run's newest read."""
+        return self.mark is None or changed_at is None or changed_at > self.mark
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class Cursor:
         """Where this run's read starts (`started`: when the run's extract began)."""
         mark = store.watermark(self.name)
         if mark is not None:
-            return Read(mark.value - self.overlap)
+            return Read(mark.value - self.overlap, mark=mark.value)
         first = self.first_run
         if first is FirstRun.EVERYTHING:
             return Read(None, initial=True)

@@ -31,6 +31,12 @@ def log_counts(title: str, counts: Mapping[str, int]) -> None:
     log.info("\n%s", count_table(title, counts))
 
 
+# How an action reads in the summaries: one word for the quarantine in every step's counts.
+ACTION_LABELS = {"quarantine": "quarantined"}
+
+
 def reason_counts(pairs: Iterable[tuple[str, str]]) -> Counter[str]:
-    """Counts of `action: reason` labels (the reason left out when empty)."""
-    return Counter(f"{action}: {reason}" if reason else action for action, reason in pairs)
+    """Counts of `action: reason` labels (the reason left out when empty); a quarantined record
+    reads `quarantined: <reason>`, as in `validate` and `load`."""
+    labels = ((ACTION_LABELS.get(action, action), reason) for action, reason in pairs)
+    return Counter(f"{label}: {reason}" if reason else label for label, reason in labels)

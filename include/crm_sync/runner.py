@@ -46,23 +46,21 @@ def context_from_airflow(
 
 
 def record_failed_run(context: dict[str, Any]) -> None:
-    """Task failure callback: the run's row in the state store says `failed`, with the step."""
+    """Task failure callback: the run's row in the state store says `failed`, with the step
+    (a run a breaker stopped stays `tripped`); then the alerts of a failed or tripped run."""
     dag_run = context["dag_run"]
     task_id = context["task_instance"].task_id
     try:
         from crm_sync.state import StateStore, state_url_from_connection
 
         store = StateStore.from_url(state_url_from_connection())
-        store.start_run(dag_run.dag_id, dag_run.run_id, dry_run=False)
-        store.finish_run(
-            dag_run.dag_id,
-            dag_run.run_id,
-            status="failed",
-            counts={},
-            plan={"failed_step": task_id},
-        )
+        store.mark_failed(dag_run.dag_id, dag_run.run_id, task_id)
     except Exception:  # the callback must never hide the task's own error
         log.exception("could not record the failed run in the state store")
+    # `breaker_tripped` or `run_failed`, and the stalled check (alerts: in sync.yaml); never raises.
+    from crm_sync.alerts import on_task_failure
+
+    on_task_failure(context)
 
 
 def run_step(
@@ -80,12 +78,29 @@ def run_step(
     except AirflowFailException:
         raise
     except CircuitBreakerTripped as error:
+        _record_trip(step_context, step, error)
         raise CircuitBreakerStop(str(error)) from error
     except Exception as error:
         message = configuration_error(error)
         if message is None:
             raise
         raise AirflowFailException(f"configuration error (not retried): {message}") from error
+
+
+def _record_trip(ctx: StepContext, step: Step, error: CircuitBreakerTripped) -> None:
+    """The run's row says `tripped`, which breaker and what lets it through (for the
+    sync-health page and the alerts); a failure to record it never hides the trip."""
+    try:
+        ctx.store.record_trip(
+            ctx.dag_id,
+            ctx.run_id,
+            step=getattr(step, "__name__", str(step)),
+            breaker=error.breaker,
+            message=str(error),
+            let_through=error.let_through,
+        )
+    except Exception:
+        log.exception("could not record the circuit-breaker trip in the state store")
 
 
 # The connection each service's hooks use by default, for errors raised without a hook's name.

@@ -339,6 +339,136 @@ class Incremental(_Strict):
     deletion_scan_per_run: Annotated[int, Field(ge=0, le=100_000)] = 300
 
 
+_CONN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
+_EMAIL_ADDRESS = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+$")
+
+
+def _conn_id(value: str) -> str:
+    if _CONN_ID.match(value):
+        return value
+    raise ValueError(
+        "name an Airflow connection (letters, digits, '_', '.', '-'): its credentials stay in "
+        "the connection, never in sync.yaml"
+    )
+
+
+class EmailChannel(_Strict):
+    """Alerts by e-mail through an Airflow SMTP connection (`SmtpNotifier`)."""
+
+    type: Literal["email"]
+    conn_id: str = "smtp_default"
+    to: Annotated[tuple[str, ...], Field(min_length=1)]
+    # The sender; None: the connection's `from_email` extra.
+    from_email: str | None = None
+
+    _conn = field_validator("conn_id")(_conn_id)
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            if not _EMAIL_ADDRESS.match(address):
+                raise ValueError(f"'{address}' is not an e-mail address (one address per item)")
+        return value
+
+    @field_validator("from_email")
+    @classmethod
+    def _sender(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL_ADDRESS.match(value):
+            raise ValueError(f"'{value}' is not an e-mail address")
+        return value
+
+    @property
+    def name(self) -> str:
+        """How logs and reports name the channel (`email:smtp_default`)."""
+        return f"{self.type}:{self.conn_id}"
+
+
+class SlackChannel(_Strict):
+    """Alerts to a Slack incoming webhook held by an Airflow connection."""
+
+    type: Literal["slack"]
+    conn_id: str = "slack_webhook_default"
+
+    _conn = field_validator("conn_id")(_conn_id)
+
+    @property
+    def name(self) -> str:
+        """How logs and reports name the channel (`slack:slack_webhook_default`)."""
+        return f"{self.type}:{self.conn_id}"
+
+
+class AppriseChannel(_Strict):
+    """Alerts to the Apprise URLs held by an Airflow connection (its `config` extra)."""
+
+    type: Literal["apprise"]
+    conn_id: str = "apprise_default"
+
+    _conn = field_validator("conn_id")(_conn_id)
+
+    @property
+    def name(self) -> str:
+        """How logs and reports name the channel (`apprise:apprise_default`)."""
+        return f"{self.type}:{self.conn_id}"
+
+
+AlertChannel = Annotated[EmailChannel | SlackChannel | AppriseChannel, Field(discriminator="type")]
+CHANNEL_TYPES = ("email", "slack", "apprise")
+
+
+class Alerts(_Strict):
+    """Who is told, and of what: sent through Airflow's notifiers; no channel, no alert."""
+
+    channels: tuple[AlertChannel, ...] = ()
+    # A run failed (after its retries).
+    run_failed: bool = True
+    # A circuit breaker stopped a run before it wrote.
+    breaker_tripped: bool = True
+    # More than this many records newly quarantined by one run; None: off.
+    quarantine_growth: Annotated[int, Field(ge=0)] | None = None
+    # A direction with no successful run for more than this many times job_frequency; None: off.
+    stalled_after: Annotated[float, Field(ge=1, le=1000)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _channel_types(cls, raw: Any) -> Any:
+        # Checked here, on the raw mapping, so that the errors say what is allowed and never
+        # repeat a value pasted into conn_id (it might be a URL with a password).
+        channels = raw.get("channels") if isinstance(raw, dict) else None
+        if not isinstance(channels, list | tuple):
+            return raw
+        allowed = ", ".join(CHANNEL_TYPES)
+        for index, channel in enumerate(channels):
+            where = f"channels.{index}"
+            if not isinstance(channel, dict):
+                continue
+            kind = channel.get("type")
+            if kind is None:
+                raise ValueError(f"{where}: 'type' is missing; one of {allowed}")
+            if kind not in CHANNEL_TYPES:
+                raise ValueError(f"{where}: type '{kind}' is not a channel type; one of {allowed}")
+            conn_id = channel.get("conn_id")
+            if conn_id is not None and not (isinstance(conn_id, str) and _CONN_ID.match(conn_id)):
+                raise ValueError(
+                    f"{where}.conn_id: name an Airflow connection (letters, digits, '_', '.', "
+                    "'-'): its credentials stay in the connection, never in sync.yaml"
+                )
+        return raw
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Alerts:
+        names = [channel.name for channel in self.channels]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"channels: '{name}' is listed twice")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any alert can be sent (a channel is configured)."""
+        return bool(self.channels)
+
+
 class SyncSettings(_Strict):
     """The whole settings file."""
 
@@ -353,6 +483,7 @@ class SyncSettings(_Strict):
     safety: Safety = Safety()
     incremental: Incremental = Incremental()
     staging: str = "staging"
+    alerts: Alerts = Alerts()
 
     @model_validator(mode="after")
     def _mapping_rules(self) -> SyncSettings:

@@ -159,6 +159,22 @@ object_links = Table(
     UniqueConstraint("kind", "ac_id", name="uq_crm_sync_object_links_ac"),
 )
 
+# Alerts sent (or tried) through the channels of `alerts:` in sync.yaml: what, for which DAG and
+# run, when, and how each channel fared; the newest `sent` row of a kind and DAG throttles the next.
+alerts_log = Table(
+    "crm_sync_alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("dag_id", String(250), nullable=False),
+    Column("run_id", String(250), nullable=True),
+    Column("subject", Text, nullable=False),
+    # `sent` (at least one channel took it) or `failed` (none did: the next chance tries again).
+    Column("status", String(16), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=False),
+    Column("channels", JSON, nullable=False, default=dict),
+)
+
 # Upgrade steps from version N-1 to N, each a list of DDL callables; empty while at version 1.
 UPGRADES: dict[int, list[Any]] = {}
 
@@ -896,6 +912,87 @@ class StateStore:
             ).first()
         return None if row is None else dict(row._mapping)
 
+    def record_trip(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        step: str,
+        breaker: str,
+        message: str,
+        let_through: str,
+    ) -> None:
+        """Record that a circuit breaker stopped the run in `step`: status `tripped`, and in its
+        plan which breaker, its message and what lets the run through."""
+        plan = {
+            "failed_step": step,
+            "breaker": breaker,
+            "message": message,
+            "let_through": let_through,
+        }
+        with self.begin() as connection:
+            found = connection.execute(
+                select(runs.c.id).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
+            ).first()
+            if found is None:
+                connection.execute(
+                    insert(runs).values(
+                        dag_id=dag_id,
+                        run_id=run_id,
+                        dry_run=False,
+                        status="tripped",
+                        started_at=utcnow(),
+                        finished_at=utcnow(),
+                        counts={},
+                        plan=plan,
+                    )
+                )
+            else:
+                connection.execute(
+                    update(runs)
+                    .where(runs.c.id == found.id)
+                    .values(status="tripped", finished_at=utcnow(), plan=plan)
+                )
+
+    def mark_failed(self, dag_id: str, run_id: str, step: str) -> None:
+        """Record that the run failed in `step`; a run a breaker stopped stays `tripped`."""
+        with self.begin() as connection:
+            found = connection.execute(
+                select(runs.c.id, runs.c.status).where(
+                    runs.c.dag_id == dag_id, runs.c.run_id == run_id
+                )
+            ).first()
+            if found is not None and found.status == "tripped":
+                return
+            if found is None:
+                connection.execute(
+                    insert(runs).values(
+                        dag_id=dag_id,
+                        run_id=run_id,
+                        dry_run=False,
+                        status="failed",
+                        started_at=utcnow(),
+                        finished_at=utcnow(),
+                        counts={},
+                        plan={"failed_step": step},
+                    )
+                )
+            else:
+                connection.execute(
+                    update(runs)
+                    .where(runs.c.id == found.id)
+                    .values(status="failed", finished_at=utcnow(), plan={"failed_step": step})
+                )
+
+    def last_breaker_trip(self, dag_ids: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """The row of the newest run a circuit breaker stopped (of these DAGs), or None."""
+        query = select(runs).where(runs.c.status == "tripped")
+        if dag_ids is not None:
+            query = query.where(runs.c.dag_id.in_(list(dag_ids)))
+        with self.begin() as connection:
+            row = connection.execute(query.order_by(runs.c.id.desc()).limit(1)).first()
+        return None if row is None else dict(row._mapping)
+
     # -- for the operational tools (devtools) ---------------------------------------------------
     def last_run_report(self, dag_id: str) -> dict[str, Any] | None:
         """The row of the DAG's most recently recorded run, or None when it never ran."""
@@ -904,6 +1001,96 @@ class StateStore:
                 select(runs).where(runs.c.dag_id == dag_id).order_by(runs.c.id.desc()).limit(1)
             ).first()
         return None if row is None else dict(row._mapping)
+
+    # -- alerts ---------------------------------------------------------------------------------
+    def last_success_finished(self, dag_id: str) -> datetime | None:
+        """When the DAG's newest successful run finished, or None when none did."""
+        query = select(func.max(runs.c.finished_at)).where(
+            runs.c.dag_id == dag_id, runs.c.status == "success"
+        )
+        with self.begin() as connection:
+            return _aware(connection.execute(query).scalar())
+
+    def first_run_started(self, dag_id: str) -> datetime | None:
+        """When the DAG's first recorded run started, or None when it never ran."""
+        query = select(func.min(runs.c.started_at)).where(runs.c.dag_id == dag_id)
+        with self.begin() as connection:
+            return _aware(connection.execute(query).scalar())
+
+    def quarantine_opened_in_run(
+        self, direction: str, dag_id: str, run_id: str
+    ) -> list[tuple[str, str]]:
+        """(record key, reasons) of the open entries of `direction` first seen in this run:
+        records this run put in the quarantine that were never in it before."""
+        with self.begin() as connection:
+            run_started = connection.execute(
+                select(runs.c.started_at).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
+            ).scalar()
+            rows = list(
+                connection.execute(
+                    select(
+                        quarantine.c.record_key, quarantine.c.reason_code, quarantine.c.first_seen
+                    )
+                    .where(
+                        quarantine.c.direction == direction,
+                        quarantine.c.last_run_id == run_id,
+                        quarantine.c.status == "open",
+                    )
+                    .order_by(quarantine.c.id)
+                )
+            )
+        started = _aware(run_started)
+        return [
+            (row.record_key, row.reason_code)
+            for row in rows
+            if started is None or _utc(row.first_seen) >= started
+        ]
+
+    def open_quarantine_count(self, direction: str) -> int:
+        """How many entries of `direction` are open."""
+        query = select(func.count()).where(
+            quarantine.c.direction == direction, quarantine.c.status == "open"
+        )
+        with self.begin() as connection:
+            return int(connection.execute(query).scalar() or 0)
+
+    def last_alert_sent(self, kind: str, dag_id: str) -> datetime | None:
+        """When an alert of `kind` about `dag_id` last reached a channel, or None."""
+        query = select(func.max(alerts_log.c.sent_at)).where(
+            alerts_log.c.kind == kind, alerts_log.c.dag_id == dag_id, alerts_log.c.status == "sent"
+        )
+        with self.begin() as connection:
+            return _aware(connection.execute(query).scalar())
+
+    def record_alert(
+        self,
+        kind: str,
+        dag_id: str,
+        run_id: str | None,
+        *,
+        subject: str,
+        status: str,
+        channels: Mapping[str, str],
+    ) -> None:
+        """Log an alert: `status` `sent` or `failed`, `channels`: each channel's outcome."""
+        with self.begin() as connection:
+            connection.execute(
+                insert(alerts_log).values(
+                    kind=kind,
+                    dag_id=dag_id,
+                    run_id=run_id,
+                    subject=subject,
+                    status=status,
+                    sent_at=utcnow(),
+                    channels=dict(channels),
+                )
+            )
+
+    def alerts_logged(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest logged alerts, newest first."""
+        query = select(alerts_log).order_by(alerts_log.c.id.desc()).limit(limit)
+        with self.begin() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
 
 
 def _waiting(direction: str, started: float, wait: float) -> None:

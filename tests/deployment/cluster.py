@@ -195,6 +195,7 @@ class AirflowCluster:
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
                 "CRM_SYNC_STAGING": str(self.staging),
                 "GX_ANALYTICS_ENABLED": "false",
+                "PYTHONWARNINGS": "ignore:GitWildMatchPattern:DeprecationWarning",
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")])
                 ),

@@ -75,7 +75,7 @@ def test_a_manual_initial_sync_starts_the_first_run_from_now(tmp_path: Path) -> 
     assert tagged.read(db, T0) == Read(None, initial=True)
     # Once there is a watermark the setting no longer matters.
     leads.advance(db, T0, T0)
-    assert leads.read(db, T0) == Read(T0 - timedelta(minutes=OVERLAP))
+    assert leads.read(db, T0) == Read(T0 - timedelta(minutes=OVERLAP), mark=T0)
     assert not leads.read(db, T0).initial
 
 
@@ -84,9 +84,10 @@ def test_later_runs_start_at_the_watermark_minus_the_overlap(tmp_path: Path) -> 
     for direction, stream in FIRST_RUN:
         stream_cursor = cursor(direction, stream, OVERLAP)
         stream_cursor.advance(db, T0, T0 + timedelta(hours=1))
-        assert stream_cursor.read(db, T0 + timedelta(days=1)) == Read(
-            T0 - timedelta(minutes=OVERLAP)
-        )
+        later = stream_cursor.read(db, T0 + timedelta(days=1))
+        assert later == Read(T0 - timedelta(minutes=OVERLAP), mark=T0)
+        # A row changed at the watermark was read by the last run; one after it is a change.
+        assert not later.is_new(T0) and later.is_new(T0 + timedelta(seconds=1))
 
 
 def test_nothing_read_on_a_first_run_leaves_the_watermark_at_the_start(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ def test_each_refused_row_keeps_its_own_reason() -> None:
     )
     assert classified["action"].tolist() == ["quarantine", "update_lead", "quarantine"]
     assert action_summary(classified) == {
-        "quarantine: duplicate_email": 1,
+        "quarantined: duplicate_email": 1,
         "update_lead": 1,
-        "quarantine: ambiguous_email": 1,
+        "quarantined: ambiguous_email": 1,
     }
 
 

@@ -12,7 +12,7 @@ from crm_sync.classify import attach_links, classify_for_dynamics
 from crm_sync.context import StepContext
 from crm_sync.cursors import TAGGED, UPDATED
 from crm_sync.flows import common, deletions, objects
-from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader
+from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader, parse_ac_time
 from crm_sync.flows.dataverse import DataverseLoader, rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
 from crm_sync.mapping import MappedField, expand_synced, fields_towards, plan_writes
@@ -112,9 +112,13 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     meta["watermarks"].update(object_marks)
     meta["initial_sync"] = object_initial
     ctx.staging.write_json("extract", "meta", meta)
+    new_updates, updates_again = common.new_and_again(
+        update_read, (parse_ac_time(c.get("udate")) for c in updated)
+    )
     counts = {
         "newly tagged": len(tagged_ids),
-        "updated in AC": len(updated),
+        "updated in AC": new_updates,
+        "updates read again (overlap window)": updates_again,
         "retried from quarantine": len(quarantined),
         "contacts read": len(contacts),
         "linked": len(links),

@@ -237,7 +237,12 @@ def extract(
         dv = pd.concat([changed, again], ignore_index=True).drop_duplicates("dataverse_id")
         ac = _ac_accounts(ctx) if not dv.empty else AC_ACCOUNTS.empty()
         newest = changed["dv_modified_at"].max() if not changed.empty else None
-        counts = {label or "accounts changed": len(changed), "AC accounts read": len(ac)}
+        new, again = common.new_and_again(read, changed["dv_modified_at"])
+        counts = {
+            label or "accounts changed": len(changed) if label else new,
+            "accounts read again (overlap window)": 0 if label else again,
+            "AC accounts read": len(ac),
+        }
     else:
         every = _ac_accounts(ctx)
         since = read.since
@@ -265,8 +270,10 @@ def extract(
             # AC accounts with no link: matched by name against every active Dynamics account.
             dv = pd.concat([dv, _dv_active(ctx)], ignore_index=True).drop_duplicates("dataverse_id")
         newest = every.loc[changed_mask, "ac_updated_at"].max() if changed_mask.any() else None
+        new, again = common.new_and_again(read, every.loc[changed_mask, "ac_updated_at"])
         counts = {
-            label or "AC accounts changed": int(changed_mask.sum()),
+            label or "AC accounts changed": int(changed_mask.sum()) if label else new,
+            "AC accounts read again (overlap window)": 0 if label else again,
             "Dynamics accounts read": len(dv),
         }
     # A quarantined account deleted since (or out of the criteria now) no longer waits.

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from crm_sync import alerts
 from crm_sync.context import StepContext
 from crm_sync.core import CircuitBreakerTripped
 from crm_sync.cursors import Cursor, Read, backfill_read, cursor_named
@@ -136,7 +137,13 @@ def check_quarantine_share(
             f"{failed} of {total} records ({failed / total:.0%}) failed validation, above the "
             f"limit of {limit:.0%} (safety.max_quarantine_share). Nothing was written. The "
             "failures by reason are in the table above: fix the source data or the mapping and "
-            "trigger the DAG again (or raise the limit in sync.yaml)."
+            "trigger the DAG again (or raise the limit in sync.yaml).",
+            breaker="quarantine_share",
+            let_through=(
+                "fix the source data or the mapping so that fewer records fail validation, or "
+                f"raise safety.max_quarantine_share (now {limit:.0%}) in sync.yaml; then "
+                "trigger the DAG again"
+            ),
         )
 
 
@@ -192,7 +199,12 @@ def check_mass_change(
             return
         raise CircuitBreakerTripped(
             f"{message} {written} Check the plan (trigger with dry_run=true), then "
-            "trigger the DAG with confirm_mass_change=true to let it through."
+            "trigger the DAG with confirm_mass_change=true to let it through.",
+            breaker="mass_change",
+            let_through=(
+                "check the plan (trigger with dry_run=true), then trigger the DAG with "
+                "confirm_mass_change=true"
+            ),
         )
 
 
@@ -240,7 +252,7 @@ def merge_counts(*parts: Mapping[str, int] | Iterable[tuple[str, int]]) -> dict[
 
 
 NOT_WRITTEN = (Action.NOT_ELIGIBLE.value, Action.QUARANTINE.value)
-QUARANTINE_PREFIXES = ("quarantine:", "quarantined:")
+QUARANTINE_PREFIXES = ("quarantined:",)
 
 
 def plan_counts(mapped: pd.DataFrame, decided: pd.DataFrame, **extra: int) -> dict[str, int]:
@@ -353,6 +365,16 @@ def stream_read(ctx: StepContext, stream: str, started: datetime) -> tuple[Curso
     return cursor, cursor.read(ctx.store, started)
 
 
+def new_and_again(read: Read, changed_at: Iterable[Any]) -> tuple[int, int]:
+    """Of the rows a read returned (their change times), how many changed after the last run's
+    newest read, and how many were read again in the overlap window (in case a change committed
+    late): the extract reports the first as changes."""
+    stamps = [None if t is None or pd.isna(t) else pd.Timestamp(t) for t in changed_at]
+    stamps = [t.tz_localize("UTC") if t is not None and t.tzinfo is None else t for t in stamps]
+    new = sum(read.is_new(t) for t in stamps)
+    return new, len(stamps) - new
+
+
 def advance_cursors(ctx: StepContext, meta: Mapping[str, Any]) -> None:
     """Move each watermark the extract read (`meta["watermarks"]`: name -> newest row read)."""
     started = datetime.fromisoformat(meta["started"])
@@ -432,5 +454,6 @@ def run_load(
         totals["already written by another run"] = len(done)
     ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="success", counts=totals)
     log_step("load: run totals", totals)
+    alerts.after_run(ctx)  # quarantine growth and stalled directions; never raises
     staging.clean_up()
     return {"counts": totals}

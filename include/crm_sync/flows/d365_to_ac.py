@@ -143,7 +143,9 @@ def _changed_rows(
             initial.append(entity.value)
             counts[f"{entity.entity_set} read for the initial sync (first run)"] = len(changed)
         else:
-            counts[f"{entity.entity_set} changed"] = len(changed)
+            new, again = common.new_and_again(read, changed["dv_modified_at"])
+            counts[f"{entity.entity_set} changed"] = new
+            counts[f"{entity.entity_set} read again (overlap window)"] = again
         counts[f"{entity.entity_set} retried from quarantine"] = len(retried)
     return common.concat(DV_CHANGED, frames), marks, counts, initial
 

@@ -476,12 +476,15 @@ def extract(
     ctx.staging.write(OPPORTUNITIES, frame)
     ctx.staging.write_json("extract", META, {"initial": read.initial})
     newest = pd.to_datetime(pd.Series([r.get("modifiedon") for r in changed]), utc=True).max()
-    label = (
-        "opportunities read for the initial sync (first run)"
-        if read.initial
-        else "opportunities changed"
-    )
-    counts = {label: len(changed), "opportunities retried from quarantine": len(retried)}
+    if read.initial:
+        counts = {"opportunities read for the initial sync (first run)": len(changed)}
+    else:
+        new, again = common.new_and_again(read, (r.get("modifiedon") for r in changed))
+        counts = {
+            "opportunities changed": new,
+            "opportunities read again (overlap window)": again,
+        }
+    counts["opportunities retried from quarantine"] = len(retried)
     mark = newest.isoformat() if changed and not pd.isna(newest) else None
     return counts, {cursor.name: mark}, [KIND] if read.initial else []
 

@@ -1,0 +1,380 @@
+"""The "CRM sync" page in the Airflow UI: sync health, the quarantine, and retrying it.
+
+An Airflow plugin: a FastAPI app that the API server mounts at `/crm-sync`, and a nav entry
+(`external_views`) that shows it inside Airflow's UI at `/plugin/crm-sync`. It signs in with
+Airflow's own authentication (the UI's `_token` cookie or a Bearer token): reading needs read
+access (GET) to the three sync DAGs, retrying needs edit access (PUT) to them. The reads and the
+retry write are in `crm_sync.health`; this module adds what Airflow knows (paused, next run).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+
+URL_PREFIX = "/crm-sync"
+MAX_ROWS_SHOWN = 500
+TEMPLATES = "health_templates"  # next to crm_sync.health
+
+log = logging.getLogger("crm_sync.health")
+app = FastAPI(title="CRM sync health", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class NotSignedIn(Exception):
+    """No valid Airflow token came with a page request: send the browser to the login page."""
+
+
+class RetryRequest(BaseModel):
+    """Which open quarantine entries to retry: these ids, or every entry with a reason."""
+
+    entry_ids: list[int] = Field(default_factory=list, max_length=10_000)
+    reason: str | None = Field(default=None, max_length=64)
+    direction: str | None = Field(default=None, max_length=64)
+
+
+@dataclass(frozen=True)
+class Access:
+    """The signed-in user and what they may do with the sync DAGs."""
+
+    user: Any
+    can_edit: bool
+
+
+# -- authentication and permissions ----------------------------------------------------------------
+def _allowed(user: Any, method: Literal["GET", "PUT"]) -> bool:
+    """Whether the auth manager lets `user` do `method` on all three sync DAGs."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+    from airflow.models.dag import DagModel
+    from crm_sync.health import DAG_IDS
+
+    manager = get_auth_manager()
+    return all(
+        manager.is_authorized_dag(
+            method=method,
+            details=DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id)),
+            user=user,
+        )
+        for dag_id in DAG_IDS
+    )
+
+
+async def _signed_in(request: Request) -> Any:
+    """The user of the request's Bearer token or `_token` cookie (Airflow's own `get_user`)."""
+    from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
+
+    credentials = await bearer_scheme(request)
+    return await get_user(request, None, credentials)
+
+
+async def reader(request: Request) -> Access:
+    """A user who may read the sync DAGs; 401 (pages: the login page) or 403 otherwise."""
+    try:
+        user = await _signed_in(request)
+    except HTTPException as error:
+        if request.method == "GET" and request.url.path.rstrip("/").endswith(URL_PREFIX):
+            raise NotSignedIn from error
+        raise
+    if not _allowed(user, "GET"):
+        raise HTTPException(403, "reading the CRM sync page needs read access to the sync DAGs")
+    return Access(user, _allowed(user, "PUT"))
+
+
+async def editor(access: Annotated[Access, Depends(reader)]) -> Access:
+    """A user who may edit the sync DAGs; 403 for one who may only read them."""
+    if not access.can_edit:
+        raise HTTPException(403, "retrying needs edit access to the sync DAGs")
+    return access
+
+
+@app.exception_handler(NotSignedIn)
+async def _to_login(request: Request, _error: NotSignedIn) -> Response:
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), 303)
+
+
+# -- what the page reads ---------------------------------------------------------------------------
+@functools.cache
+def _store_for(url: str) -> Any:
+    from crm_sync.state import StateStore
+
+    return StateStore.from_url(url)
+
+
+def store() -> Any:
+    """The state store of the `crm_sync_state` connection (one engine per URL and process)."""
+    from crm_sync.state import state_url_from_connection
+
+    return _store_for(state_url_from_connection())
+
+
+def _host(conn_id: str) -> str | None:
+    """The base URL of a connection's host; nothing else of the connection is read."""
+    from airflow.sdk import BaseHook
+    from crm_sync.health import base_url
+
+    try:
+        return base_url(BaseHook.get_connection(conn_id).host)
+    except Exception:  # a missing connection: the page shows ids without links
+        return None
+
+
+def dag_states() -> dict[str, dict[str, Any]]:
+    """Paused, schedule, next run and active runs of each sync DAG, from Airflow's metadata DB."""
+    from airflow.models.dag import DagModel
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from crm_sync.health import DAG_IDS
+    from sqlalchemy import func, select
+
+    states: dict[str, dict[str, Any]] = {}
+    with create_session() as session:
+        for dag in session.scalars(select(DagModel).where(DagModel.dag_id.in_(DAG_IDS))):
+            states[dag.dag_id] = {
+                "paused": bool(dag.is_paused),
+                "schedule": dag.timetable_description or dag.timetable_summary,
+                "next_run": dag.next_dagrun_create_after,
+                "active_runs": 0,
+            }
+        active = (
+            select(DagRun.dag_id, func.count())
+            .where(
+                DagRun.dag_id.in_(DAG_IDS),
+                DagRun.state.in_([DagRunState.QUEUED, DagRunState.RUNNING]),
+            )
+            .group_by(DagRun.dag_id)
+        )
+        for dag_id, count in session.execute(active):
+            if dag_id in states:
+                states[dag_id]["active_runs"] = int(count)
+    return states
+
+
+# -- formatting ------------------------------------------------------------------------------------
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(abs(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def _ago(value: datetime | None, now: datetime) -> str:
+    return f"{_span(now - value)} ago" if value else ""
+
+
+def _next_run_text(state: dict[str, Any] | None, now: datetime) -> str:
+    if state is None:
+        return "not parsed yet"
+    if state["paused"]:
+        return "will not run: paused"
+    when: datetime | None = state["next_run"]
+    if when is None:
+        return "only when triggered"
+    if when <= now:
+        return "runs now (due)"
+    return f"next run in {_span(when - now)} ({_when(when)} UTC)"
+
+
+def _filters(request: Request) -> Any:
+    from crm_sync.health import DIRECTIONS, QuarantineFilter
+
+    params = request.query_params
+    direction = params.get("direction") or None
+    return QuarantineFilter(
+        direction=direction if direction in DIRECTIONS else None,
+        reason=(params.get("reason") or "")[:64] or None,
+        search=(params.get("q") or "")[:128] or None,
+    )
+
+
+@functools.cache
+def _template() -> Any:
+    from crm_sync import health
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    folder = Path(health.__file__).resolve().parent / TEMPLATES
+    environment = Environment(
+        loader=FileSystemLoader(folder), autoescape=select_autoescape(["html"])
+    )
+    return environment.get_template("health.html")
+
+
+# -- routes --------------------------------------------------------------------------------------
+@app.get("/", response_class=HTMLResponse)
+def page(request: Request, access: Annotated[Access, Depends(reader)]) -> HTMLResponse:
+    """The sync-health page."""
+    from urllib.parse import urlencode
+
+    from crm_sync import health
+
+    now = datetime.now(UTC)
+    state = store()
+    states = dag_states()
+    filters = _filters(request)
+    ac_base, dv_base = _host("activecampaign_default"), _host("dynamics365_default")
+    root = request.scope.get("root_path", "").rstrip("/")
+    marks = [
+        {
+            "name": m.name,
+            "direction": m.direction,
+            "stream": m.name.removeprefix(f"{m.direction}:"),
+            "value": _when(m.value),
+            "age": _ago(m.updated_at, now),
+        }
+        for m in health.watermark_ages(state, now)
+    ]
+    dags = []
+    for dag_id in health.DAG_IDS:
+        dag_state = states.get(dag_id)
+        dags.append(
+            {
+                "dag_id": dag_id,
+                "direction": dag_id in health.DIRECTIONS,
+                "paused": None if dag_state is None else dag_state["paused"],
+                "schedule": None if dag_state is None else dag_state["schedule"],
+                "active_runs": 0 if dag_state is None else dag_state["active_runs"],
+                "next_run_text": _next_run_text(dag_state, now),
+                "watermarks": [m for m in marks if m["direction"] == dag_id],
+                "runs": [
+                    {
+                        "run_id": run.run_id,
+                        "status": run.status,
+                        "dry_run": run.dry_run,
+                        "started": _when(run.started_at),
+                        "took": _span(run.duration) if run.duration is not None else "",
+                        "counts": sorted((k, v) for k, v in run.counts.items() if v),
+                    }
+                    for run in health.recent_runs(state, dag_id)
+                ],
+            }
+        )
+    trip = health.last_breaker_trip(state, health.DAG_IDS)
+    rows = health.open_quarantine(state, filters)
+    query = {k: v for k, v in request.query_params.items() if k in ("direction", "reason", "q")}
+    retried = request.query_params.get("retried")
+    context = {
+        "now": _when(now),
+        "root": root,
+        "airflow_base": root.removesuffix(URL_PREFIX),
+        "can_edit": access.can_edit,
+        "flash": (
+            f"{int(retried)} quarantined entr{'y' if retried == '1' else 'ies'} marked for retry: "
+            "the next run of its direction tries them again."
+            if retried and retried.isdigit()
+            else ""
+        ),
+        "dags": dags,
+        "trip": trip
+        and {
+            "dag_id": trip.dag_id,
+            "run_id": trip.run_id,
+            "when": _when(trip.finished_at or trip.started_at),
+            "ago": _ago(trip.finished_at or trip.started_at, now),
+            "step": (trip.plan or {}).get("failed_step", ""),
+            "breaker": (trip.plan or {}).get("breaker", ""),
+            "message": (trip.plan or {}).get("message", ""),
+            "let_through": (trip.plan or {}).get("let_through", ""),
+        },
+        "other_watermarks": [m for m in marks if m["direction"] not in health.DIRECTIONS],
+        "directions": health.DIRECTIONS,
+        "reasons": health.quarantine_reasons(state),
+        "filters": filters,
+        "filtered": bool(query),
+        "csv_url": f"{root}/quarantine.csv" + (f"?{urlencode(query)}" if query else ""),
+        "truncated": len(rows) > MAX_ROWS_SHOWN,
+        "quarantine": [
+            {
+                "id": q.id,
+                "record_key": q.record_key,
+                "direction_short": "→ Dynamics 365"
+                if q.direction == "activecampaign_to_dynamics365"
+                else "→ ActiveCampaign",
+                "reasons": q.reasons,
+                "email": q.email,
+                "kind": q.kind,
+                "dataverse_id": q.dataverse_id,
+                "ac_id": q.ac_id,
+                "dv_url": health.dynamics_record_url(dv_base, q.kind, q.dataverse_id),
+                "ac_url": health.ac_record_url(ac_base, q.kind, q.ac_id),
+                "first_seen": _when(q.first_seen),
+                "last_seen": _when(q.last_seen),
+                "attempts": q.attempts,
+                "message": q.message,
+                "retry_pending": q.retry_pending,
+            }
+            for q in rows[:MAX_ROWS_SHOWN]
+        ],
+    }
+    return HTMLResponse(_template().render(**context), headers={"Cache-Control": "no-store"})
+
+
+@app.get("/quarantine.csv")
+def quarantine_csv(request: Request, _access: Annotated[Access, Depends(reader)]) -> Response:
+    """The (filtered) open quarantine as CSV, emails masked."""
+    from crm_sync import health
+
+    rows = health.open_quarantine(store(), _filters(request))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Response(
+        health.quarantine_csv(rows),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="crm-sync-quarantine-{stamp}.csv"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+@app.post("/api/retry")
+def retry(body: RetryRequest, _access: Annotated[Access, Depends(editor)]) -> dict[str, Any]:
+    """Mark open entries for retry by the next run of their direction (JSON body only: a
+    cross-site form cannot send one)."""
+    from crm_sync import health
+
+    if not body.entry_ids and not body.reason:
+        raise HTTPException(422, "name entry_ids or a reason")
+    if body.direction and body.direction not in health.DIRECTIONS:
+        raise HTTPException(422, f"direction must be one of {', '.join(health.DIRECTIONS)}")
+    marked = health.retry(
+        store(), entry_ids=body.entry_ids, reason=body.reason, direction=body.direction
+    )
+    # Ids and reasons only: the record keys and who asked stay out of the log.
+    log.info(
+        "sync-health: %d quarantine entries marked for retry (%d ids named, reason %s, direction %s)",
+        marked,
+        len(body.entry_ids),
+        body.reason or "-",
+        body.direction or "all",
+    )
+    return {"marked": marked}
+
+
+class CrmSyncHealthPlugin(AirflowPlugin):
+    """Registers the app and its nav entry."""
+
+    name = "crm_sync_health"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "CRM sync health"}]
+    external_views = [
+        {
+            "name": "CRM sync",
+            "href": f"{URL_PREFIX}/",
+            "destination": "nav",
+            "url_route": "crm-sync",
+        }
+    ]
