@@ -10,7 +10,10 @@ retry write are in `crm_sync.health`; this module adds what Airflow knows (pause
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,11 +21,17 @@ from typing import Annotated, Any, Literal
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, Field
 
 URL_PREFIX = "/crm-sync"
-MAX_ROWS_SHOWN = 500
+STATE_CONN_ID = "crm_sync_state"  # as crm_sync.state.STATE_CONN_ID
 TEMPLATES = "health_templates"  # next to crm_sync.health
 
 log = logging.getLogger("crm_sync.health")
@@ -33,12 +42,19 @@ class NotSignedIn(Exception):
     """No valid Airflow token came with a page request: send the browser to the login page."""
 
 
+class StateStoreUnavailable(Exception):
+    """The state store cannot be read: no `crm_sync_state` connection, or no answer from the
+    database it names. The message says which, and holds no secret."""
+
+
 class RetryRequest(BaseModel):
-    """Which open quarantine entries to retry: these ids, or every entry with a reason."""
+    """Which open quarantine entries to retry: these ids, or every entry with a reason that the
+    page's filters show (of `direction`, matching `q`, as the page's query parameters)."""
 
     entry_ids: list[int] = Field(default_factory=list, max_length=10_000)
     reason: str | None = Field(default=None, max_length=64)
     direction: str | None = Field(default=None, max_length=64)
+    q: str | None = Field(default=None, max_length=128)
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,24 @@ async def _to_login(request: Request, _error: NotSignedIn) -> Response:
     return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), 303)
 
 
+@app.exception_handler(StateStoreUnavailable)
+async def _unavailable(request: Request, error: StateStoreUnavailable) -> Response:
+    """503: a readable page for the page, JSON for the CSV and the retry API."""
+    headers = {"Cache-Control": "no-store", "Retry-After": "60"}
+    if request.url.path.endswith(("/quarantine.csv", "/api/retry")):
+        return JSONResponse({"detail": str(error)}, 503, headers=headers)
+    root = request.scope.get("root_path", "").rstrip("/")
+    return HTMLResponse(unavailable_page(str(error), root), 503, headers=headers)
+
+
+def unavailable_page(message: str, root: str = "") -> str:
+    """The page shown instead of the sync-health page while the state store cannot be read."""
+    html: str = _template("unavailable.html").render(
+        message=message, root=root, conn_id=STATE_CONN_ID, now=_when(datetime.now(UTC))
+    )
+    return html
+
+
 # -- what the page reads ---------------------------------------------------------------------------
 @functools.cache
 def _store_for(url: str) -> Any:
@@ -112,10 +146,88 @@ def _store_for(url: str) -> Any:
 
 
 def store() -> Any:
-    """The state store of the `crm_sync_state` connection (one engine per URL and process)."""
+    """The state store of the `crm_sync_state` connection (one engine per URL and process);
+    `StateStoreUnavailable` when there is no such connection or its database does not answer."""
     from crm_sync.state import state_url_from_connection
 
-    return _store_for(state_url_from_connection())
+    try:
+        url = state_url_from_connection(STATE_CONN_ID)
+    except Exception as error:
+        raise StateStoreUnavailable(_connection_problem(error)) from error
+    with _reading(url):
+        return _store_for(url)
+
+
+def _connection_problem(error: Exception) -> str:
+    """Why the `crm_sync_state` connection gives no URL (its own values stay out)."""
+    if type(error).__name__ == "AirflowNotFoundException":
+        return (
+            f"The Airflow connection '{STATE_CONN_ID}' is not defined: the page reads the sync "
+            "state store through it. Add it (Admin > Connections, or an "
+            f"AIRFLOW_CONN_{STATE_CONN_ID.upper()} variable) as the sync DAGs have it."
+        )
+    if isinstance(error, ValueError) and str(error).startswith(f"connection '{STATE_CONN_ID}':"):
+        # state_url_from_connection's own message, which holds none of the connection's values
+        return f"The Airflow connection '{STATE_CONN_ID}' cannot be used: {error}"
+    return (
+        f"The Airflow connection '{STATE_CONN_ID}' could not be read "
+        f"({type(error).__name__}): the page reads the sync state store through it."
+    )
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password (and without anything when it does not parse)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(a URL that does not parse)"
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` with the URL's password (raw and quoted) replaced by ***."""
+    from urllib.parse import quote, unquote
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    secrets = {str(password), quote(str(password), safe=""), unquote(str(password))}
+    for secret in sorted(secrets - {"", "None"}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+@contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """Turn a database that does not answer (or a URL SQLAlchemy cannot use) into
+    `StateStoreUnavailable`, naming the database without its password."""
+    from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
+
+    try:
+        yield
+    except (OperationalError, InterfaceError) as error:
+        lines = str(error.orig).strip().splitlines()
+        why = f"{type(error.orig).__name__}: {_scrub(lines[0], url)}" if lines else "no answer"
+        raise StateStoreUnavailable(
+            f"The sync state store of the Airflow connection '{STATE_CONN_ID}' "
+            f"({_safe_url(url)}) is not reachable: {why}"
+        ) from error
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise StateStoreUnavailable(
+            f"The Airflow connection '{STATE_CONN_ID}' does not hold a database URL SQLAlchemy "
+            f"can use ({_safe_url(url)}, {type(error).__name__})."
+        ) from error
+
+
+@contextmanager
+def _state(state: Any) -> Iterator[Any]:
+    """`_reading` for a store already open: its database stopped answering."""
+    with _reading(state.engine.url.render_as_string(hide_password=False)):
+        yield state
 
 
 def _host(conn_id: str) -> str | None:
@@ -204,7 +316,7 @@ def _filters(request: Request) -> Any:
 
 
 @functools.cache
-def _template() -> Any:
+def _template(name: str = "health.html") -> Any:
     from crm_sync import health
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -212,21 +324,45 @@ def _template() -> Any:
     environment = Environment(
         loader=FileSystemLoader(folder), autoescape=select_autoescape(["html"])
     )
-    return environment.get_template("health.html")
+    return environment.get_template(name)
+
+
+def _scope_text(filters: Any) -> str:
+    """The filters besides the reason, in words: what a whole-reason retry also keeps to."""
+    parts = []
+    if filters.direction:
+        parts.append(f"of {filters.direction}")
+    if filters.search:
+        parts.append(f"whose record id contains “{filters.search}”")
+    return " ".join(parts)
 
 
 # -- routes --------------------------------------------------------------------------------------
 @app.get("/", response_class=HTMLResponse)
 def page(request: Request, access: Annotated[Access, Depends(reader)]) -> HTMLResponse:
-    """The sync-health page."""
+    """The sync-health page (503 with the reason while the state store cannot be read)."""
+    now = datetime.now(UTC)
+    state = store()
+    states = dag_states()  # Airflow's metadata DB: its errors stay Airflow's
+    filters = _filters(request)
+    with _state(state):
+        return _page(request, access, state, states, filters, now)
+
+
+def _page(
+    request: Request,
+    access: Access,
+    state: Any,
+    states: dict[str, dict[str, Any]],
+    filters: Any,
+    now: datetime,
+) -> HTMLResponse:
+    """The page, from a store that answers (`page` checked it)."""
     from urllib.parse import urlencode
 
     from crm_sync import health
+    from crm_sync.records import RECHECKED_EVERY_RUN
 
-    now = datetime.now(UTC)
-    state = store()
-    states = dag_states()
-    filters = _filters(request)
     ac_base, dv_base = _host("activecampaign_default"), _host("dynamics365_default")
     root = request.scope.get("root_path", "").rstrip("/")
     marks = [
@@ -265,7 +401,8 @@ def page(request: Request, access: Annotated[Access, Depends(reader)]) -> HTMLRe
             }
         )
     trip = health.last_breaker_trip(state, health.DAG_IDS)
-    rows = health.open_quarantine(state, filters)
+    shown = health.quarantine_page(state, filters)
+    reasons = health.quarantine_reasons(state)
     query = {k: v for k, v in request.query_params.items() if k in ("direction", "reason", "q")}
     retried = request.query_params.get("retried")
     context = {
@@ -293,11 +430,15 @@ def page(request: Request, access: Annotated[Access, Depends(reader)]) -> HTMLRe
         },
         "other_watermarks": [m for m in marks if m["direction"] not in health.DIRECTIONS],
         "directions": health.DIRECTIONS,
-        "reasons": health.quarantine_reasons(state),
+        "reasons": reasons,
+        "rechecked": sorted(RECHECKED_EVERY_RUN),
+        "retry_reasons": [r for r in reasons if r not in RECHECKED_EVERY_RUN],
+        "scope": _scope_text(filters),
         "filters": filters,
         "filtered": bool(query),
         "csv_url": f"{root}/quarantine.csv" + (f"?{urlencode(query)}" if query else ""),
-        "truncated": len(rows) > MAX_ROWS_SHOWN,
+        "total": shown.total,
+        "truncated": shown.truncated,
         "quarantine": [
             {
                 "id": q.id,
@@ -317,8 +458,9 @@ def page(request: Request, access: Annotated[Access, Depends(reader)]) -> HTMLRe
                 "attempts": q.attempts,
                 "message": q.message,
                 "retry_pending": q.retry_pending,
+                "retried_every_run": q.retried_every_run,
             }
-            for q in rows[:MAX_ROWS_SHOWN]
+            for q in shown.rows
         ],
     }
     return HTMLResponse(_template().render(**context), headers={"Cache-Control": "no-store"})
@@ -326,13 +468,17 @@ def page(request: Request, access: Annotated[Access, Depends(reader)]) -> HTMLRe
 
 @app.get("/quarantine.csv")
 def quarantine_csv(request: Request, _access: Annotated[Access, Depends(reader)]) -> Response:
-    """The (filtered) open quarantine as CSV, emails masked."""
+    """The (filtered) open quarantine as CSV, emails masked: streamed, a chunk of entries at a
+    time (the first is read before answering, so a store that does not answer gives a 503)."""
     from crm_sync import health
 
-    rows = health.open_quarantine(store(), _filters(request))
+    state = store()
+    with _state(state):
+        pieces = health.quarantine_csv_chunks(state, _filters(request))
+        first = next(pieces)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Response(
-        health.quarantine_csv(rows),
+    return StreamingResponse(
+        itertools.chain([first], pieces),
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="crm-sync-quarantine-{stamp}.csv"',
@@ -351,16 +497,25 @@ def retry(body: RetryRequest, _access: Annotated[Access, Depends(editor)]) -> di
         raise HTTPException(422, "name entry_ids or a reason")
     if body.direction and body.direction not in health.DIRECTIONS:
         raise HTTPException(422, f"direction must be one of {', '.join(health.DIRECTIONS)}")
-    marked = health.retry(
-        store(), entry_ids=body.entry_ids, reason=body.reason, direction=body.direction
-    )
-    # Ids and reasons only: the record keys and who asked stay out of the log.
+    search = (body.q or "").strip() or None
+    state = store()
+    with _state(state):
+        marked = health.retry(
+            state,
+            entry_ids=body.entry_ids,
+            reason=body.reason,
+            direction=body.direction,
+            search=search,
+        )
+    # Ids and reasons only: the record keys, the search and who asked stay out of the log.
     log.info(
-        "sync-health: %d quarantine entries marked for retry (%d ids named, reason %s, direction %s)",
+        "sync-health: %d quarantine entries marked for retry "
+        "(%d ids named, reason %s, direction %s, %s)",
         marked,
         len(body.entry_ids),
         body.reason or "-",
         body.direction or "all",
+        "filtered by record id" if search else "no record-id filter",
     )
     return {"marked": marked}
 

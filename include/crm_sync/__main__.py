@@ -88,10 +88,28 @@ def alerts_command(action: str, settings_file: Path | None) -> int:
         print(f"the state store is not reachable: {type(error).__name__}", file=sys.stderr)
         return 2
     now = utcnow()
-    statuses = alerts.check_stalled(settings, store, now=now)
+    paused = paused_dags()
+    if paused is None:
+        print("alerts: Airflow's metadata database is not reachable: a paused DAG is checked too")
+    statuses = alerts.check_stalled(settings, store, paused=paused or (), now=now)
     for status in statuses:
         print(status.describe(now))
     return 1 if any(status.stalled for status in statuses) else 0
+
+
+def paused_dags() -> set[str] | None:
+    """The DAGs paused in Airflow (the global switch: a paused direction is not stalled), read
+    from its metadata database; None when it cannot be read (not an Airflow host)."""
+    try:
+        from airflow.models.dag import DagModel
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            return set(session.scalars(select(DagModel.dag_id).where(DagModel.is_paused)))
+    except Exception as error:
+        logging.getLogger("crm_sync").warning("paused DAGs not read: %s", type(error).__name__)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,12 @@ Four events: a run failed (after its retries), a circuit breaker tripped, a run 
 more than `quarantine_growth` records, a direction had no successful run for more than
 `stalled_after` times its frequency. Where each is evaluated:
 
-- `on_task_failure`: the task failure callback (`runner.record_failed_run`): the run's row says
-  `tripped` -> `breaker_tripped`, else `run_failed`; then the stalled check;
-- `after_run`: the end of a successful run (`flows.common.run_load`): the quarantine growth, then
-  the stalled check;
-- `check_stalled`: also `python -m crm_sync alerts check`, for a cron job (it sees a stall that no
-  run reports: both directions paused, the scheduler down).
+- `on_task_failure`: the task failure callback (`runner.record_failed_run`): this attempt's
+  failure is a breaker's trip -> `breaker_tripped`, else `run_failed`; then the stalled check of
+  the run's own direction;
+- `after_run`: the end of a successful run (`flows.common.run_load`): the quarantine growth;
+- `check_stalled`: also `python -m crm_sync alerts check`, for a cron job on an Airflow host: both
+  directions, a paused one left out (it sees a stall that no run reports: the scheduler down).
 
 Messages hold what happened, the DAG, the run, counts and record ids: never an email address,
 a name or a credential. The same kind of alert about the same DAG is sent at most once per
@@ -25,14 +25,14 @@ import html
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from crm_sync.core import Flow
+from crm_sync.core import CircuitBreakerTripped, Flow, tripped_breaker
 from crm_sync.settings import AppriseChannel, EmailChannel, SlackChannel, SyncSettings
 from crm_sync.state import utcnow
 
@@ -45,16 +45,6 @@ log = logging.getLogger("crm_sync")
 
 #: The DAGs the stalled check watches: the two scheduled directions.
 SCHEDULED_FLOWS = (Flow.AC_TO_D365, Flow.D365_TO_AC)
-#: The length of each job frequency.
-PERIODS: dict[str, timedelta] = {
-    "1h": timedelta(hours=1),
-    "2h": timedelta(hours=2),
-    "4h": timedelta(hours=4),
-    "6h": timedelta(hours=6),
-    "8h": timedelta(hours=8),
-    "12h": timedelta(hours=12),
-    "daily": timedelta(days=1),
-}
 #: A resend waits this share of the period: hourly runs a few seconds earlier than the last one
 #: still alert every hour, not every other hour.
 THROTTLE_SHARE = 0.9
@@ -129,9 +119,12 @@ class StallStatus:
     stalled: bool
     outcome: str = ""  # what happened to the alert: sent, throttled, failed, off
     last_success: datetime | None = None
+    paused: bool = False  # off on purpose (the global switch): not checked
 
     def describe(self, now: datetime) -> str:
         """One line for the CLI."""
+        if self.paused:
+            return f"{self.dag_id}: paused (switched off on purpose): not checked"
         if self.since is None:
             return f"{self.dag_id}: never ran"
         age = _duration(now - self.since)
@@ -200,7 +193,7 @@ def _when(moment: datetime) -> str:
 
 def period_of(settings: SyncSettings) -> timedelta:
     """The length of the job frequency: the throttle period and the stalled unit."""
-    return PERIODS[settings.job_frequency]
+    return settings.period
 
 
 # -- sending -------------------------------------------------------------------------------------
@@ -336,22 +329,17 @@ def failed_run_alert(dag_id: str, run_id: str, task_id: str, error: BaseExceptio
     )
 
 
-def breaker_alert(dag_id: str, run_id: str, report: Mapping[str, Any]) -> Alert:
-    """`breaker_tripped`: which breaker, its message (counts and shares) and what lets it through."""
-    plan = dict(report.get("plan") or {})
-    breaker = plan.get("breaker") or "circuit breaker"
-    details = [
-        f"Breaker: {breaker}, in step {plan.get('failed_step') or '?'}. Nothing was written.",
-    ]
-    if plan.get("message"):
-        details.append(f"Why: {plan['message']}")
-    if plan.get("let_through"):
-        details.append(f"What lets it through: {plan['let_through']}.")
+def breaker_alert(dag_id: str, run_id: str, task_id: str, trip: CircuitBreakerTripped) -> Alert:
+    """`breaker_tripped`: which breaker, its message (counts, shares, and what was written
+    before it stopped, if anything) and what lets the run through."""
+    details = [f"Breaker: {trip.breaker}, in step {task_id}.", f"Why: {trip}"]
+    if trip.let_through:
+        details.append(f"What lets it through: {trip.let_through}.")
     return Alert(
         AlertKind.BREAKER_TRIPPED,
         dag_id,
         run_id,
-        f"A circuit breaker ({breaker}) stopped the run before it wrote.",
+        f"A circuit breaker ({trip.breaker}) stopped the run.",
         tuple(details),
     )
 
@@ -391,9 +379,8 @@ def stalled_alert(status: StallStatus, multiple: float, frequency: str, now: dat
         f"{multiple:g} x its frequency ({frequency})."
     )
     details = (
-        f"Check that {status.dag_id} is not paused (paused on purpose: set alerts.stalled_after "
-        "to null while it is off), that the scheduler and the workers run, and the newest run's "
-        "task logs (docs/runbook.md, Alerts).",
+        f"Check that the scheduler and the workers run, and the newest run's task logs of "
+        f"{status.dag_id} (docs/runbook.md, Alerts).",
     )
     return Alert(AlertKind.STALLED, status.dag_id, None, summary, details)
 
@@ -410,15 +397,25 @@ def stall_of(flow: Flow, settings: SyncSettings, store: StateStore, now: datetim
 
 
 def check_stalled(
-    settings: SyncSettings, store: StateStore, *, now: datetime | None = None
+    settings: SyncSettings,
+    store: StateStore,
+    *,
+    flows: Sequence[Flow] = SCHEDULED_FLOWS,
+    paused: Collection[str] = (),
+    now: datetime | None = None,
 ) -> list[StallStatus]:
-    """Check both directions; alert (throttled) on each stalled one. Off: an empty list."""
+    """Check these directions (a DAG in `paused` is off on purpose, the global switch: not
+    stalled); alert (throttled) on each stalled one. Off: an empty list."""
     multiple = settings.alerts.stalled_after
     if multiple is None:
         return []
     now = now or utcnow()
     found = []
-    for flow in SCHEDULED_FLOWS:
+    for flow in flows:
+        if flow.value in paused:
+            limit = period_of(settings) * multiple
+            found.append(StallStatus(flow.value, None, limit, False, paused=True))
+            continue
         status = stall_of(flow, settings, store, now)
         if status.stalled:
             alert = stalled_alert(status, multiple, settings.job_frequency, now)
@@ -438,8 +435,10 @@ def _store_from_connection() -> StateStore | None:
 
 
 def on_task_failure(context: Mapping[str, Any]) -> None:
-    """The failure callback's alerts: `breaker_tripped` when the run's row says `tripped`, else
-    `run_failed`; then the stalled check. Never raises."""
+    """The failure callback's alerts: `breaker_tripped` when this attempt's failure is a
+    breaker's trip (not for a dry run: it writes nothing by design), else `run_failed`; then the
+    stalled check of this run's own DAG (a task cannot see whether the other one is paused on
+    purpose: `alerts check` looks at both). Never raises."""
     try:
         from crm_sync.settings import current_settings
 
@@ -449,29 +448,27 @@ def on_task_failure(context: Mapping[str, Any]) -> None:
         dag_run = context["dag_run"]
         dag_id, run_id = str(dag_run.dag_id), str(dag_run.run_id)
         task_id = str(context["task_instance"].task_id)
+        raised = context.get("exception")
+        failure = raised if isinstance(raised, BaseException) else None
+        trip = tripped_breaker(failure)
         store = _store_from_connection()
-        report = None
-        if store is not None:
-            try:
-                report = store.run_report(dag_id, run_id)
-            except Exception as error:
-                log.warning("alerts: the run's row is not readable: %s", _error_text(error))
-        if report is not None and report.get("status") == "tripped":
-            if settings.alerts.breaker_tripped:
-                send(breaker_alert(dag_id, run_id, report), settings, store)
+        if trip is not None:
+            dry_run = bool((context.get("params") or {}).get("dry_run"))
+            if settings.alerts.breaker_tripped and not dry_run:
+                send(breaker_alert(dag_id, run_id, task_id, trip), settings, store)
         elif settings.alerts.run_failed:
-            raised = context.get("exception")
-            failure = raised if isinstance(raised, BaseException) else None
             send(failed_run_alert(dag_id, run_id, task_id, failure), settings, store)
-        if store is not None:
-            check_stalled(settings, store)
+        own = [flow for flow in SCHEDULED_FLOWS if flow.value == dag_id]
+        if store is not None and own:
+            check_stalled(settings, store, flows=own)
     except Exception as error:  # an alert never hides the task's own outcome
         log.warning("alerts: the failure alerts could not be evaluated: %s", _error_text(error))
 
 
 def after_run(ctx: StepContext) -> None:
-    """At the end of a successful run: the quarantine growth, then the stalled check. Never
-    raises."""
+    """At the end of a successful run: the quarantine growth. Never raises. (The run's own
+    direction is not stalled: it just succeeded; the other one may be paused on purpose, which a
+    task cannot see: `alerts check` looks at both.)"""
     try:
         settings = ctx.settings
         alerts = settings.alerts
@@ -485,7 +482,6 @@ def after_run(ctx: StepContext) -> None:
                     ctx.dag_id, ctx.run_id, opened, alerts.quarantine_growth, open_now
                 )
                 send(alert, settings, ctx.store)
-        check_stalled(settings, ctx.store)
     except Exception as error:
         log.warning("alerts: the end-of-run alerts could not be evaluated: %s", _error_text(error))
 

@@ -62,3 +62,12 @@ class CircuitBreakerTripped(Exception):
         super().__init__(message)
         self.breaker = breaker
         self.let_through = let_through
+
+
+def tripped_breaker(error: BaseException | None) -> CircuitBreakerTripped | None:
+    """The breaker that stopped a task, when `error` (a task's exception, or what it was raised
+    from) is a trip; None for any other failure."""
+    for candidate in (error, getattr(error, "__cause__", None)):
+        if isinstance(candidate, CircuitBreakerTripped):
+            return candidate
+    return None

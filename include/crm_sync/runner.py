@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from crm_sync.context import Step, StepContext
-from crm_sync.core import CircuitBreakerTripped, Flow
+from crm_sync.core import CircuitBreakerTripped, Flow, tripped_breaker
 from crm_sync.errors import ConfigurationError
 from crm_sync.params import RunParams, TriggerParamsError
 from crm_sync.settings import SettingsError, current_settings
@@ -50,17 +50,23 @@ def record_failed_run(context: dict[str, Any]) -> None:
     (a run a breaker stopped stays `tripped`); then the alerts of a failed or tripped run."""
     dag_run = context["dag_run"]
     task_id = context["task_instance"].task_id
+    # This attempt's failure decides: a run tripped before, cleared, then failed otherwise, is
+    # failed (and alerts as such), not still tripped.
+    tripped = tripped_breaker(context.get("exception")) is not None
     try:
         from crm_sync.state import StateStore, state_url_from_connection
 
         store = StateStore.from_url(state_url_from_connection())
-        store.mark_failed(dag_run.dag_id, dag_run.run_id, task_id)
+        store.mark_failed(dag_run.dag_id, dag_run.run_id, task_id, keep_trip=tripped)
     except Exception:  # the callback must never hide the task's own error
         log.exception("could not record the failed run in the state store")
-    # `breaker_tripped` or `run_failed`, and the stalled check (alerts: in sync.yaml); never raises.
-    from crm_sync.alerts import on_task_failure
+    try:
+        # `breaker_tripped` or `run_failed`, and the stalled check (alerts: in sync.yaml).
+        from crm_sync.alerts import on_task_failure
 
-    on_task_failure(context)
+        on_task_failure(context)
+    except Exception:
+        log.exception("could not evaluate the alerts of the failed run")
 
 
 def run_step(
@@ -98,6 +104,7 @@ def _record_trip(ctx: StepContext, step: Step, error: CircuitBreakerTripped) -> 
             breaker=error.breaker,
             message=str(error),
             let_through=error.let_through,
+            dry_run=ctx.dry_run,
         )
     except Exception:
         log.exception("could not record the circuit-breaker trip in the state store")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -21,15 +22,20 @@ DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parents[1] / "config" / "sync.y
 
 JobFrequency = Literal["1h", "2h", "4h", "6h", "8h", "12h", "daily"]
 
+#: The hours between two runs for each job frequency.
+FREQUENCY_HOURS: dict[str, int] = {
+    "1h": 1,
+    "2h": 2,
+    "4h": 4,
+    "6h": 6,
+    "8h": 8,
+    "12h": 12,
+    "daily": 24,
+}
 #: The UTC cron expression for each job frequency.
 FREQUENCY_CRON: dict[str, str] = {
-    "1h": "0 * * * *",
-    "2h": "0 */2 * * *",
-    "4h": "0 */4 * * *",
-    "6h": "0 */6 * * *",
-    "8h": "0 */8 * * *",
-    "12h": "0 */12 * * *",
-    "daily": "0 0 * * *",
+    name: "0 0 * * *" if hours == 24 else "0 * * * *" if hours == 1 else f"0 */{hours} * * *"
+    for name, hours in FREQUENCY_HOURS.items()
 }
 
 AC_STANDARD_FIELDS = ("email", "firstName", "lastName", "phone")
@@ -340,7 +346,8 @@ class Incremental(_Strict):
 
 
 _CONN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
-_EMAIL_ADDRESS = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+$")
+# An address, not a URL: no "/" or ":" (a pasted `smtp://user:password@host` is refused).
+_EMAIL_ADDRESS = re.compile(r"^[^@\s,;<>/:]+@[^@\s,;<>/:]+\.[^@\s,;<>/:]+$")
 
 
 def _conn_id(value: str) -> str:
@@ -366,16 +373,16 @@ class EmailChannel(_Strict):
     @field_validator("to")
     @classmethod
     def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for address in value:
+        for n, address in enumerate(value):
             if not _EMAIL_ADDRESS.match(address):
-                raise ValueError(f"'{address}' is not an e-mail address (one address per item)")
+                raise ValueError(f"item {n} is not an e-mail address (one address per item)")
         return value
 
     @field_validator("from_email")
     @classmethod
     def _sender(cls, value: str | None) -> str | None:
         if value is not None and not _EMAIL_ADDRESS.match(value):
-            raise ValueError(f"'{value}' is not an e-mail address")
+            raise ValueError("not an e-mail address")
         return value
 
     @property
@@ -527,6 +534,11 @@ class SyncSettings(_Strict):
         """The UTC cron expression of the job frequency."""
         return FREQUENCY_CRON[self.job_frequency]
 
+    @property
+    def period(self) -> timedelta:
+        """The time between two scheduled runs."""
+        return timedelta(hours=FREQUENCY_HOURS[self.job_frequency])
+
     def mapping(self, entity: Entity) -> tuple[FieldMap, ...]:
         """The field mapping of `entity`."""
         return self.field_mapping.get(entity, ())
@@ -542,7 +554,9 @@ def _describe(error: ErrorDetails, source: str) -> str:
     if error["type"] == "extra_forbidden":
         return f"{source}: unknown key '{location}'"
     value = error.get("input")
-    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    # A value pasted into `alerts` may be a URL with a password in it: never repeated.
+    secret = location.startswith("alerts")
+    shown = "" if isinstance(value, dict | list) or value is None or secret else f" (got {value!r})"
     where = f"{location}: " if location else ""
     return f"{source}: {where}{message}{shown}"
 

@@ -864,7 +864,7 @@ class StateStore:
     # -- runs ---------------------------------------------------------------------------------
     def start_run(self, dag_id: str, run_id: str, *, dry_run: bool) -> None:
         """Record that a run started. A run extracting again (retried, or cleared to sync again)
-        keeps its row and is running again, so that its load writes anew."""
+        keeps its row and is running again from now, so that its load writes anew."""
         with self.begin() as connection:
             exists = connection.execute(
                 select(runs.c.id).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
@@ -873,7 +873,9 @@ class StateStore:
                 connection.execute(
                     update(runs)
                     .where(runs.c.id == exists.id)
-                    .values(status="running", dry_run=dry_run, finished_at=None)
+                    .values(
+                        status="running", dry_run=dry_run, started_at=utcnow(), finished_at=None
+                    )
                 )
             else:
                 connection.execute(
@@ -921,6 +923,7 @@ class StateStore:
         breaker: str,
         message: str,
         let_through: str,
+        dry_run: bool = False,
     ) -> None:
         """Record that a circuit breaker stopped the run in `step`: status `tripped`, and in its
         plan which breaker, its message and what lets the run through."""
@@ -939,7 +942,7 @@ class StateStore:
                     insert(runs).values(
                         dag_id=dag_id,
                         run_id=run_id,
-                        dry_run=False,
+                        dry_run=dry_run,
                         status="tripped",
                         started_at=utcnow(),
                         finished_at=utcnow(),
@@ -951,18 +954,19 @@ class StateStore:
                 connection.execute(
                     update(runs)
                     .where(runs.c.id == found.id)
-                    .values(status="tripped", finished_at=utcnow(), plan=plan)
+                    .values(status="tripped", dry_run=dry_run, finished_at=utcnow(), plan=plan)
                 )
 
-    def mark_failed(self, dag_id: str, run_id: str, step: str) -> None:
-        """Record that the run failed in `step`; a run a breaker stopped stays `tripped`."""
+    def mark_failed(self, dag_id: str, run_id: str, step: str, *, keep_trip: bool) -> None:
+        """Record that the run failed in `step`; with `keep_trip` (the failure was the trip the
+        step recorded), a run a breaker stopped stays `tripped`."""
         with self.begin() as connection:
             found = connection.execute(
                 select(runs.c.id, runs.c.status).where(
                     runs.c.dag_id == dag_id, runs.c.run_id == run_id
                 )
             ).first()
-            if found is not None and found.status == "tripped":
+            if found is not None and found.status == "tripped" and keep_trip:
                 return
             if found is None:
                 connection.execute(
@@ -985,8 +989,9 @@ class StateStore:
                 )
 
     def last_breaker_trip(self, dag_ids: Sequence[str] | None = None) -> dict[str, Any] | None:
-        """The row of the newest run a circuit breaker stopped (of these DAGs), or None."""
-        query = select(runs).where(runs.c.status == "tripped")
+        """The row of the newest run a circuit breaker stopped (of these DAGs), or None. A dry
+        run that tripped is not one: it wrote nothing by design, and its plan is the answer."""
+        query = select(runs).where(runs.c.status == "tripped", runs.c.dry_run.is_(False))
         if dag_ids is not None:
             query = query.where(runs.c.dag_id.in_(list(dag_ids)))
         with self.begin() as connection:

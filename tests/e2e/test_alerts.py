@@ -71,7 +71,8 @@ def test_quarantine_growth_and_a_tripped_breaker_each_send_one_email(
     assert run.state == "failed"
     assert smtp_sink.subjects[1:] == [f"[crm-sync] circuit breaker tripped: {DAG}"]
     body = smtp_sink.body()
-    assert "A circuit breaker (quarantine_share) stopped the run before it wrote." in body
+    assert "A circuit breaker (quarantine_share) stopped the run." in body
+    assert "Nothing was written." in body
     assert f"Run: {run.run_id}" in body
     assert "What lets it through: fix the source data or the mapping" in body
     report = StateStore.from_url(world.state_url).run_report(DAG, run.run_id)

@@ -363,7 +363,10 @@ def test_only_the_fields_changed_in_dynamics_are_written(world: DealWorld) -> No
     world.edit(deal_of, closeprobability=40)
     writes = world.ac_requests(writes_only=True)
     again = world.sync()
-    assert again["opportunities changed"] >= 1 and again["deals unchanged"] == 1
+    # Read again (as a change, or, edited in the second of the last run's newest read, in the
+    # overlap window: the count cannot tell those apart), and nothing written.
+    read = again["opportunities changed"] + again["opportunities read again (overlap window)"]
+    assert read >= 1 and again["deals unchanged"] == 1
     assert world.ac_requests(writes_only=True) == writes
 
 

@@ -9,15 +9,21 @@ DevTools protocol (`devtools.browser`), logged in with the UI's `_token` cookie.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from crm_sync.records import mask_email
+from crm_sync.settings import DEFAULT_SETTINGS_PATH
 from crm_sync.state import StateStore, quarantine
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from devtools.browser import Airflow, Page, chromium, find_chromium, free_port
 from devtools.devserver import DevServer, DevServerOptions
@@ -182,6 +188,15 @@ def test_admin_sees_the_health_page_and_retries_a_record(world: World) -> None:
             "no link to the lead in Dynamics 365"
         )
 
+        # The header counts every open entry (in SQL), not the rows shown.
+        with world.store.begin() as connection:
+            open_entries = connection.execute(
+                select(func.count()).select_from(quarantine).where(quarantine.c.status == "open")
+            ).scalar_one()
+        total = page.evaluate("document.getElementById('quarantine-total').dataset.total")
+        assert int(total) == open_entries >= 1
+        assert f"({open_entries} open)" in text
+
         # Retry now: the entry's hash is cleared, so the next run tries the lead again.
         assert world.source_hash(world.lead_key) is not None
         page.click(f"tr[data-record={json.dumps(world.lead_key)}] button.retry")
@@ -200,6 +215,19 @@ def test_admin_sees_the_health_page_and_retries_a_record(world: World) -> None:
         assert world.lead_email not in str(filtered["text"])
         none = _fetch(page, f"{csv_url}?q=no-such-record-id")
         assert str(none["text"]).strip().count("\n") == 0  # the header alone
+
+        # A whole-reason retry keeps to the record-id filter shown, and says so.
+        guid = world.lead_key.split(":", 1)[1]
+        page.open(
+            f"{world.page_url}?reason=invalid_email&q={guid[:8]}", "Quarantine", "Retry every"
+        )
+        button = page.evaluate(
+            "(b => b && {text: b.innerText, q: b.dataset.q, confirm: b.dataset.confirm})"
+            "(document.querySelector('button.retry[data-reason]'))"
+        )
+        assert isinstance(button, dict), "no whole-reason retry button"
+        assert button["q"] == guid[:8] and f"record id contains “{guid[:8]}”" in button["text"]
+        assert "these filters show" in str(button["confirm"])
 
         # Inside Airflow's UI: a nav entry, and the page in the plugin view.
         page.open(f"{world.server.api_url}/plugin/crm-sync", "CRM sync")
@@ -231,3 +259,34 @@ def test_a_viewer_sees_the_page_without_actions_and_cannot_retry(world: World) -
     )
     assert response.status_code == 403
     assert world.source_hash(world.lead_key) == before
+
+
+def test_alerts_check_leaves_the_paused_direction_out(world: World, tmp_path: Path) -> None:
+    """`python -m crm_sync alerts check` (cron, on an Airflow host) reads which DAGs are paused
+    from Airflow's metadata database: the paused direction (the global switch) is not stalled."""
+    from sandbox.credentials import connection_env
+
+    settings = yaml.safe_load(DEFAULT_SETTINGS_PATH.read_text())
+    settings["alerts"] = {"channels": [], "stalled_after": 1}
+    path = tmp_path / "sync.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env |= {
+        "AIRFLOW_HOME": str(world.server.home),
+        "CRM_SYNC_SETTINGS": str(path),
+        **connection_env(world.server.data_dir),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "crm_sync", "alerts", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for dag in (TO_AC, TO_D365):  # as Airflow says (TO_AC was paused above)
+        paused = world.admin.api("GET", f"dags/{dag}")["is_paused"]
+        assert (dag == TO_AC) <= paused
+        line = f"{dag}: paused (switched off on purpose)" if paused else f"{dag}: ok (last"
+        assert line in done.stdout, done.stdout
+    assert "metadata database is not reachable" not in done.stdout

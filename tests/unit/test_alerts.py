@@ -184,7 +184,7 @@ def test_the_shipped_settings_send_no_alert_and_a_full_section_parses() -> None:
         ({"channels": [{"type": "email"}]}, "alerts.channels.0.email.to: Field required"),
         (
             {"channels": [{"type": "email", "to": ["ops"]}]},
-            "'ops' is not an e-mail address",
+            "to: item 0 is not an e-mail address",
         ),
         (
             {"channels": [{"type": "slack", "to": [OPS]}]},
@@ -213,13 +213,25 @@ def test_a_wrong_alerts_section_is_refused_with_what_is_allowed(
     assert expected in str(error.value)
 
 
-def test_a_secret_pasted_as_conn_id_is_refused_and_not_repeated() -> None:
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("conn_id", "channels.0.conn_id: name an Airflow connection"),
+        ("to", "to: item 0 is not an e-mail address"),
+        ("from_email", "from_email: not an e-mail address"),
+    ],
+)
+def test_a_secret_pasted_into_a_channel_is_refused_and_not_repeated(
+    key: str, expected: str
+) -> None:
     raw = yaml.safe_load(DEFAULT_SETTINGS_PATH.read_text())
     url = f"smtp://ops:{SECRET}@mail.example.com"
-    raw["alerts"] = {"channels": [{"type": "email", "conn_id": url, "to": [OPS]}]}
+    channel: dict[str, Any] = {"type": "email", "conn_id": "smtp_default", "to": [OPS]}
+    channel[key] = [url] if key == "to" else url
+    raw["alerts"] = {"channels": [channel]}
     with pytest.raises(SettingsError) as error:
         parse_settings(raw)
-    assert "channels.0.conn_id: name an Airflow connection" in str(error.value)
+    assert expected in str(error.value)
     assert SECRET not in str(error.value)
 
 
@@ -286,13 +298,60 @@ def test_a_tripped_breaker_sends_the_breaker_alert_not_run_failed(
 
     assert smtp_sink.subjects == [f"[crm-sync] circuit breaker tripped: {TO_D365}"]
     body = smtp_sink.body()
-    assert "A circuit breaker (quarantine_share) stopped the run before it wrote." in body
+    assert "A circuit breaker (quarantine_share) stopped the run." in body
+    assert "Nothing was written." in body  # the breaker's own words, not the alert's
     assert "30 of 40 records (75%) failed validation" in body
     assert "What lets it through: fix the source data or the mapping" in body
     assert "raise safety.max_quarantine_share (now 20%)" in body
     assert PERSON not in smtp_sink.raw()
     report = store.run_report(TO_D365, "manual__1")
     assert report is not None and report["status"] == "tripped"
+
+
+def test_a_tripped_run_cleared_then_failing_otherwise_is_a_failed_run(
+    smtp_sink: SmtpSink,
+    store: StateStore,
+    use_alerts: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review finding: the breaker trips in validate; the operator raises the limit and clears
+    validate and load (extract is not run again); load then fails on a 503 after its retries.
+    That is a failed run, alerted as such, not the old trip again (nor throttled as one)."""
+    use_alerts()
+    monkeypatch.setattr(recorded, "function", _trip, raising=False)
+    store.start_run(TO_D365, "manual__1", dry_run=False)
+    with pytest.raises(CircuitBreakerStop) as stop:
+        run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
+    record_failed_run(failure(TO_D365, "manual__1", "validate", stop.value))
+    record_failed_run(failure(TO_D365, "manual__1", "load", RuntimeError("503 from Dataverse")))
+
+    assert smtp_sink.subjects == [
+        f"[crm-sync] circuit breaker tripped: {TO_D365}",
+        f"[crm-sync] run failed: {TO_D365}",
+    ]
+    report = store.run_report(TO_D365, "manual__1")
+    assert report is not None and report["status"] == "failed"
+    assert report["plan"] == {"failed_step": "load"}
+    assert store.last_breaker_trip() is None
+
+
+def test_a_dry_run_that_trips_sends_no_alert_and_is_not_the_last_trip(
+    smtp_sink: SmtpSink,
+    store: StateStore,
+    use_alerts: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_alerts()
+    monkeypatch.setattr(recorded, "function", _trip, raising=False)
+    context = airflow_context(Flow.AC_TO_D365, {"dry_run": True})
+    with pytest.raises(CircuitBreakerStop) as stop:
+        run_step(Flow.AC_TO_D365, recorded, context)
+    record_failed_run({**failure(TO_D365, "manual__1", "validate", stop.value), **context})
+
+    assert smtp_sink.subjects == []
+    report = store.run_report(TO_D365, "manual__1")
+    assert report is not None and (report["status"], report["dry_run"]) == ("tripped", True)
+    assert store.last_breaker_trip() is None
 
 
 def test_events_switched_off_send_nothing(
@@ -432,7 +491,8 @@ def test_a_stalled_direction_is_reported_by_the_cli_once_per_period(
     assert smtp_sink.subjects == [f"[crm-sync] sync stalled: {TO_D365}"]
     body = smtp_sink.body()
     assert "No successful run for 3 h: its last successful run ended" in body
-    assert "more than 2 x its frequency (1h)" in body and "is not paused" in body
+    assert "more than 2 x its frequency (1h)" in body
+    assert "Check that the scheduler and the workers run" in body
 
     assert cli(["alerts", "check", "--settings", str(path)]) == 1  # a cron job a minute later
     assert "alert throttled" in capsys.readouterr().out
@@ -454,6 +514,30 @@ def test_a_failing_run_reports_a_direction_that_never_succeeded_as_stalled(
     assert "it has not completed one since its first run started" in stalled
     # The other direction never ran (new DAGs start paused): not stalled.
     assert not any(TO_D365 in subject for subject in smtp_sink.subjects)
+
+
+def test_a_paused_direction_is_not_stalled_and_a_task_checks_only_its_own_dag(
+    smtp_sink: SmtpSink, store: StateStore, use_alerts: Callable[..., Path]
+) -> None:
+    """Review finding: pausing dynamics365_to_activecampaign is the global switch; it must not
+    alert as stalled every period. A task cannot see the pause: it checks only its own DAG."""
+    from crm_sync import alerts
+    from crm_sync.settings import current_settings
+
+    use_alerts(stalled_after=2)
+    finished_ago(store, TO_AC, "scheduled__old", timedelta(hours=5), "success")  # switched off
+    store.start_run(TO_D365, "scheduled__2", dry_run=False)
+    record_failed_run(failure(TO_D365, "scheduled__2", "extract", RuntimeError("x")))
+    assert smtp_sink.subjects == [f"[crm-sync] run failed: {TO_D365}"]
+
+    settings = current_settings()
+    (status,) = [s for s in alerts.check_stalled(settings, store, paused={TO_AC}) if s.paused]
+    assert status.dag_id == TO_AC and not status.stalled
+    assert "paused (switched off on purpose): not checked" in status.describe(utcnow())
+    assert smtp_sink.subjects == [f"[crm-sync] run failed: {TO_D365}"]
+    # Not paused, the same direction is stalled (the check itself works).
+    stalled = alerts.check_stalled(settings, store)
+    assert [s.dag_id for s in stalled if s.stalled] == [TO_AC]
 
 
 def test_the_message_links_the_run_when_the_base_url_is_known(

@@ -28,10 +28,13 @@ def store(state_url: str, monkeypatch: pytest.MonkeyPatch) -> StateStore:
     return store
 
 
-def _failure_context(flow: Flow, task_id: str) -> dict[str, Any]:
+def _failure_context(
+    flow: Flow, task_id: str, error: BaseException | None = None
+) -> dict[str, Any]:
     return {
         "dag_run": SimpleNamespace(dag_id=flow.value, run_id="manual__1"),
         "task_instance": SimpleNamespace(task_id=task_id),
+        "exception": error,
     }
 
 
@@ -48,10 +51,10 @@ def test_a_trip_is_recorded_with_what_lets_the_run_through(
 ) -> None:
     monkeypatch.setattr(recorded, "function", _trip_quarantine_share, raising=False)
     store.start_run(Flow.AC_TO_D365.value, "manual__1", dry_run=False)
-    with pytest.raises(CircuitBreakerStop):
+    with pytest.raises(CircuitBreakerStop) as stop:
         run_step(Flow.AC_TO_D365, recorded, airflow_context(Flow.AC_TO_D365))
     # Airflow then calls the task's failure callback: the trip stays recorded as such.
-    record_failed_run(_failure_context(Flow.AC_TO_D365, "validate"))
+    record_failed_run(_failure_context(Flow.AC_TO_D365, "validate", stop.value))
 
     trip = store.last_breaker_trip()
     assert trip is not None and trip["status"] == "tripped"

@@ -323,6 +323,7 @@ def test_ac_to_d365_extract_stages_the_tagged_contacts_and_the_linked_rows(
     assert current.loc[ids["dan_dv"], "firstname"] == "Dan"
     assert run.counts["extract"] == {
         "newly tagged": 9,
+        "tags read again (overlap window)": 0,
         "updated in AC": 0,
         "updates read again (overlap window)": 0,
         "retried from quarantine": 0,
@@ -960,6 +961,10 @@ def test_a_write_comes_back_from_the_other_side_as_an_echo(world: World) -> None
     }
     again = world.run(Flow.AC_TO_D365, "again")  # reads the tag again (the watermark's overlap)
     assert again.counts["extract"]["contacts read"] == 1
+    # ... and says so: the tag is not new (issue 17: extract counts real changes).
+    assert first.counts["extract"]["newly tagged"] == 1
+    assert again.counts["extract"]["newly tagged"] == 0
+    assert again.counts["extract"]["tags read again (overlap window)"] == 1
     for run in (back, again):
         assert run.counts["map_fields"]["unchanged (no write)"] == 1
         assert run.counts["load"]["unchanged"] == 1

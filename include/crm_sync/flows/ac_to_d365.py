@@ -112,11 +112,15 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     meta["watermarks"].update(object_marks)
     meta["initial_sync"] = object_initial
     ctx.staging.write_json("extract", "meta", meta)
+    new_tags, tags_again = common.new_and_again(
+        tag_read, (reader.tagged_at.get(i) for i in tagged_ids)
+    )
     new_updates, updates_again = common.new_and_again(
         update_read, (parse_ac_time(c.get("udate")) for c in updated)
     )
     counts = {
-        "newly tagged": len(tagged_ids),
+        "newly tagged": new_tags,
+        "tags read again (overlap window)": tags_again,
         "updated in AC": new_updates,
         "updates read again (overlap window)": updates_again,
         "retried from quarantine": len(quarantined),

@@ -71,6 +71,8 @@ class ActiveCampaignReader:
         self.seen: dict[Tag, set[str]] = {tag: set() for tag in ALL_TAGS}
         self.complete = False
         self.complete_tags: set[Tag] = set()
+        # When each contact got its newest D365 tag (not known for the fallback's contacts).
+        self.tagged_at: dict[str, datetime] = {}
         # Contact objects read on the way (the fallback lists them whole), by id.
         self.read: dict[str, dict[str, Any]] = {}
 
@@ -93,11 +95,15 @@ class ActiveCampaignReader:
         for tag in ALL_TAGS:
             try:
                 for row in self.hook.contact_tags_by_tag(self.tag_id(tag), since=since):
-                    ids.add(str(row["contact"]))
-                    self.seen[tag].add(str(row["contact"]))
+                    contact_id = str(row["contact"])
+                    ids.add(contact_id)
+                    self.seen[tag].add(contact_id)
                     moment = parse_ac_time(row.get("cdate"))
                     if moment is not None and (newest is None or moment > newest):
                         newest = moment.to_pydatetime()
+                    if moment is not None:  # the newest association of each contact
+                        at = moment.to_pydatetime()
+                        self.tagged_at[contact_id] = max(at, self.tagged_at.get(contact_id, at))
             except TieOrderError as error:
                 log.warning(
                     "'%s': %s; reading every contact carrying the tag instead", tag.value, error
