@@ -359,7 +359,21 @@ def _conn_id(value: str) -> str:
     )
 
 
-class EmailChannel(_Strict):
+class _Channel(_Strict):
+    """A channel of the alerts: an Airflow connection, which holds its credentials."""
+
+    type: str
+    conn_id: str
+
+    _conn = field_validator("conn_id")(_conn_id)
+
+    @property
+    def name(self) -> str:
+        """How logs and reports name the channel (`email:smtp_default`)."""
+        return f"{self.type}:{self.conn_id}"
+
+
+class EmailChannel(_Channel):
     """Alerts by e-mail through an Airflow SMTP connection (`SmtpNotifier`)."""
 
     type: Literal["email"]
@@ -367,8 +381,6 @@ class EmailChannel(_Strict):
     to: Annotated[tuple[str, ...], Field(min_length=1)]
     # The sender; None: the connection's `from_email` extra.
     from_email: str | None = None
-
-    _conn = field_validator("conn_id")(_conn_id)
 
     @field_validator("to")
     @classmethod
@@ -385,38 +397,19 @@ class EmailChannel(_Strict):
             raise ValueError("not an e-mail address")
         return value
 
-    @property
-    def name(self) -> str:
-        """How logs and reports name the channel (`email:smtp_default`)."""
-        return f"{self.type}:{self.conn_id}"
 
-
-class SlackChannel(_Strict):
+class SlackChannel(_Channel):
     """Alerts to a Slack incoming webhook held by an Airflow connection."""
 
     type: Literal["slack"]
     conn_id: str = "slack_webhook_default"
 
-    _conn = field_validator("conn_id")(_conn_id)
 
-    @property
-    def name(self) -> str:
-        """How logs and reports name the channel (`slack:slack_webhook_default`)."""
-        return f"{self.type}:{self.conn_id}"
-
-
-class AppriseChannel(_Strict):
+class AppriseChannel(_Channel):
     """Alerts to the Apprise URLs held by an Airflow connection (its `config` extra)."""
 
     type: Literal["apprise"]
     conn_id: str = "apprise_default"
-
-    _conn = field_validator("conn_id")(_conn_id)
-
-    @property
-    def name(self) -> str:
-        """How logs and reports name the channel (`apprise:apprise_default`)."""
-        return f"{self.type}:{self.conn_id}"
 
 
 AlertChannel = Annotated[EmailChannel | SlackChannel | AppriseChannel, Field(discriminator="type")]
