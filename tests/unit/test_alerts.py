@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from crm_sync import alerts
-from crm_sync.__main__ import main as cli
+from crm_sync.__main__ import main
 from crm_sync.context import StepContext
 from crm_sync.core import CircuitBreakerTripped, Flow
 from crm_sync.runner import CircuitBreakerStop, record_failed_run, run_step
@@ -32,6 +32,24 @@ from sqlalchemy import update
 
 from tests.conftest import free_port
 from tests.unit.test_runner import airflow_context, recorded
+
+
+def cli(argv: list[str]) -> int:
+    """`python -m crm_sync ...` in this process. Its `logging.basicConfig(force=True)` binds the
+    root logger to this test's captured stderr, which pytest closes after the test: every later
+    log line of the worker would then print a "Logging error" with the call stack (the secret
+    scan found a test's source lines, emails included, that way). The root logger is restored."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return main(argv)
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
 
 # A synced person's address: it may be in an error or a quarantine message, never in an alert.
 PERSON = "ann.lee@example.org"
