@@ -933,60 +933,51 @@ class StateStore:
             "message": message,
             "let_through": let_through,
         }
-        with self.begin() as connection:
-            found = connection.execute(
-                select(runs.c.id).where(runs.c.dag_id == dag_id, runs.c.run_id == run_id)
-            ).first()
-            if found is None:
-                connection.execute(
-                    insert(runs).values(
-                        dag_id=dag_id,
-                        run_id=run_id,
-                        dry_run=dry_run,
-                        status="tripped",
-                        started_at=utcnow(),
-                        finished_at=utcnow(),
-                        counts={},
-                        plan=plan,
-                    )
-                )
-            else:
-                connection.execute(
-                    update(runs)
-                    .where(runs.c.id == found.id)
-                    .values(status="tripped", dry_run=dry_run, finished_at=utcnow(), plan=plan)
-                )
+        self._end_run(dag_id, run_id, status="tripped", plan=plan, dry_run=dry_run)
 
     def mark_failed(self, dag_id: str, run_id: str, step: str, *, keep_trip: bool) -> None:
         """Record that the run failed in `step`; with `keep_trip` (the failure was the trip the
         step recorded), a run a breaker stopped stays `tripped`."""
+        unless = "tripped" if keep_trip else None
+        self._end_run(dag_id, run_id, status="failed", plan={"failed_step": step}, unless=unless)
+
+    def _end_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        status: str,
+        plan: Mapping[str, Any],
+        dry_run: bool | None = None,
+        unless: str | None = None,
+    ) -> None:
+        """The run's row ends now as `status`, with `plan` (the row is made when missing; one
+        that already says `unless` is left as it is)."""
+        now = utcnow()
         with self.begin() as connection:
             found = connection.execute(
                 select(runs.c.id, runs.c.status).where(
                     runs.c.dag_id == dag_id, runs.c.run_id == run_id
                 )
             ).first()
-            if found is not None and found.status == "tripped" and keep_trip:
-                return
             if found is None:
                 connection.execute(
                     insert(runs).values(
                         dag_id=dag_id,
                         run_id=run_id,
-                        dry_run=False,
-                        status="failed",
-                        started_at=utcnow(),
-                        finished_at=utcnow(),
+                        dry_run=bool(dry_run),
+                        status=status,
+                        started_at=now,
+                        finished_at=now,
                         counts={},
-                        plan={"failed_step": step},
+                        plan=dict(plan),
                     )
                 )
-            else:
-                connection.execute(
-                    update(runs)
-                    .where(runs.c.id == found.id)
-                    .values(status="failed", finished_at=utcnow(), plan={"failed_step": step})
-                )
+            elif unless is None or found.status != unless:
+                values: dict[str, Any] = {"status": status, "finished_at": now, "plan": dict(plan)}
+                if dry_run is not None:
+                    values["dry_run"] = dry_run
+                connection.execute(update(runs).where(runs.c.id == found.id).values(**values))
 
     def last_breaker_trip(self, dag_ids: Sequence[str] | None = None) -> dict[str, Any] | None:
         """The row of the newest run a circuit breaker stopped (of these DAGs), or None. A dry
