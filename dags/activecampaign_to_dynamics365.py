@@ -2,7 +2,9 @@
 # ActiveCampaign → Dynamics 365
 
 Creates and updates Dynamics 365 **leads** and **contacts** from ActiveCampaign contacts, on the
-job frequency set in `include/config/sync.yaml`.
+job frequency set in `include/config/sync.yaml`, and as soon as the webhook receiver stored
+ActiveCampaign events (asset `activecampaign_webhook_events`, once `python -m crm_sync webhooks
+install` registered the webhook).
 
 **What moves**
 - *New*: an AC contact tagged `D365: Lead` (or `D365: Contact`) + `D365: Pulled from ActiveCampaign`
@@ -11,6 +13,10 @@ job frequency set in `include/config/sync.yaml`.
 - *Updates*: mapped fields of linked contacts carrying a type tag plus either origin tag.
 - Everything else is counted as *not eligible*; records that cannot be synced go to the quarantine
   with a reason and are retried when they change.
+
+**Runs started by webhook events** (run type *asset triggered*) take the queued events' contacts
+from their payloads and read only their custom fields; scheduled and manual runs poll, as without
+webhooks, and take the queued events too. Events that arrive during a run wait for it to end.
 
 **Operating it**
 - Pause / unpause is the on/off switch. Trigger a run to sync now: runs never overlap.

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,7 +31,15 @@ DAG_IDS = (
     "dynamics365_to_activecampaign",
     "initial_sync_backfill",
 )
-CONNECTION_IDS = ("activecampaign_default", "dynamics365_default", "crm_sync_state")
+CONNECTION_IDS = (
+    "activecampaign_default",
+    "dynamics365_default",
+    "crm_sync_state",
+    "activecampaign_webhook",
+)
+# The webhook receiver's secret (the activecampaign_webhook connection's password), kept in the
+# Airflow home, private to this user.
+WEBHOOK_SECRET_FILE = "webhook_secret"  # noqa: S105 - a file name
 ADMIN_USER = "admin"
 # Where `airflow standalone` (SimpleAuthManager) writes the generated admin password.
 PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"  # noqa: S105 - a file name
@@ -124,6 +133,7 @@ class DevServer:
             [str(_venv_bin("airflow")), "standalone"], self.log_dir / "standalone.log", self.env
         )
         self._wait(self._healthy, "the Airflow components to report healthy")
+        self._install_webhook()
 
     def _start_sandbox(self) -> None:
         print(f"• starting the sandbox APIs (data in {_shown(self.data_dir)})", flush=True)
@@ -158,6 +168,9 @@ class DevServer:
                 "AIRFLOW__API__BASE_URL": self.api_url,
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
                 **connection_env(self.data_dir),
+                "AIRFLOW_CONN_ACTIVECAMPAIGN_WEBHOOK": json.dumps(
+                    {"conn_type": "http", "host": self.api_url, "password": self._webhook_secret()}
+                ),
             }
         )
         env.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "True")
@@ -169,6 +182,30 @@ class DevServer:
         env.setdefault("GX_ANALYTICS_ENABLED", "false")
         env.setdefault("PYTHONWARNINGS", QUIET_WARNINGS)
         return env
+
+    def _webhook_secret(self) -> str:
+        path = self.home / WEBHOOK_SECRET_FILE
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _install_webhook(self) -> None:
+        """Register the receiver's webhook in the sandbox's AC (`webhooks install`), so that
+        tagging a contact there starts `activecampaign_to_dynamics365` at once (when unpaused)."""
+        print("• registering the ActiveCampaign webhook of the receiver", flush=True)
+        log = self.log_dir / "webhooks-install.log"
+        with log.open("wb") as out:
+            result = subprocess.run(
+                [sys.executable, "-m", "crm_sync", "webhooks", "install"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise DevServerError(f"`python -m crm_sync webhooks install` failed; see {_shown(log)}")
 
     def _import_connections(self) -> None:
         """Store the sandbox connections in the metastore too, so Admin → Connections lists them.

@@ -401,6 +401,7 @@ def _page(
             }
         )
     trip = health.last_breaker_trip(state, health.DAG_IDS)
+    hooks = state.webhook_stats()
     shown = health.quarantine_page(state, filters)
     reasons = health.quarantine_reasons(state)
     query = {k: v for k, v in request.query_params.items() if k in ("direction", "reason", "q")}
@@ -417,6 +418,14 @@ def _page(
             else ""
         ),
         "dags": dags,
+        "webhooks": {
+            "pending": hooks["pending"],
+            "received": hooks["received_24h"],
+            "duplicates": hooks["duplicates_24h"],
+            "last": _when(hooks["last_received"]) if hooks["last_received"] else "",
+            "last_ago": _ago(hooks["last_received"], now) if hooks["last_received"] else "",
+            "oldest": _ago(hooks["oldest_pending"], now) if hooks["oldest_pending"] else "",
+        },
         "trip": trip
         and {
             "dag_id": trip.dag_id,

@@ -1,7 +1,8 @@
 """`python -m crm_sync <command>`: the project's command line.
 
 `check` runs the preflight (`crm_sync.preflight`); `alerts check` the stalled check of the
-alerts (for a cron job), `alerts test` sends a test alert through every channel. The demo and the dev server are developer
+alerts (for a cron job), `alerts test` sends a test alert through every channel; `webhooks
+install|status|remove` manages the ActiveCampaign webhook (`crm_sync.webhooks_admin`). The demo and the dev server are developer
 tools outside the library: `python -m devtools.demo`, `python -m devtools.devserver`.
 """
 
@@ -57,6 +58,28 @@ def parser() -> argparse.ArgumentParser:
         help="the settings file (default: $CRM_SYNC_SETTINGS or include/config/sync.yaml)",
     )
     alerts.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    webhooks = commands.add_parser(
+        "webhooks",
+        help="webhooks: register, check or remove the ActiveCampaign webhook of the receiver",
+        description=(
+            "The receiver's URL comes from the connection activecampaign_webhook (host: the "
+            "public https base URL of the Airflow API server, password: the secret). `install` "
+            "registers the webhook through activecampaign_default, or replaces it when its URL "
+            "or events changed (nothing when it is the same); `status` prints ActiveCampaign's "
+            "view and the receiver's (crm_sync_state), exit 1 when not installed, posting to "
+            "another URL or the connection is unfit; `remove` deletes it. Exit 2 when "
+            "ActiveCampaign (or, for install, the connection) cannot be used. The secret is "
+            "never printed."
+        ),
+    )
+    webhooks.add_argument("action", choices=["install", "status", "remove"])
+    webhooks.add_argument(
+        "--force",
+        action="store_true",
+        help="install: replace it even when it looks the same (after ActiveCampaign "
+        "deactivated it)",
+    )
+    webhooks.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     return root
 
 
@@ -129,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # A refused login is a row of the report; the hook's own warning line would repeat it.
         logging.getLogger("crm_connectors").setLevel(logging.ERROR)
+    if args.command == "webhooks":
+        from crm_sync.webhooks_admin import main as webhooks
+
+        return webhooks(args.action, force=args.force)
     from crm_sync.preflight import main as check
 
     return check(fix=args.fix, settings_file=args.settings)

@@ -53,6 +53,9 @@ class StepContext:
     upstream: dict[str, Any] = field(default_factory=dict)
     state_url: str | None = None
     hooks: Hooks = field(default_factory=Hooks)
+    #: Started by the webhook receiver's asset event: the run takes the queued webhook events
+    #: instead of polling ActiveCampaign's contacts (`flows/ac_to_d365.py`).
+    event_run: bool = False
 
     @property
     def dry_run(self) -> bool:

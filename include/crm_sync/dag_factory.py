@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
 from crm_sync.core import STEPS, Flow
 from crm_sync.settings import current_settings
@@ -40,6 +40,11 @@ DATAVERSE_ASSETS = [
 ]
 ACTIVECAMPAIGN_ASSET = Asset(
     name="activecampaign_contacts", uri="activecampaign://activecampaign_default/contacts"
+)
+# Updated by the webhook receiver (plugins/crm_sync_webhooks.py) when it stores an AC event.
+WEBHOOK_ASSET = Asset(
+    name="activecampaign_webhook_events",
+    uri="activecampaign://activecampaign_default/webhook-events",
 )
 
 _COMMON_PARAMS = {
@@ -92,6 +97,19 @@ def _params(flow: Flow) -> dict[str, Param]:
     return {**(_BACKFILL_PARAMS if flow is Flow.BACKFILL else {}), **_COMMON_PARAMS}
 
 
+def _schedule(flow: Flow, cron: str) -> Any:
+    """The backfill runs when triggered; Dynamics -> AC on the job frequency; AC -> Dynamics on
+    the job frequency or as soon as the webhook receiver stored events (whichever comes first;
+    events during a run wait for it to end: runs never overlap)."""
+    if flow is Flow.BACKFILL:
+        return None
+    if flow is Flow.AC_TO_D365:
+        return AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=WEBHOOK_ASSET
+        )
+    return cron
+
+
 def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
     """The DAG of `flow`: `extract >> tag_classify >> map_fields >> validate >> load`."""
     settings = current_settings()
@@ -100,7 +118,7 @@ def build_sync_dag(flow: Flow, doc_md: str) -> DAG:
         dag_id=flow.value,
         description=doc_md.strip().splitlines()[0].strip("# "),
         doc_md=doc_md,
-        schedule=None if flow is Flow.BACKFILL else settings.schedule,
+        schedule=_schedule(flow, settings.schedule),
         start_date=START_DATE,
         catchup=False,
         max_active_runs=1,

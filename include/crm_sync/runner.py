@@ -41,8 +41,15 @@ def context_from_airflow(
         settings=current_settings(),
         run_params=run_params,
         upstream=dict(upstream or {}),
+        event_run=is_event_run(dag_run),
     )
     return step_context
+
+
+def is_event_run(dag_run: Any) -> bool:
+    """Whether Airflow started the run for an asset event (the webhook receiver's)."""
+    run_type = getattr(dag_run, "run_type", None)
+    return str(getattr(run_type, "value", run_type)) == "asset_triggered"
 
 
 def record_failed_run(context: dict[str, Any]) -> None:

@@ -11,17 +11,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Boolean,
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -29,8 +29,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
-    cast,
+    case,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -40,6 +41,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+
+if TYPE_CHECKING:
+    from crm_sync.webhooks import WebhookEvent
 
 SCHEMA_VERSION = 1
 STATE_CONN_ID = "crm_sync_state"
@@ -174,6 +178,27 @@ alerts_log = Table(
     Column("sent_at", DateTime(timezone=True), nullable=False),
     Column("channels", JSON, nullable=False, default=dict),
 )
+
+# ActiveCampaign webhook events as the receiver stored them (before answering 200), one row per
+# event (`event_key`: a redelivery is the same row, `deliveries` counts it), until a run consumed
+# them; consumed rows are kept two days (the receiver's 24-hour counts read them).
+webhook_events = Table(
+    "crm_sync_webhook_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_key", String(64), nullable=False, unique=True),
+    Column("event_type", String(32), nullable=False),
+    Column("contact_id", String(32), nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("last_delivery_at", DateTime(timezone=True), nullable=False),
+    Column("deliveries", Integer, nullable=False, default=1),
+    Column("contact", JSON, nullable=False, default=dict),
+    Column("consumed_at", DateTime(timezone=True), nullable=True),
+    Column("consumed_run", String(250), nullable=True),
+    Index("ix_crm_sync_webhook_events_pending", "consumed_at", "id"),
+)
+WEBHOOK_RETENTION = timedelta(days=2)
 
 # Upgrade steps from version N-1 to N, each a list of DDL callables; empty while at version 1.
 UPGRADES: dict[int, list[Any]] = {}
@@ -375,7 +400,13 @@ class StateStore:
         dataverse_ids: Iterable[str] = (),
         emails: Iterable[str] = (),
     ) -> list[RecordLink]:
-        """Links matching any of the given AC ids, Dataverse ids or (lower-case) emails."""
+        """Links matching any of the given AC ids, Dataverse ids or (lower-case) emails.
+
+        A Dataverse id is looked up with every entity a link may have, so that the read goes
+        through the (entity, Dataverse id) index instead of over every link."""
+        from crm_sync.settings import Entity
+
+        entities = [entity.value for entity in Entity]
         found: dict[int, RecordLink] = {}
         for column, values in (
             (links.c.ac_contact_id, list(ac_ids)),
@@ -383,9 +414,11 @@ class StateStore:
             (links.c.email, list(emails)),
         ):
             for start in range(0, len(values), 500):
-                chunk = values[start : start + 500]
+                query = select(links).where(column.in_(values[start : start + 500]))
+                if column is links.c.dataverse_id:
+                    query = query.where(links.c.entity.in_(entities))
                 with self.begin() as connection:
-                    for row in connection.execute(select(links).where(column.in_(chunk))):
+                    for row in connection.execute(query):
                         found[row.id] = self._link(row)
         return list(found.values())
 
@@ -493,13 +526,28 @@ class StateStore:
 
     def links_in_ac_range(self, above: int, up_to: int | None) -> list[RecordLink]:
         """Links whose AC contact id (a number) is above `above` and at most `up_to` (no upper
-        bound: None)."""
-        number = cast(links.c.ac_contact_id, BigInteger)
-        query = select(links).where(links.c.ac_contact_id.is_not(None), number > above)
-        if up_to is not None:
-            query = query.where(number <= up_to)
+        bound: None).
+
+        AC ids are decimal numbers without leading zeros, so numeric order is by length, then
+        as text: each length in the range is one range of the AC id's index, read without
+        comparing every link's id as a number (which grows with the number of links)."""
+        low, high = str(above + 1), None if up_to is None else str(up_to)
+        if up_to is not None and up_to <= above:
+            return []
+        # Up to the column's width (32 digits) when there is no upper bound.
+        widest = len(high) if high is not None else 32
+        found: list[RecordLink] = []
         with self.begin() as connection:
-            return [self._link(row) for row in connection.execute(query)]
+            for digits in range(len(low), widest + 1):
+                first = low if digits == len(low) else "1" + "0" * (digits - 1)
+                last = high if high is not None and digits == widest else "9" * digits
+                query = select(links).where(
+                    links.c.ac_contact_id >= first,
+                    links.c.ac_contact_id <= last,
+                    func.length(links.c.ac_contact_id) == digits,
+                )
+                found += [self._link(row) for row in connection.execute(query)]
+        return found
 
     def links_without_ac_id(self, emails: Iterable[str]) -> list[RecordLink]:
         """Links holding no AC contact id yet (written by a bulk import) with one of `emails`."""
@@ -1087,6 +1135,91 @@ class StateStore:
         query = select(alerts_log).order_by(alerts_log.c.id.desc()).limit(limit)
         with self.begin() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
+
+    # -- webhook events -------------------------------------------------------------------------
+    def enqueue_webhook(self, event: WebhookEvent) -> bool:
+        """Store an event the receiver got; False when it is a redelivery (counted, not queued)."""
+        now = utcnow()
+        row = {
+            "event_key": event.key,
+            "event_type": event.event_type,
+            "contact_id": event.contact_id,
+            "occurred_at": event.occurred_at,
+            "received_at": now,
+            "last_delivery_at": now,
+            "deliveries": 1,
+            "contact": event.contact,
+        }
+        again = (
+            update(webhook_events)
+            .where(webhook_events.c.event_key == event.key)
+            .values(deliveries=webhook_events.c.deliveries + 1, last_delivery_at=now)
+        )
+        try:
+            with self.begin() as connection:
+                if connection.execute(again).rowcount:
+                    return False
+                connection.execute(insert(webhook_events).values(**row))
+                return True
+        except IntegrityError:  # the same event, delivered twice at once
+            with self.begin() as connection:
+                connection.execute(again)
+            return False
+
+    def pending_webhooks(self) -> list[dict[str, Any]]:
+        """Events no run has consumed yet, oldest first."""
+        query = (
+            select(webhook_events)
+            .where(webhook_events.c.consumed_at.is_(None))
+            .order_by(webhook_events.c.id)
+        )
+        with self.begin() as connection:
+            return [
+                {**row._mapping, "occurred_at": _aware(row.occurred_at)}
+                for row in connection.execute(query)
+            ]
+
+    def consume_webhooks(self, ids: Sequence[int], run_id: str) -> int:
+        """Mark events consumed by `run_id`; forget consumed ones older than the retention."""
+        now = utcnow()
+        done = 0
+        with self.begin() as connection:
+            for start in range(0, len(ids), 1000):
+                done += connection.execute(
+                    update(webhook_events)
+                    .where(
+                        webhook_events.c.id.in_(list(ids[start : start + 1000])),
+                        webhook_events.c.consumed_at.is_(None),
+                    )
+                    .values(consumed_at=now, consumed_run=run_id)
+                ).rowcount
+            connection.execute(
+                delete(webhook_events).where(webhook_events.c.consumed_at < now - WEBHOOK_RETENTION)
+            )
+        return done
+
+    def webhook_stats(self) -> dict[str, Any]:
+        """The receiver's view, in one statement: pending events, events and redeliveries in the
+        last 24 h, the newest delivery and the oldest pending event."""
+        day = utcnow() - timedelta(hours=24)
+        c = webhook_events.c
+        waiting, recent = c.consumed_at.is_(None), c.received_at >= day
+        query = select(
+            func.coalesce(func.sum(case((waiting, 1), else_=0)), 0),
+            func.min(case((waiting, c.received_at), else_=None)),
+            func.coalesce(func.sum(case((recent, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((recent, c.deliveries - 1), else_=0)), 0),
+            func.max(c.last_delivery_at),
+        )
+        with self.begin() as connection:
+            pending, oldest, received, redelivered, last = connection.execute(query).one()
+        return {
+            "pending": int(pending),
+            "received_24h": int(received),
+            "duplicates_24h": int(redelivered),
+            "last_received": _aware(last),
+            "oldest_pending": _aware(oldest),
+        }
 
 
 def _waiting(direction: str, started: float, wait: float) -> None:

@@ -1034,6 +1034,39 @@ class ActiveCampaignHook(CrmHttpHook):
 
         yield from iterate_pages(fetch, paginator)
 
+    # -- webhooks ------------------------------------------------------------------------------
+
+    def list_webhooks(
+        self, *, name: str | None = None, url: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every webhook (`id`, `name`, `url`, `events`, `sources`, `listid`...), or those with
+        exactly this name (`filters[name]`) and URL. The URL is compared here, not sent as
+        `filters[url]`: a receiver's URL may hold its secret, and request lines are logged."""
+        params = {"filters[name]": name} if name is not None else None
+        return [
+            _string_ids(hook, _WEBHOOK_IDS)
+            for hook in self.iter_items("webhooks", "webhooks", params=params)
+            if (name is None or hook.get("name") == name)
+            and (url is None or hook.get("url") == url)
+        ]
+
+    def create_webhook(
+        self, name: str, url: str, events: Iterable[str], sources: Iterable[str]
+    ) -> dict[str, Any]:
+        """`POST /webhooks` (any list); returns the webhook. Not resent after a lost answer:
+        names need not be unique, so a resend could register it twice."""
+        webhook = {"name": name, "url": url, "events": list(events), "sources": list(sources)}
+        body = self.request_json("POST", f"{API}/webhooks", json={"webhook": webhook})
+        return _string_ids(body["webhook"], _WEBHOOK_IDS)
+
+    def delete_webhook(self, webhook_id: str | int) -> bool:
+        """`DELETE /webhooks/{id}`; False when it was already gone (404)."""
+        try:
+            self.request("DELETE", f"{API}/webhooks/{webhook_id}")
+        except NotFoundError:
+            return False
+        return True
+
     # -- bulk import ---------------------------------------------------------------------------
 
     def bulk_import(
@@ -1313,6 +1346,7 @@ _DEAL_IDS = (
     "id", "owner", "contact", "organization", "account", "customerAccount", "group", "stage",
 )  # fmt: skip
 _FIELD_META_IDS = ("id",)
+_WEBHOOK_IDS = ("id", "listid")
 _FIELD_DATUM_IDS = (
     "id", "customFieldId", "dealId", "accountId", "customerAccountId", "dealCustomFieldMetumId",
     "accountCustomFieldMetumId",

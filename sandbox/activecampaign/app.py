@@ -21,8 +21,16 @@ from sandbox.activecampaign import ops
 from sandbox.activecampaign.api import Emulator, build_api
 from sandbox.activecampaign.imports import BLANK_READINGS, ImportQueue
 from sandbox.activecampaign.ratelimit import SlidingWindow, TokenBucket, Trip, scaled_rate
-from sandbox.activecampaign.store import DATE_READINGS, ApiError, Store, iso, parse_when
+from sandbox.activecampaign.store import (
+    ACTING_AS,
+    DATE_READINGS,
+    ApiError,
+    Store,
+    iso,
+    parse_when,
+)
 from sandbox.activecampaign.webhooks import WebhookDispatcher
+from sandbox.activecampaign.webhooks import admin_routes as webhook_admin_routes
 from sandbox.admin import Controls, install_admin
 from sandbox.credentials import load_or_create
 
@@ -72,6 +80,28 @@ async def _unavailable(send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": UNAVAILABLE})
+
+
+class ActingAs:
+    """`X-Sandbox-Source: admin` (or `public`, `system`) makes a request's writes come from a
+    user in AC's UI (a contact, an automation) instead of the API: the webhooks' `initiated_from`,
+    which decides who hears them. Sandbox only: tests act as a marketer through it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        source = ""
+        if scope["type"] == "http":
+            source = dict(scope["headers"]).get(b"x-sandbox-source", b"").decode("latin-1")
+        if source not in ops.WEBHOOK_SOURCES:
+            await self.app(scope, receive, send)
+            return
+        token = ACTING_AS.set(source)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ACTING_AS.reset(token)
 
 
 class ApiGate:
@@ -246,9 +276,7 @@ def admin_routes(emu: Emulator) -> APIRouter:
     def export() -> Response:
         return Response(export_contacts(emu.store), media_type="application/json")
 
-    @router.get("/webhooks/deliveries")
-    def deliveries() -> dict[str, Any]:
-        return {"deliveries": emu.webhooks.deliveries()}
+    router.include_router(webhook_admin_routes(emu.webhooks))
 
     @router.get("/ordering")
     def get_ordering() -> dict[str, Any]:
@@ -356,6 +384,7 @@ def create_app(data_dir: Path, *, limits: bool = True, limit_scale: float = 1.0)
 
     app.include_router(build_api(emu))
     app.add_middleware(ApiGate, emulator=emu, token=load_or_create(data_dir).ac_api_token)
+    app.add_middleware(ActingAs)
 
     def reset() -> None:
         store.reset()

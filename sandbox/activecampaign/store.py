@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -389,6 +390,11 @@ def parse_bound(value: str, reading: str) -> int | None:
     return parse_when(value)
 
 
+# Who the current request's writes are from: `api`, unless a test acts as a user in AC's UI
+# (`admin`), a contact (`public`) or an automation (`system`): see `app.ActingAs`.
+ACTING_AS: ContextVar[str] = ContextVar("activecampaign_source", default="api")
+
+
 @dataclass(frozen=True)
 class Event:
     """Something a webhook may be told about, recorded inside a write and published on commit."""
@@ -473,15 +479,17 @@ class Store:
         return conn
 
     @contextmanager
-    def write(self, source: str = "api", *, publish: bool = True) -> Iterator[Tx]:
+    def write(self, source: str | None = None, *, publish: bool = True) -> Iterator[Tx]:
         """A write transaction; its events go to `on_commit` once it has committed.
 
-        `publish=False` drops them (bulk imports fire no webhooks).
+        `source`: who caused it (webhooks' `initiated_from`); by default `ACTING_AS`, which is
+        `api` unless the request asked otherwise. `publish=False` drops the events (bulk imports
+        fire no webhooks).
         """
         with self._write_lock:
             conn = self.conn()
             conn.execute("BEGIN IMMEDIATE")
-            tx = Tx(conn, source)
+            tx = Tx(conn, source or ACTING_AS.get())
             try:
                 yield tx
             except BaseException:

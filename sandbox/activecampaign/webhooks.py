@@ -1,4 +1,8 @@
-"""Webhook delivery: form-encoded POSTs, sent once, never retried; a 410 deactivates the hook."""
+"""Webhook delivery: form-encoded POSTs, sent once, never retried; a 410 deactivates the hook.
+
+Delivery faults (`/_sandbox/webhooks/faults`) lose the next deliveries or send each twice, for
+the tests of a receiver: AC promises at least once and never retries.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ import sqlite3
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import requests
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
 
 from sandbox.activecampaign.store import Event, Store, iso, plain_local
 
@@ -24,6 +30,22 @@ ACCOUNT_EVENTS = frozenset({"account_add", "account_update"})
 ACCOUNT_CONTACT_EVENTS = frozenset({"account_contact_add", "account_contact_update"})
 CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥", "cad": "$", "aud": "$"}
 DELIVERY_TIMEOUT = 5.0
+
+
+class DeliveryFault(BaseModel):
+    """What happens to the next `count` deliveries: `lose` (not sent, logged as lost) or
+    `duplicate` (each sent twice)."""
+
+    kind: Literal["lose", "duplicate"]
+    count: int = Field(1, ge=1, le=100_000)
+
+
+@dataclass
+class _Pending:
+    """A queued delivery fault and how many deliveries it still applies to."""
+
+    kind: str
+    remaining: int
 
 
 @dataclass(frozen=True)
@@ -211,6 +233,7 @@ class WebhookDispatcher:
         self._log: deque[dict[str, Any]] = deque(maxlen=1000)
         self._log_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._faults: deque[_Pending] = deque()  # under the log lock
         self._session = requests.Session()
         self._session.trust_env = False  # local receivers: never through a proxy from the env
 
@@ -254,7 +277,7 @@ class WebhookDispatcher:
             return list(self._log)
 
     def clear(self) -> None:
-        """Drop queued deliveries and the log (used by the admin reset)."""
+        """Drop queued deliveries, the log and the delivery faults (used by the admin reset)."""
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -265,12 +288,51 @@ class WebhookDispatcher:
                 break
         with self._log_lock:
             self._log.clear()
+            self._faults.clear()
+
+    def add_fault(self, fault: DeliveryFault) -> None:
+        """Queue a delivery fault (after those already queued)."""
+        with self._log_lock:
+            self._faults.append(_Pending(fault.kind, fault.count))
+
+    def faults(self) -> list[dict[str, Any]]:
+        """The queued delivery faults and how many deliveries each still applies to."""
+        with self._log_lock:
+            return [{"kind": f.kind, "remaining": f.remaining} for f in self._faults]
+
+    def clear_faults(self) -> None:
+        """Drop the queued delivery faults."""
+        with self._log_lock:
+            self._faults.clear()
+
+    def _take_fault(self) -> str | None:
+        with self._log_lock:
+            if not self._faults:
+                return None
+            fault = self._faults[0]
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                self._faults.popleft()
+            return fault.kind
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            self._send(item)
+            try:
+                self._deliver(item)
+            except Exception:  # one bad delivery must not stop the ones after it
+                log.exception("webhook %s %s: delivery failed", item.webhook_id, item.event)
 
-    def _send(self, delivery: Delivery) -> None:
+    def _deliver(self, delivery: Delivery) -> None:
+        fault = self._take_fault()
+        if fault == "lose":
+            log.info("webhook %s %s -> lost (sandbox fault)", delivery.webhook_id, delivery.event)
+            self._record(delivery, 0, None, fault="lost")
+            return
+        if self._send(delivery) != 410 and fault == "duplicate":
+            self._send(delivery, fault="duplicate")
+
+    def _send(self, delivery: Delivery, fault: str | None = None) -> int:
+        """POST once; the status (0 when no answer came)."""
         status, error = 0, None
         try:
             response = self._session.post(
@@ -283,6 +345,12 @@ class WebhookDispatcher:
             with self.store.write() as tx:
                 tx.db.execute("UPDATE webhooks SET active = 0 WHERE id = ?", (delivery.webhook_id,))
         log.info("webhook %s %s -> %s", delivery.webhook_id, delivery.event, status or error)
+        self._record(delivery, status, error, fault=fault)
+        return status
+
+    def _record(
+        self, delivery: Delivery, status: int, error: str | None, *, fault: str | None
+    ) -> None:
         with self._log_lock:
             self._log.append(
                 {
@@ -292,5 +360,31 @@ class WebhookDispatcher:
                     "status": status,
                     "error": error,
                     "deactivated": status == 410,
+                    "fault": fault,
                 }
             )
+
+
+def admin_routes(dispatcher: WebhookDispatcher) -> APIRouter:
+    """`/_sandbox/webhooks/...`: the delivery log and the delivery faults."""
+    router = APIRouter(prefix="/webhooks", tags=["sandbox admin"])
+
+    @router.get("/deliveries")
+    def deliveries() -> dict[str, Any]:
+        return {"deliveries": dispatcher.deliveries()}
+
+    @router.post("/faults")
+    def add_fault(fault: DeliveryFault) -> dict[str, Any]:
+        dispatcher.add_fault(fault)
+        return {"queued": fault.model_dump(), "faults": dispatcher.faults()}
+
+    @router.get("/faults")
+    def list_faults() -> dict[str, Any]:
+        return {"faults": dispatcher.faults()}
+
+    @router.delete("/faults")
+    def clear_faults() -> dict[str, Any]:
+        dispatcher.clear_faults()
+        return {"cleared": True}
+
+    return router

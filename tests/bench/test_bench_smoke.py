@@ -103,6 +103,11 @@ def test_accounts_and_deals_are_written_and_cost_a_few_requests_when_quiet(root:
     assert result["quiet_added"][scenarios.D365_TO_AC] == {"ac": 0, "d365": 4}
     # Towards Dynamics: every AC account, 100 a request.
     assert result["quiet_added"][scenarios.AC_TO_D365]["ac"] == 1
+    # A quiet run, accounts and deals on, makes at most 10 requests per direction (the custom
+    # fields' ids are not asked for when no contact is read).
+    for direction in (scenarios.D365_TO_AC, scenarios.AC_TO_D365):
+        on = result["quiet"]["on"][direction]
+        assert on["ac"] + on["d365"] <= 10, (direction, on)
 
 
 def test_pipeline_figures_and_the_page_come_out(tmp_path: Path) -> None:

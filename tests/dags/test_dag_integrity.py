@@ -38,7 +38,9 @@ for dag_id, dag in bag.dags.items():
         "chain": chain,
         "n_tasks": len(dag.tasks),
         "timetable": type(dag.timetable).__name__,
-        "cron": getattr(dag.timetable, "expression", None),
+        "cron": getattr(dag.timetable, "expression", None)
+        or getattr(getattr(dag.timetable, "timetable", None), "expression", None),
+        "assets": [a.name for a in [getattr(dag.timetable, "asset_condition", None)] if a],
         "max_active_runs": dag.max_active_runs,
         "catchup": dag.catchup,
         "retries": dag.default_args.get("retries"),
@@ -118,6 +120,17 @@ def test_each_job_frequency_gives_its_cron(frequency: str, cron: str) -> None:
     for dag_id in (Flow.AC_TO_D365.value, Flow.D365_TO_AC.value):
         assert parsed["dags"][dag_id]["cron"] == cron
     assert parsed["dags"][Flow.BACKFILL.value]["cron"] is None
+
+
+def test_activecampaign_to_dynamics_also_runs_on_webhook_events(parsed: dict) -> None:
+    """AC -> Dynamics runs on the job frequency or the receiver's asset; never two at once."""
+    ac_to_d365 = parsed["dags"][Flow.AC_TO_D365.value]
+    assert ac_to_d365["timetable"] == "AssetOrTimeSchedule"
+    assert ac_to_d365["assets"] == ["activecampaign_webhook_events"]
+    assert ac_to_d365["max_active_runs"] == 1
+    d365_to_ac = parsed["dags"][Flow.D365_TO_AC.value]
+    assert d365_to_ac["timetable"] == "CronTriggerTimetable"
+    assert d365_to_ac["assets"] == []
 
 
 def test_bad_frequency_fails_the_import_with_the_allowed_values() -> None:

@@ -56,6 +56,7 @@ REQUIRED_ENV: dict[str, str | None] = {
     "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT": None,
     "AIRFLOW_CONN_DYNAMICS365_DEFAULT": None,
     "AIRFLOW_CONN_CRM_SYNC_STATE": None,
+    "AIRFLOW_CONN_ACTIVECAMPAIGN_WEBHOOK": None,
     "CRM_SYNC_STAGING": None,
     "CRM_SYNC_STATE_URL": None,
 }
@@ -68,6 +69,7 @@ CONNECTIONS: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
         frozenset({"tenant_id"}),
     ),
     "AIRFLOW_CONN_CRM_SYNC_STATE": ("generic", frozenset({"host"}), frozenset()),
+    "AIRFLOW_CONN_ACTIVECAMPAIGN_WEBHOOK": ("http", frozenset({"host", "password"}), frozenset()),
 }
 PLACEHOLDERS = frozenset({"", "change-me"})
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY)$")

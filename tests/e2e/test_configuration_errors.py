@@ -151,6 +151,9 @@ def _missing_custom_field(world: World, monkeypatch: pytest.MonkeyPatch, tmp_pat
         raw["field_mapping"]["lead"].append({"activecampaign": "field:NOPE", "dynamics365": "fax"})
 
     settings_with(tmp_path, monkeypatch, nope)
+    # A contact to read: the mapped fields' ids are looked up when a run first needs them (a
+    # run with nothing to read asks nothing), still before anything is written.
+    world.automation([world.ac_contact("cfg.queued@example.com")], "lead")
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ class World:
         self.dv = requests.Session()
         self.dv.trust_env = False
         self.dv.verify = sandbox.ca_path
+        self.summaries: dict[str, dict[str, Any]] = {}
 
     # -- ActiveCampaign ---------------------------------------------------------------------------
     def _ac(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -166,6 +167,42 @@ class World:
         for task in dag.tasks:
             task.retries = 0  # a failure shows at once instead of after the production backoff
         return dag.test(run_conf=conf or None)
+
+    def run_steps(
+        self,
+        dag_id: str,
+        *,
+        event_run: bool = False,
+        run_id: str | None = None,
+        only: tuple[str, ...] | None = None,
+    ) -> str:
+        """Run a flow's steps in this process, as its tasks call them (`only`: these steps);
+        `event_run`: as a run the webhook receiver's asset event started. Returns the run id;
+        each step's summary is in `summaries`."""
+        import uuid
+
+        from crm_sync.context import StepContext
+        from crm_sync.core import Flow
+        from crm_sync.settings import current_settings
+        from crm_sync.steps import steps_of
+
+        flow = Flow(dag_id)
+        run_id = run_id or f"asset_triggered__{uuid.uuid4().hex[:12]}"
+        for step, function in steps_of(flow).in_order():
+            if only is not None and step not in only:
+                continue
+            ctx = StepContext(
+                flow=flow,
+                dag_id=dag_id,
+                run_id=run_id,
+                settings=current_settings(),
+                state_url=self.state_url,
+                event_run=event_run,
+            )
+            self.summaries[step] = function(ctx)
+            if "store" in ctx.__dict__:
+                ctx.store.engine.dispose()
+        return run_id
 
 
 def migrate_airflow_db() -> None:

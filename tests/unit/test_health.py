@@ -497,6 +497,23 @@ def test_the_page_shows_the_real_total_of_a_large_quarantine(
     assert len(csv_response.text.strip().splitlines()) == 1 + 1000
 
 
+def test_the_page_shows_the_webhook_receiver_without_personal_data(
+    plugin: ModuleType, served: str
+) -> None:
+    from crm_sync.webhooks import parse_form
+
+    assert "No webhook event in the last two days" in client(plugin).get("/").text
+    store = StateStore.from_url(served)
+    form = {"type": "update", "contact[id]": "7", "contact[email]": "hook.person@example.com"}
+    for contact_id in ("7", "8", "7"):
+        store.enqueue_webhook(parse_form({**form, "contact[id]": contact_id}.items()))
+    page = client(plugin).get("/")
+    assert page.status_code == 200, page.text
+    assert "2 events · 1 redelivered (stored once)" in page.text
+    assert "<tr><th>Waiting for a run</th><td>2 · the oldest received" in page.text
+    assert "hook.person" not in page.text
+
+
 def test_the_page_links_only_to_http_hosts(
     plugin: ModuleType, served: str, store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -12,7 +12,12 @@ from crm_sync.classify import attach_links, classify_for_dynamics
 from crm_sync.context import StepContext
 from crm_sync.cursors import TAGGED, UPDATED
 from crm_sync.flows import common, deletions, objects
-from crm_sync.flows.activecampaign import TAG_FLAGS, ActiveCampaignReader, parse_ac_time
+from crm_sync.flows.activecampaign import (
+    STANDARD_FIELDS,
+    TAG_FLAGS,
+    ActiveCampaignReader,
+    parse_ac_time,
+)
 from crm_sync.flows.dataverse import DataverseLoader, rows_by, target_rules
 from crm_sync.identity import claimed_by_other_ac_contacts
 from crm_sync.mapping import MappedField, expand_synced, fields_towards, plan_writes
@@ -47,29 +52,148 @@ def _links_frame(links: list[RecordLink]) -> pd.DataFrame:
 
 
 # -- extract -----------------------------------------------------------------------------------
+# A payload this close to (or before) the sync's last write of the contact may predate that write:
+# the two times come from different clocks (AC's, and this host's for writes to AC).
+STALE_MARGIN = timedelta(minutes=2)
+
+
+def _queued_events(
+    ctx: StepContext, reader: ActiveCampaignReader, events: list[dict[str, Any]]
+) -> tuple[set[str], dict[str, int]]:
+    """An event run's contacts, and counts of how each was taken.
+
+    Each queued contact's newest event (by its time, then arrival) decides. Its payload is used
+    as it is (`reader.remember`: no contact or tag reads; its custom fields are still read)
+    unless it cannot be trusted, and then the contact is read from AC like a polled one: a
+    payload that lacks a field or the tags, or that the sync may have made stale since (it wrote
+    the contact after, or up to `STALE_MARGIN` before, the event; or recorded a deletion of its
+    linked record). A contact whose
+    payload shows no D365 tag, with no link and nothing in the quarantine, cannot be eligible:
+    it is not read at all.
+    """
+    newest: dict[str, dict[str, Any]] = {}
+    for event in events:
+        contact_id = str(event["contact_id"])
+        seen = newest.get(contact_id)
+        if seen is None or _later(event, seen):
+            newest[contact_id] = event
+    emails = [str(e["contact"].get("email") or "").strip().lower() for e in newest.values()]
+    links = ctx.store.links_for(ac_ids=list(newest), emails=[e for e in emails if e])
+    synced: dict[str, datetime | None] = {}
+    for link in links:
+        for key in (link.ac_contact_id, link.email):
+            if key:
+                synced[key] = max(
+                    (t for t in (synced.get(key), link.ac_synced_at) if t is not None),
+                    default=None,
+                )
+    deleted = ctx.store.deleted_ac_ids(list(newest))
+    quarantined = {
+        e.record_key.removeprefix("ac:")
+        for e in ctx.store.open_quarantine(ctx.direction)
+        if e.record_key.startswith("ac:")
+    }
+    d365_tags = {tag.value.lower() for tag in TAG_FLAGS}
+    trusted: dict[str, dict[str, Any]] = {}
+    read_again: set[str] = set()
+    ignored = 0
+    for contact_id, event in newest.items():
+        payload, moment = event["contact"], event["occurred_at"]
+        email = str(payload.get("email") or "").strip().lower()
+        linked = contact_id in synced or email in synced
+        tags = payload.get("tags")
+        if (
+            tags is not None
+            and not linked
+            and contact_id not in quarantined
+            and not {str(t).strip().lower() for t in tags} & d365_tags
+        ):
+            ignored += 1
+            continue
+        written = [t for t in (synced.get(contact_id), synced.get(email)) if t is not None]
+        stale = (
+            moment is None
+            or any(moment <= t + STALE_MARGIN for t in written)
+            or contact_id in deleted
+        )
+        if stale or tags is None or any(payload.get(f) is None for f in STANDARD_FIELDS):
+            read_again.add(contact_id)
+            continue
+        trusted[contact_id] = {"id": contact_id, **payload, "udate": moment.isoformat()}
+    reader.remember(trusted)
+    counts = {
+        "webhook events": len(events),
+        "webhook contacts (from the payload)": len(trusted),
+        "webhook contacts read again (payload may be stale)": len(read_again),
+        "webhook contacts without a D365 tag (not read)": ignored,
+    }
+    return set(trusted) | read_again, counts
+
+
+def _later(event: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether `event` happened after `than` (by AC's time; by arrival when a time is missing
+    or equal: AC does not promise to deliver in order)."""
+    mine, theirs = event["occurred_at"], than["occurred_at"]
+    if mine is not None and theirs is not None and mine != theirs:
+        return bool(mine > theirs)
+    return bool(event["id"] > than["id"])
+
+
 def extract(ctx: StepContext) -> dict[str, Any]:
     """Contacts newly queued or changed since the watermarks, plus quarantined ones; and the
-    current Dataverse rows of those already linked."""
+    current Dataverse rows of those already linked.
+
+    The contacts of the webhook events waiting in the state store join them. A run the webhook
+    receiver started (`event_run`) takes only those, as their payloads show them, instead of
+    polling AC; every other run polls and reads them again. Either run consumes the events it
+    saw once its load succeeded."""
     started = utcnow()
     store = ctx.store
     store.start_run(ctx.dag_id, ctx.run_id, dry_run=ctx.dry_run)
     reader = ActiveCampaignReader(ctx.ac_hook, _ac_fields(ctx))
+    events = store.pending_webhooks()
+    queued = {str(e["contact_id"]) for e in events}
     tagged, changed = ctx.cursor(TAGGED), ctx.cursor(UPDATED)
-    tag_read, update_read = tagged.read(store, started), changed.read(store, started)
     tagged_ids: set[str] = set()
     newest_tag: datetime | None = None
-    if not tag_read.skip:
-        tagged_ids, newest_tag = reader.tagged_since(tag_read.since)
     updated: list[dict[str, Any]] = []
     newest_update: datetime | None = None
-    if not update_read.skip and update_read.since is not None:
-        updated, newest_update = reader.updated_since(update_read.since)
-    quarantined = {
-        e.record_key.removeprefix("ac:")
-        for e in store.open_quarantine(ctx.direction)
-        if e.record_key.startswith("ac:")
-    }
-    candidates = tagged_ids | {str(c["id"]) for c in updated} | quarantined
+    quarantined: set[str] = set()
+    watermarks: dict[str, str | None] = {}
+    counts: dict[str, int] = {}
+    if ctx.event_run:
+        queued, counts = _queued_events(ctx, reader, events)
+    else:
+        tag_read, update_read = tagged.read(store, started), changed.read(store, started)
+        if not tag_read.skip:
+            tagged_ids, newest_tag = reader.tagged_since(tag_read.since)
+        if not update_read.skip and update_read.since is not None:
+            updated, newest_update = reader.updated_since(update_read.since)
+        quarantined = {
+            e.record_key.removeprefix("ac:")
+            for e in store.open_quarantine(ctx.direction)
+            if e.record_key.startswith("ac:")
+        }
+        watermarks = {
+            tagged.name: newest_tag.isoformat() if newest_tag else None,
+            changed.name: newest_update.isoformat() if newest_update else None,
+        }
+        new_tags, tags_again = common.new_and_again(
+            tag_read, (reader.tagged_at.get(i) for i in tagged_ids)
+        )
+        new_updates, updates_again = common.new_and_again(
+            update_read, (parse_ac_time(c.get("udate")) for c in updated)
+        )
+        counts = {
+            "newly tagged": new_tags,
+            "tags read again (overlap window)": tags_again,
+            "updated in AC": new_updates,
+            "updates read again (overlap window)": updates_again,
+            "retried from quarantine": len(quarantined),
+        }
+        if events:
+            counts["webhook events"] = len(events)
+    candidates = tagged_ids | {str(c["id"]) for c in updated} | quarantined | queued
     contacts = reader.contacts(candidates, known=updated)
     contacts = clean_frame(
         contacts, [f.activecampaign for f in _ac_fields(ctx)], email_columns=["email"]
@@ -101,10 +225,8 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "started": started.isoformat(),
         "rules": rules,
-        "watermarks": {
-            tagged.name: newest_tag.isoformat() if newest_tag else None,
-            changed.name: newest_update.isoformat() if newest_update else None,
-        },
+        "watermarks": watermarks,
+        "webhook_events": [int(e["id"]) for e in events],
     }
     deleted, position, deletion_counts = deletions.deleted_in_activecampaign(ctx)
     meta["deletion_scan"] = position
@@ -112,18 +234,8 @@ def extract(ctx: StepContext) -> dict[str, Any]:
     meta["watermarks"].update(object_marks)
     meta["initial_sync"] = object_initial
     ctx.staging.write_json("extract", "meta", meta)
-    new_tags, tags_again = common.new_and_again(
-        tag_read, (reader.tagged_at.get(i) for i in tagged_ids)
-    )
-    new_updates, updates_again = common.new_and_again(
-        update_read, (parse_ac_time(c.get("udate")) for c in updated)
-    )
     counts = {
-        "newly tagged": new_tags,
-        "tags read again (overlap window)": tags_again,
-        "updated in AC": new_updates,
-        "updates read again (overlap window)": updates_again,
-        "retried from quarantine": len(quarantined),
+        **counts,
         "contacts read": len(contacts),
         "linked": len(links),
         **deletion_counts,
@@ -285,8 +397,11 @@ def load(ctx: StepContext) -> dict[str, Any]:
     """Create and update in bulk, link as results arrive, carry the deletions found in AC to
     Dynamics, then advance the watermarks."""
 
-    def write(valid: pd.DataFrame, _meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+    def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
         loader = DataverseLoader(ctx, ctx.dv_hook)
-        return loader.load(valid), loader.synced_keys
+        counts = loader.load(valid)
+        # Written or quarantined by now, each with its reason: the events are done with.
+        ctx.store.consume_webhooks(meta.get("webhook_events") or [], ctx.run_id)
+        return counts, loader.synced_keys
 
     return deletions.run_load(ctx, write)

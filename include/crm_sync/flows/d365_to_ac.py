@@ -173,9 +173,18 @@ def _resolve_ac_ids(
     ctx: StepContext, reader: ActiveCampaignReader | None, links: list[RecordLink]
 ) -> dict[str, str]:
     """AC contact ids by email for the links that have none yet (written by a bulk import),
-    remembered in the links (not in a dry run) so the next run need not look them up again."""
+    remembered in the links (not in a dry run) so the next run need not look them up again.
+
+    One request per email, or one scan of every AC contact when that costs fewer (a new
+    initial sync after one that linked many records): the scan costs at least a request per 100
+    linked contacts, so AC's contact count is asked only when the emails outnumber that."""
     unresolved = [link.email for link in links if not link.ac_contact_id]
-    resolved = reader.contacts_by_email(unresolved) if reader and unresolved else {}
+    if not reader or not unresolved:
+        return {}
+    if len(unresolved) > ctx.store.count_links() // 100 + 1:
+        resolved = reader.ids_by_email(unresolved)[0]
+    else:
+        resolved = reader.contacts_by_email(unresolved)
     if resolved and not ctx.dry_run:
         # An id that a link holds already stays with it, and one shared by a lead's and a
         # contact's link goes to the contact's (a qualified lead's AC contact belongs to the

@@ -1,0 +1,268 @@
+"""The ActiveCampaign webhook receiver, served by the Airflow API server.
+
+ActiveCampaign posts each event, form-encoded, to `/crm-sync-webhooks/activecampaign/<secret>`
+(`python -m crm_sync webhooks install` registers that URL). The secret is the password of the
+`activecampaign_webhook` connection, compared in constant time: a wrong one gets 401 and nothing
+is stored. A good event is stored in the sync state store before the answer (a redelivery is
+stored once), then an asset event on `activecampaign_webhook_events` wakes
+`activecampaign_to_dynamics365`. AC never retries a failed delivery: an event the receiver
+could not store (503) is left to the scheduled runs' polling.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+URL_PREFIX = "/crm-sync-webhooks"
+# As crm_sync.webhooks and crm_sync.state (this module imports nothing of the sync at load).
+WEBHOOK_CONN_ID = "activecampaign_webhook"
+STATE_CONN_ID = "crm_sync_state"
+WEBHOOK_ASSET = "activecampaign_webhook_events"  # as crm_sync.dag_factory.WEBHOOK_ASSET
+# The receiver reads its connection at most this often; the asset event fires at most this often
+# (and once more after the last event of a burst), so a burst wakes the DAG once, not per event.
+SECRET_TTL_SECONDS = 30.0
+MISSING_SECRET_TTL_SECONDS = 5.0  # a failed read is tried again sooner
+WAKE_INTERVAL_SECONDS = 1.0
+MAX_BODY_BYTES = 64 * 1024  # AC's contact payloads are a few hundred bytes
+REFUSED_LOG_INTERVAL_SECONDS = 60.0  # wrong secrets are logged at most this often, counted
+
+log = logging.getLogger("crm_sync.webhooks")
+app = FastAPI(title="CRM sync webhooks", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class _HideSecret(logging.Filter):
+    """Access-log lines show the receiver's path without the secret in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            URL_PREFIX in str(a) for a in record.args if isinstance(a, str)
+        ):
+            record.args = tuple(_masked_path(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str) and URL_PREFIX in record.msg:
+            record.msg = _masked_path(record.msg)
+        return True
+
+
+def _masked_path(text: str) -> str:
+    head, found, rest = text.partition(f"{URL_PREFIX}/activecampaign/")
+    if not found:
+        return text
+    secret_end = next((i for i, ch in enumerate(rest) if ch in " ?\"'"), len(rest))
+    return f"{head}{found}***{rest[secret_end:]}"
+
+
+for _name in ("uvicorn.access", "gunicorn.access", "uvicorn.error", "airflow.api_fastapi"):
+    logging.getLogger(_name).addFilter(_HideSecret())
+
+
+class _MaskPathAfterwards:
+    """Once the receiver has answered, the request's path in the shared ASGI scope loses the
+    secret, so that the access log the API server writes after it (`http.access`) shows `***`."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            if scope.get("type") == "http":
+                scope["path"] = _masked_path(str(scope.get("path", "")))
+                raw = scope.get("raw_path")
+                if isinstance(raw, bytes):
+                    scope["raw_path"] = _masked_path(raw.decode("latin-1")).encode("latin-1")
+
+
+app.add_middleware(_MaskPathAfterwards)
+
+
+# -- the secret and the store ----------------------------------------------------------------------
+_secret_cache: tuple[float, str | None] = (0.0, None)
+_secret_lock = threading.Lock()
+
+
+def _secret() -> str | None:
+    """The shared secret (the connection's password), or None when the receiver is not set up."""
+    global _secret_cache
+    with _secret_lock:
+        read_at, secret = _secret_cache
+        ttl = SECRET_TTL_SECONDS if secret is not None else MISSING_SECRET_TTL_SECONDS
+        if time.monotonic() - read_at < ttl:
+            return secret
+        from airflow.sdk import BaseHook
+        from crm_sync.webhooks import MIN_SECRET_LENGTH
+
+        try:
+            secret = BaseHook.get_connection(WEBHOOK_CONN_ID).password or None
+        except Exception:  # no connection: the receiver answers 503 and says so
+            secret = None
+        if secret is not None and len(secret) < MIN_SECRET_LENGTH:
+            log.error(
+                "the password of connection '%s' is shorter than %d characters: not used",
+                WEBHOOK_CONN_ID,
+                MIN_SECRET_LENGTH,
+            )
+            secret = None
+        _secret_cache = (time.monotonic(), secret)
+        return secret
+
+
+@functools.cache
+def _store_for(url: str) -> Any:
+    from crm_sync.state import StateStore
+
+    return StateStore.from_url(url)
+
+
+def _store() -> Any:
+    from crm_sync.state import state_url_from_connection
+
+    return _store_for(state_url_from_connection(STATE_CONN_ID))
+
+
+# -- waking the DAG --------------------------------------------------------------------------------
+class _Waker:
+    """Emits the asset event at most once per interval, and once after a burst's last event."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.last = float("-inf")
+        self.timer: threading.Timer | None = None
+
+    def wake(self) -> None:
+        with self.lock:
+            wait = self.last + self.interval - time.monotonic()
+            if wait <= 0:
+                self.last = time.monotonic()
+            elif self.timer is None:
+                self.timer = threading.Timer(wait, self._late)
+                self.timer.daemon = True
+                self.timer.start()
+                return
+            else:
+                return
+        _emit()
+
+    def _late(self) -> None:
+        with self.lock:
+            self.timer = None
+            self.last = time.monotonic()
+        _emit()
+
+
+def _emit() -> None:
+    """An asset event on the webhook asset (as `POST /api/v2/assets/events` makes one)."""
+    from airflow.assets.manager import asset_manager
+    from airflow.models.asset import AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    try:
+        with create_session() as session:
+            asset = session.scalar(
+                select(AssetModel).where(AssetModel.name == WEBHOOK_ASSET).limit(1)
+            )
+            if asset is None:
+                log.error(
+                    "asset '%s' is unknown to Airflow (is activecampaign_to_dynamics365 parsed?): "
+                    "the events wait for the next scheduled run",
+                    WEBHOOK_ASSET,
+                )
+                return
+            asset_manager.register_asset_change(
+                asset=asset, extra={"from": "activecampaign webhook"}, source_is_api=True,
+                session=session,
+            )  # fmt: skip
+    except Exception:  # the events are stored: the next wake or the scheduled run takes them
+        log.exception("could not emit the asset event for the stored webhook events")
+
+
+waker = _Waker(WAKE_INTERVAL_SECONDS)
+
+
+class _Refusals:
+    """Counts wrong-secret posts; logs them at most once an interval, so that strangers'
+    requests cannot flood the log."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.count = 0
+        self.logged = float("-inf")
+
+    def note(self) -> None:
+        with self.lock:
+            self.count += 1
+            if time.monotonic() - self.logged < self.interval:
+                return
+            count, self.count, self.logged = self.count, 0, time.monotonic()
+        log.warning("webhook refused: wrong secret, %d request(s) (nothing stored)", count)
+
+
+refused = _Refusals(REFUSED_LOG_INTERVAL_SECONDS)
+
+
+# -- the endpoint ----------------------------------------------------------------------------------
+@app.post("/activecampaign/{secret}")
+async def receive(secret: str, request: Request) -> JSONResponse:
+    """Store one ActiveCampaign event, then wake the DAG; 401 on a wrong secret."""
+    expected = await run_in_threadpool(_secret)
+    if expected is None:
+        return JSONResponse(
+            {"detail": f"the receiver is not set up: no connection '{WEBHOOK_CONN_ID}'"}, 503
+        )
+    if not hmac.compare_digest(secret.encode(), expected.encode()):
+        refused.note()
+        return JSONResponse({"detail": "unauthorized"}, 401)
+    from crm_sync.webhooks import BadPayload, parse_form
+
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            log.warning("webhook refused: a body over %d bytes (nothing stored)", MAX_BODY_BYTES)
+            return JSONResponse({"detail": "payload too large"}, 413)
+    form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    try:
+        event = parse_form(form)
+    except BadPayload as error:
+        log.warning("webhook ignored: %s", error)
+        return JSONResponse({"detail": str(error)}, 400)
+    try:
+        new = await run_in_threadpool(lambda: _store().enqueue_webhook(event))
+    except Exception as error:  # AC does not retry: polling is the safety net for this one
+        log.error(
+            "webhook %s for contact %s not stored (%s): the next scheduled run polls for it",
+            event.event_type,
+            event.contact_id,
+            type(error).__name__,
+        )
+        return JSONResponse({"detail": "the sync state store is unavailable"}, 503)
+    log.info(
+        "webhook %s for contact %s %s",
+        event.event_type,
+        event.contact_id,
+        "stored" if new else "stored before (redelivery)",
+    )
+    if new:
+        await run_in_threadpool(waker.wake)
+    return JSONResponse({"stored": new})
+
+
+class CrmSyncWebhooksPlugin(AirflowPlugin):
+    """Registers the receiver."""
+
+    name = "crm_sync_webhooks"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "CRM sync webhooks"}]
