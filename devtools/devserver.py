@@ -194,18 +194,11 @@ class DevServer:
         """Register the receiver's webhook in the sandbox's AC (`webhooks install`), so that
         tagging a contact there starts `activecampaign_to_dynamics365` at once (when unpaused)."""
         print("• registering the ActiveCampaign webhook of the receiver", flush=True)
-        log = self.log_dir / "webhooks-install.log"
-        with log.open("wb") as out:
-            result = subprocess.run(
-                [sys.executable, "-m", "crm_sync", "webhooks", "install"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise DevServerError(f"`python -m crm_sync webhooks install` failed; see {_shown(log)}")
+        self._run(
+            [sys.executable, "-m", "crm_sync", "webhooks", "install"],
+            "webhooks-install",
+            "`python -m crm_sync webhooks install`",
+        )
 
     def _import_connections(self) -> None:
         """Store the sandbox connections in the metastore too, so Admin → Connections lists them.
@@ -227,18 +220,21 @@ class DevServer:
             Path(path).unlink(missing_ok=True)
 
     def _airflow(self, *args: str) -> None:
-        log = self.log_dir / f"{'-'.join(args[:2])}.log"
+        self._run(
+            [str(_venv_bin("airflow")), *args],
+            "-".join(args[:2]),
+            f"`airflow {' '.join(args[:2])}`",
+        )
+
+    def _run(self, command: list[str], log_name: str, what: str) -> None:
+        """Run a set-up command to its end, its output in the dev server's log folder."""
+        log = self.log_dir / f"{log_name}.log"
         with log.open("wb") as out:
             result = subprocess.run(
-                [str(_venv_bin("airflow")), *args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                check=False,
+                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, check=False
             )
         if result.returncode != 0:
-            raise DevServerError(f"`airflow {' '.join(args[:2])}` failed; see {_shown(log)}")
+            raise DevServerError(f"{what} failed; see {_shown(log)}")
 
     @staticmethod
     def _spawn(

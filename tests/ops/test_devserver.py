@@ -168,7 +168,14 @@ def test_make_up_serves_the_project_and_stops_without_leftovers(devserver: Runni
         c["connection_id"]: c
         for c in devserver.api("GET", "connections", token, params={"limit": 100})["connections"]
     }
-    assert set(listed) == {"activecampaign_default", "dynamics365_default", "crm_sync_state"}
+    assert set(listed) == {
+        "activecampaign_default",
+        "dynamics365_default",
+        "crm_sync_state",
+        "activecampaign_webhook",
+    }
+    # The webhook receiver's: the API server's URL (the secret is its password, not shown).
+    assert listed["activecampaign_webhook"]["host"] == devserver.url
     assert listed["activecampaign_default"]["host"] == f"http://127.0.0.1:{devserver.ac_port}"
     assert listed["dynamics365_default"]["host"] == f"https://127.0.0.1:{devserver.d365_port}"
     assert json.loads(listed["dynamics365_default"]["extra"])["ca_bundle"].endswith("ca.pem")
