@@ -19,9 +19,20 @@ from typing import Any
 from bench.harness import machine, prepare_process
 from sandbox.process import PROJECT_ROOT
 
-BENCHMARKS = ("backfill", "creation", "incremental", "pipeline", "side_by_side", "accounts_deals")
+BENCHMARKS = (
+    "backfill",
+    "scale",
+    "creation",
+    "incremental",
+    "pipeline",
+    "side_by_side",
+    "accounts_deals",
+    "webhooks_throughput",
+    "webhooks_latency",
+)
 QUICK = {
     "sizes": [200, 1000],
+    "scale_records": 2000,
     "creation_records": 300,
     "incremental_records": 1000,
     "changes": [0, 10, 50],
@@ -31,6 +42,8 @@ QUICK = {
     "accounts": 10,
     "account_contacts": 50,
     "opportunities": 10,
+    "webhooks_records": 300,
+    "latency_seconds": 60.0,
     "repeats": 1,
 }
 
@@ -42,6 +55,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--sizes", default="1000,10000,100000", help="backfill sizes")
+    parser.add_argument(
+        "--scale-records",
+        type=int,
+        default=1_000_000,
+        help="scale: backfill size (PostgreSQL state, each step in its own process)",
+    )
+    parser.add_argument(
+        "--kill-at",
+        type=float,
+        default=0.6,
+        help="scale: share of the load's records linked when it is killed (0: not killed)",
+    )
     parser.add_argument("--creation-records", type=int, default=20_000)
     parser.add_argument("--incremental-records", type=int, default=100_000)
     parser.add_argument("--changes", default="0,10,1000")
@@ -54,6 +79,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--opportunities", type=int, default=100, help="accounts_deals: opportunities"
+    )
+    parser.add_argument(
+        "--webhooks-records", type=int, default=20_000, help="webhooks_throughput: contacts"
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, default=600.0, help="webhooks_latency: seconds tagging"
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=5.0, help="webhooks_latency: contacts tagged a second"
     )
     parser.add_argument("--results", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--docs", type=Path, default=PROJECT_ROOT / "docs")
@@ -76,14 +110,20 @@ def command(args: argparse.Namespace, name: str) -> str:
     """The command that reproduces one benchmark's figures."""
     options = {
         "backfill": f"--sizes {args.sizes}",
+        "scale": f"--scale-records {args.scale_records} --kill-at {args.kill_at}",
         "creation": f"--creation-records {args.creation_records}",
         "incremental": f"--incremental-records {args.incremental_records} --changes {args.changes}",
         "pipeline": f"--pipeline-rows {args.pipeline_rows} --pipeline-chunk {args.pipeline_chunk}",
         "side_by_side": f"--side-by-side-records {args.side_by_side_records}",
         "accounts_deals": f"--accounts {args.accounts} --account-contacts "
         f"{args.account_contacts} --opportunities {args.opportunities}",
+        "webhooks_throughput": f"--webhooks-records {args.webhooks_records}",
+        "webhooks_latency": f"--latency-seconds {args.latency_seconds:g} "
+        f"--latency-rate {args.latency_rate:g}",
     }[name]
-    return f"python -m bench --only {name} --repeats {args.repeats} {options}"
+    one_run = ("scale", "webhooks_throughput", "webhooks_latency")
+    repeats = "" if name in one_run else f" --repeats {args.repeats}"  # one run each
+    return f"python -m bench --only {name}{repeats} {options}"
 
 
 def pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,12 +158,22 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     changes = [int(c) for c in args.changes.split(",")]
     if name == "backfill":
         return scenarios.backfill(sizes, args.repeats, work)
+    if name == "scale":
+        from bench.scale import backfill_at_scale
+
+        return backfill_at_scale(args.scale_records, work, kill_at=args.kill_at or None)
     if name == "creation":
         return scenarios.creation(args.creation_records, args.repeats, work)
     if name == "incremental":
         return scenarios.incremental(args.incremental_records, changes, work)
     if name == "pipeline":
         return pipeline(args)
+    if name in ("webhooks_throughput", "webhooks_latency"):
+        from bench import webhooks
+
+        if name == "webhooks_throughput":
+            return webhooks.throughput(args.webhooks_records, work)
+        return webhooks.latency(args.latency_seconds, args.latency_rate, work)
     if name == "accounts_deals":
         return scenarios.accounts_deals(
             args.accounts, args.opportunities, args.account_contacts, work

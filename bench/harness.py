@@ -41,7 +41,11 @@ def prepare_process(work_dir: Path) -> None:
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ["CRM_SYNC_STAGING"] = str(work_dir / "staging")
-    # The task logs (a line per request) would drown the benchmark's own output.
+    quiet_logs()
+
+
+def quiet_logs() -> None:
+    """The task logs (a line per request) would drown the benchmark's own output."""
     logging.basicConfig(level=logging.WARNING)
     for name in ("crm_sync", "crm_connectors", "great_expectations", "airflow"):
         logging.getLogger(name).setLevel(logging.WARNING)

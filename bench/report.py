@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench import webhooks
 from bench.harness import AC_IMPORT_CEILING, WRITE_COST_MS
 
 PAGE = "benchmarks.md"
@@ -25,8 +26,9 @@ def _n(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def plot_scaling(backfill: dict[str, Any], path: Path) -> None:
-    """Seconds against records for the backfill, with the import ceiling's line."""
+def plot_scaling(backfill: dict[str, Any], scale: dict[str, Any] | None, path: Path) -> None:
+    """Seconds against records for the backfill (and the run at scale, when measured), with the
+    import ceiling's line; both axes logarithmic, so that 1,000 and 1,000,000 both show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,13 +61,36 @@ def plot_scaling(backfill: dict[str, Any], path: Path) -> None:
         label="load step alone (median)",
         zorder=3,
     )
+    if scale is not None:
+        axis.plot(
+            [scale["created"]],
+            [scale["seconds"]],
+            "D",
+            color="#e6550d",
+            label="initial sync at scale (one run, PostgreSQL, a process per step, load "
+            "killed and retried)",
+            zorder=4,
+        )
+        axis.plot(
+            [scale["created"]],
+            [sum(load["seconds"] for load in scale["loads"])],
+            "D",
+            mfc="none",
+            color="#e6550d",
+            label="its load step (both attempts)",
+            zorder=4,
+        )
+    largest = max([*created, scale["created"] if scale else 0])
+    smallest = min(created)
     axis.plot(
-        [0, max(created)],
-        [0, max(created) / AC_IMPORT_CEILING],
+        [smallest, largest],
+        [smallest / AC_IMPORT_CEILING, largest / AC_IMPORT_CEILING],
         ":",
         color="#a50f15",
         label=f"AC bulk-import ceiling ({AC_IMPORT_CEILING:.0f} contacts/s)",
     )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
     axis.set_xlabel("contacts written to ActiveCampaign")
     axis.set_ylabel("seconds")
     axis.set_title("Initial sync (Dynamics 365 -> ActiveCampaign): time against size")
@@ -149,6 +174,110 @@ def _backfill(data: dict[str, Any]) -> list[str]:
             f"smallest size: {data['sizes'][0]['runs'][0]['seconds']:.1f} s).",
             "",
         ]
+    return lines
+
+
+#: Peak RSS allowed per step at scale (each Airflow task runs one step in its own process).
+STEP_RSS_MIB = 1536
+
+
+def _scale(data: dict[str, Any]) -> list[str]:
+    """The backfill at scale: throughput, peak RSS per step, the kill and the retry, and the
+    quiet runs at that many links."""
+    loads = data["loads"]
+    killed = loads[0] if len(loads) > 1 else None
+    rows = [
+        (s["step"], s) for s in data["steps"]
+    ] + [(f"load ({'killed' if killed is load else 'retried'})" if killed else "load", load)
+         for load in loads]  # fmt: skip
+    lines = [
+        f"### At {_n(data['records'])} records: PostgreSQL, a process per step, the load "
+        "killed and retried",
+        "",
+        f"`{data['command']}` (one run). The same flow on a PostgreSQL state store (a database "
+        "made for the run and dropped after it), each step in a fresh process "
+        "(`python -m bench.step`) as each Airflow task runs it, so each step's peak RSS is its "
+        "own: the kernel's `ru_maxrss` of that process, read with `wait4` (also for the killed "
+        "one); it includes the process's imports (Airflow, pandas, Great Expectations: about "
+        "250 MiB). Seconds are each process's wall time, start-up included.",
+        "",
+        "| step | seconds | peak RSS (MiB) | at most 1.5 GiB |",
+        "|---|---:|---:|---|",
+    ]
+    for label, step in rows:
+        lines.append(
+            f"| {label} | {step['seconds']:.1f} | {_n(step['peak_rss_mib'])} | "
+            f"{_met(step['peak_rss_mib'] <= STEP_RSS_MIB)} |"
+        )
+    lines += [
+        "",
+        f"Contacts written: {_n(data['created'])} (links: {_n(data['linked'])}) in "
+        f"{data['seconds']:.0f} s of steps: {data['contacts_per_second']:.1f} contacts/s, "
+        f"{data['ratio']:.3f} of the ceiling ({AC_IMPORT_CEILING:.1f}). The seconds are the "
+        "sum of the steps' processes, both load attempts included; the "
+        f"{data['retry_delay_seconds']:.0f} s between the kill and the retry (Airflow's "
+        "`retry_delay`) are not counted.",
+        "",
+    ]
+    if killed:
+        done = killed["linked_when_killed"]
+        rest = data["created"] - done
+        lines += [
+            f"Where the time goes: the killed load ran {killed['seconds']:.0f} s for "
+            f"{_n(done)} records linked ({done / AC_IMPORT_CEILING:.0f} s at the ceiling), the "
+            f"retry {loads[-1]['seconds']:.0f} s for the other {_n(rest)} "
+            f"({rest / AC_IMPORT_CEILING:.0f} s at the ceiling); the steps before the load "
+            f"{sum(s['seconds'] for s in data['steps']):.0f} s. The difference is work besides "
+            "the imports: each load turns the whole stage into Python rows before its first "
+            "import (see the notes: memory at 1,000,000 records); the retry looks up the links "
+            "of every planned row (500 a query) and, after the imports, the accounts' "
+            "association step those of every contact read. This PostgreSQL server runs with "
+            "autovacuum off: the links table, written in minutes, had no statistics, and each "
+            "look-up went through the entity part of the (entity, Dataverse id) index only "
+            "(0.25-0.5 s; 5 ms with statistics, measured on an analyzed table of 1,000,000 "
+            "links).",
+            "",
+        ]
+        at_kill, after = data["received_when_killed"], data["received"]
+        unlinked = at_kill["contacts sent"] - killed["linked_when_killed"]
+        lines += [
+            f"Resuming: the load was SIGKILLed once {_n(killed['linked_when_killed'])} records "
+            f"({killed['linked_when_killed'] / data['valid']:.0%} of {_n(data['valid'])}) were "
+            f"linked, after {killed['seconds']:.0f} s; ActiveCampaign had received "
+            f"{_n(at_kill['contacts sent'])} contacts in {_n(at_kill['batches'])} imports by "
+            f"then, {_n(unlinked)} of them in imports whose links were not saved yet (in "
+            "flight). The retry (the same DAG run's `load` again, as Airflow retries a task) "
+            "left out every linked record (`skip_written_meanwhile`: its link holds what the "
+            "write would leave) and sent the rest. In all ActiveCampaign received "
+            f"{_n(after['contacts sent'])} contacts in {_n(after['batches'])} imports for "
+            f"{_n(after['AC contacts'])} contacts it holds: {_n(after['contacts applied again'])}"
+            " applied twice (the same contact id in two imports), all of them from the imports "
+            "in flight at the kill (a bulk import is an upsert by email: sent again, they "
+            "created nothing twice). None of the linked records was sent again.",
+            "",
+        ]
+    quiet = data.get("quiet", {}).get("quiet", {})
+    if quiet:
+        lines += [
+            f"Quiet runs at {_n(data['linked'])} links (the shipped `sync.yaml`, accounts and "
+            "deals on; each direction ran once a day after the initial sync first, then once "
+            "more with nothing changed; the `activecampaign_to_dynamics365` tag watermarks set "
+            "as in benchmark 3):",
+            "",
+            "| direction | AC requests | Dataverse requests | total | at most 10 | requests |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        for flow, item in quiet.items():
+            total = item["ac"] + item["d365"]
+            routes = {
+                **{f"AC {k}": v for k, v in item["ac_by_route"].items()},
+                **{f"Dataverse {k}": v for k, v in item["d365_by_route"].items()},
+            }
+            lines.append(
+                f"| `{flow}` | {item['ac']} | {item['d365']} | {total} | {_met(total <= 10)} | "
+                f"{_routes(routes)} |"
+            )
+        lines.append("")
     return lines
 
 
@@ -575,6 +704,37 @@ NOTES = [
     "are saved per call, for crash safety), so each call's first and last chunks run with "
     "fewer than four requests in flight, and the email look-ups before the creates come "
     "first.",
+    "- **Memory at 1,000,000 records.** Each step holds the whole run in one frame (the "
+    "`validate` stage has 57 columns, about 1.2 KB a row in memory), and the load turns it into "
+    "Python rows besides (`common.skip_written_meanwhile` reads every row as a dict; the contacts "
+    "sent). So each step's peak RSS grows with the records (section 1, at scale). What would "
+    "close it: stages written and read in parts of about 100,000 rows (`staging.py`), each step "
+    "taking one part at a time, and `common.run_load`, `accept_valid` and "
+    "`skip_written_meanwhile` working part by part (a part's links read by Dataverse id): a "
+    "step's peak would then be its imports (about 250 MiB) plus one part, whatever the size. "
+    "The same rows-as-dicts pass is also what delays the load's first import at this size "
+    "(`to_dict` of 57 columns: about 23 s per 100,000 rows).",
+    "- **Quiet `activecampaign_to_dynamics365` runs with accounts on: 11 requests.** The 11th "
+    "is `GET /api/3/accounts`: AC's `/accounts` has neither an updated-since filter nor an "
+    "order, so reading every account is the only way to see an account edited in AC (one "
+    "request per 100 AC accounts: it also grows with them). It is needed. Where a request "
+    "could go instead: `GET /api/3/fields` (the custom fields' ids, and the check that the "
+    "mapped ones exist) is needed only by a run that reads a contact's custom fields; asked "
+    "when first needed instead of when the reader starts, a quiet run makes 10, and the check "
+    "still runs before anything is written. Or one `GET /api/3/contactTags` for the four D365 "
+    "tags instead of one each (8; a busy account's other tags would then cost pages). Both "
+    "are in `ActiveCampaignReader`, not changed here.",
+    "- **A new initial sync run after one that linked many records** (instead of Airflow's "
+    "retry of the same run's load, which resumes at no cost) reads the linked contacts' state "
+    "in AC: one count and a scan of every contact to learn the ids a bulk import did not read "
+    "back (one `GET /contacts?email=` per record before: about 600,000 requests, 33 hours, "
+    "after 600,000 records), then the contacts, their D365 tags and custom fields: about 8 "
+    "requests per 100 linked records in all (150 for 1,954; about 2.5 hours at 600,000).",
+    "- **The AC deletion scan at 1,000,000 contacts** costs what it costs at 1,000 "
+    "(`deletion_scan_per_run`, 3 requests), and its reads of the links in each page's id range "
+    "go through the AC id's index (they compared every link's id as a number before: 0.2 s a "
+    "page at 1,000,000 links); but a full turn over 1,000,000 contacts takes 3,334 runs (139 "
+    "days at one run an hour): how soon a deletion in AC is seen grows with the contacts.",
     "- **The machine** was shared with other work during the runs: the CPU figure (4) moved "
     "by about 5 % between runs.",
     "",
@@ -590,6 +750,32 @@ def _summary(results: dict[str, dict[str, Any]]) -> list[str]:
             f"{top['contacts_per_second']:.1f} contacts/s | {AC_IMPORT_CEILING:.1f} | "
             f"{top['ratio']:.3f} | >= 0.90 | {_met(top['ratio'] >= 0.9)} |"
         )
+    if "scale" in results:
+        data = results["scale"]
+        killed = (
+            f" (load killed at {data['kill_at']:.0%} and retried; one run)"
+            if len(data["loads"]) > 1
+            else ""
+        )
+        rows.append(
+            f"| 1 | initial sync, {_n(data['records'])} records, PostgreSQL{killed} | "
+            f"{data['contacts_per_second']:.1f} contacts/s | {AC_IMPORT_CEILING:.1f} | "
+            f"{data['ratio']:.3f} | >= 0.90 | {_met(data['ratio'] >= 0.9)} |"
+        )
+        steps = [*data["steps"], *data["loads"]]
+        worst = max(steps, key=lambda s: s["peak_rss_mib"])
+        rows.append(
+            f"| 1 | peak RSS per step, {_n(data['records'])} records | at most "
+            f"{_n(worst['peak_rss_mib'])} MiB ({worst['step']}) | - | - | <= 1.5 GiB | "
+            f"{_met(worst['peak_rss_mib'] <= STEP_RSS_MIB)} |"
+        )
+        quiet = data.get("quiet", {}).get("quiet", {})
+        if quiet:
+            most = max(q["ac"] + q["d365"] for q in quiet.values())
+            rows.append(
+                f"| 3 | requests per direction, 0 changes, {_n(data['linked'])} linked, "
+                f"accounts and deals on | at most {most} | - | - | <= 10 | {_met(most <= 10)} |"
+            )
     if "creation" in results:
         data = results["creation"]
         rows.append(
@@ -657,6 +843,7 @@ def _summary(results: dict[str, dict[str, Any]]) -> list[str]:
             "- | - "
             f"| <= 10 | {_met(worst <= 10)} |"
         )
+    rows += webhooks.summary_rows(results)
     return [
         "| # | figure | result | ceiling | ratio | target | met |",
         "|---|---|---|---:|---:|---|---|",
@@ -686,7 +873,8 @@ def write_report(results_dir: Path, docs: Path) -> Path:
         "request counts and whose seconds were measured before the cost model existed). The "
         "sync runs in-process, each step called as its "
         "Airflow task calls it (`crm_sync.steps.steps_of(flow)` with a `StepContext`), against "
-        "`python -m sandbox serve` in its own process, with a SQLite state store.",
+        "`python -m sandbox serve` in its own process, with a SQLite state store (the run at "
+        "scale, section 1: PostgreSQL, each step in its own process).",
         "",
         f"Machine: {_machine(results)} (shared with other work while measured, so seconds "
         "vary by a few percent between runs). Finished: "
@@ -698,8 +886,10 @@ def write_report(results_dir: Path, docs: Path) -> Path:
         lines += ["**Quick run (`--quick`): small sizes, for checking the harness only.**", ""]
     lines += ["## Summary", "", *_summary(results)]
     if "backfill" in results:
-        plot_scaling(results["backfill"], docs / PLOT)
+        plot_scaling(results["backfill"], results.get("scale"), docs / PLOT)
         lines += _backfill(results["backfill"])
+    if "scale" in results:
+        lines += _scale(results["scale"])
     for name, render in (
         ("creation", _creation),
         ("incremental", _incremental),
@@ -712,6 +902,7 @@ def write_report(results_dir: Path, docs: Path) -> Path:
             lines += _quiet_note(results["accounts_deals"], results[name])
     if "accounts_deals" in results:
         lines += _accounts_deals(results["accounts_deals"], results.get("incremental"))
+    lines += webhooks.sections(results)
     lines += NOTES
     page = docs / PAGE
     page.write_text("\n".join(lines).rstrip() + "\n")
