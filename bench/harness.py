@@ -195,10 +195,15 @@ class FlowRun:
         return sum(v for k, v in self.counts["load"].items() if k.startswith(prefix))
 
 
-def run_flow(
-    flow_name: str, sandbox: Sandbox, state_url: str, params: dict[str, Any] | None = None
-) -> FlowRun:
-    """Run the five steps of a flow in this process, as its DAG's tasks call them."""
+def steps_once(
+    flow_name: str,
+    state_url: str,
+    params: dict[str, Any] | None = None,
+    *,
+    event_run: bool = False,
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Run the five steps of a flow in this process, as its DAG's tasks call them (`event_run`:
+    as a run the webhook receiver's asset event started); seconds and counts per step."""
     from crm_sync.context import StepContext
     from crm_sync.core import Flow
     from crm_sync.params import RunParams
@@ -206,10 +211,10 @@ def run_flow(
     from crm_sync.steps import steps_of
 
     flow = Flow(flow_name)
-    sandbox.clear_counters()
     seconds: dict[str, float] = {}
     counts: dict[str, dict[str, Any]] = {}
-    run_id = f"bench__{uuid.uuid4().hex[:12]}"
+    kind = "asset_triggered" if event_run else "bench"
+    run_id = f"{kind}__{uuid.uuid4().hex[:12]}"
     for step, function in steps_of(flow).in_order():
         # A fresh context per step, as each Airflow task builds its own.
         ctx = StepContext(
@@ -219,6 +224,7 @@ def run_flow(
             settings=current_settings(),
             run_params=RunParams.parse(flow, dict(params or {})),
             state_url=state_url,
+            event_run=event_run,
         )
         started = time.perf_counter()
         summary = function(ctx)
@@ -226,6 +232,15 @@ def run_flow(
         counts[step] = summary.get("counts", {})
         if "store" in ctx.__dict__:
             ctx.store.engine.dispose()
+    return seconds, counts
+
+
+def run_flow(
+    flow_name: str, sandbox: Sandbox, state_url: str, params: dict[str, Any] | None = None
+) -> FlowRun:
+    """Run the five steps of a flow in this process; with the requests they made."""
+    sandbox.clear_counters()
+    seconds, counts = steps_once(flow_name, state_url, params)
     return FlowRun(seconds, counts, sandbox.requests_made())
 
 

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -38,6 +37,7 @@ from bench.harness import (
     run_flow,
     run_folder,
     settings_override,
+    steps_once,
 )
 from bench.scenarios import AC_TO_D365, CONTACTS_ONLY, SEED, _state_url, creation_ceiling
 from sandbox.process import PROJECT_ROOT, free_port
@@ -165,31 +165,7 @@ def subscribe(sandbox: Sandbox, url: str) -> None:
 # -- throughput: polling against event runs --------------------------------------------------------
 def _steps(state: str, *, event_run: bool) -> dict[str, Any]:
     """One run of the flow's five steps in this process (as the DAG's tasks call them)."""
-    from crm_sync.context import StepContext
-    from crm_sync.core import Flow
-    from crm_sync.settings import current_settings
-    from crm_sync.steps import steps_of
-
-    flow = Flow(AC_TO_D365)
-    kind = "asset_triggered" if event_run else "scheduled"
-    run_id = f"{kind}__bench_{uuid.uuid4().hex[:12]}"
-    seconds: dict[str, float] = {}
-    counts: dict[str, dict[str, Any]] = {}
-    for step, function in steps_of(flow).in_order():
-        ctx = StepContext(
-            flow=flow,
-            dag_id=flow.value,
-            run_id=run_id,
-            settings=current_settings(),
-            state_url=state,
-            event_run=event_run,
-        )
-        started = time.perf_counter()
-        summary = function(ctx)
-        seconds[step] = time.perf_counter() - started
-        counts[step] = summary.get("counts", {})
-        if "store" in ctx.__dict__:
-            ctx.store.engine.dispose()
+    seconds, counts = steps_once(AC_TO_D365, state, event_run=event_run)
     created = sum(v for k, v in counts["load"].items() if k.startswith("created ("))
     return {
         "seconds": sum(seconds.values()),

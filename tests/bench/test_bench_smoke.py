@@ -26,16 +26,9 @@ def fast_limits() -> Iterator[None]:
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_limits: None) -> Path:
+def root(undone_connections: Path, fast_limits: None) -> Path:
     """A folder for the runs; the connections a scenario sets are undone after the test."""
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    for name in (
-        "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT",
-        "AIRFLOW_CONN_DYNAMICS365_DEFAULT",
-        "AIRFLOW_CONN_CRM_SYNC_STATE",
-    ):
-        monkeypatch.setenv(name, "")
-    return tmp_path
+    return undone_connections
 
 
 def test_backfill_writes_every_eligible_record_in_full_imports(root: Path) -> None:

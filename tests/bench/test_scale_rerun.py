@@ -18,16 +18,8 @@ pytestmark = [pytest.mark.sandbox, pytest.mark.postgres]
 
 
 @pytest.fixture
-def fast_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sandbox's limits and the AC pacing ten times the published ones; the connections
-    and staging folder the run sets are undone after the test."""
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    for name in (
-        "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT",
-        "AIRFLOW_CONN_DYNAMICS365_DEFAULT",
-        "AIRFLOW_CONN_CRM_SYNC_STATE",
-    ):
-        monkeypatch.setenv(name, "")
+def fast_limits(undone_connections: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox's limits and the AC pacing ten times the published ones."""
     monkeypatch.setitem(harness.LIMIT_SCALE, "value", 10.0)
 
 

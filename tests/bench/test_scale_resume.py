@@ -15,20 +15,8 @@ from bench.scenarios import BACKFILL, _seed_dataverse
 pytestmark = [pytest.mark.sandbox, pytest.mark.postgres]
 
 
-@pytest.fixture
-def connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The connections and staging folder the run sets are undone after the test."""
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    for name in (
-        "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT",
-        "AIRFLOW_CONN_DYNAMICS365_DEFAULT",
-        "AIRFLOW_CONN_CRM_SYNC_STATE",
-    ):
-        monkeypatch.setenv(name, "")
-
-
 def test_a_load_killed_part_way_and_retried_sends_no_linked_record_again(
-    tmp_path: Path, connections: None
+    tmp_path: Path, undone_connections: Path
 ) -> None:
     database = f"crm_sync_test_{uuid.uuid4().hex[:10]}"
     with Sandbox(tmp_path / "sandbox") as sandbox, postgres_state(database) as state_url:
