@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -114,6 +115,53 @@ class StepProcess:
         return result
 
 
+class AutoAnalyze:
+    """What PostgreSQL's autovacuum does for the state store, when the server runs with it off
+    (this machine's does): every `autovacuum_naptime` (60 s) it analyzes each table changed by
+    more than `autovacuum_analyze_threshold` + `autovacuum_analyze_scale_factor` of its rows
+    (50 + 10 %, the defaults). Without statistics the planner reads a link by the index's
+    entity part only (0.25-0.5 s a look-up instead of 5 ms). A context manager."""
+
+    NAPTIME = 60.0
+
+    def __init__(self, state_url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(state_url, isolation_level="AUTOCOMMIT")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.runs = 0
+        self.active = False
+
+    def __enter__(self) -> AutoAnalyze:
+        from sqlalchemy import text
+
+        with self.engine.connect() as connection:
+            self.active = connection.execute(text("SHOW autovacuum")).scalar() == "off"
+        if self.active:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        if self.active:
+            self.thread.join()
+        self.engine.dispose()
+
+    def _loop(self) -> None:
+        from sqlalchemy import text
+
+        due = text(
+            "SELECT s.relname FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+            "WHERE s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0)"
+        )
+        while not self.stop.wait(self.NAPTIME):
+            with self.engine.connect() as connection:
+                for (table,) in connection.execute(due).fetchall():
+                    connection.execute(text(f'ANALYZE "{table}"'))
+                    self.runs += 1
+
+
 def _links(state_url: str) -> int:
     from sqlalchemy import create_engine, text
 
@@ -201,6 +249,7 @@ def backfill_at_scale(
         run_folder(root, f"scale-{records}") as folder,
         Sandbox(folder / "sandbox") as sandbox,
         postgres_state() as state_url,
+        AutoAnalyze(state_url) as autovacuum,
     ):
         seeding = time.perf_counter()
         _seed_dataverse(sandbox, records)
@@ -239,6 +288,8 @@ def backfill_at_scale(
             "kill_at": kill_at,
             "retry_delay_seconds": RETRY_DELAY_SECONDS if kill_at is not None else 0.0,
             "peak_rss_mib": max(s["peak_rss_mib"] for s in steps + loads),
+            # ANALYZEs run by the autovacuum stand-in during the initial sync (None: autovacuum on).
+            "autovacuum_stand_in": autovacuum.runs if autovacuum.active else None,
             "ac_requests": dict(requests["ac"]),
             "d365_requests": dict(requests["d365"]),
         }

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
 STAGING_ENV = "CRM_SYNC_STAGING"
+#: Rows per Parquet row group, and per part a step reads at a time (`RunStaging.parts`): a step
+#: that works part by part holds one part, whatever the run's size.
+PART_ROWS = 100_000
 # A failed run keeps its folder for its task retries; a later successful run of the same DAG
 # deletes it once nothing in it has changed for this long.
 STALE_AFTER = timedelta(days=1)
@@ -54,6 +57,38 @@ class Stage:
                 f"{self.step}/{self.name}: the frame lacks declared column(s) {', '.join(missing)}"
             )
         return frame
+
+
+def _only(frame: pd.DataFrame, columns: Sequence[str] | None) -> pd.DataFrame:
+    """`frame` with only `columns` (all when None); the undeclared ones empty."""
+    if columns is None:
+        return frame
+    return frame.reindex(columns=list(columns))
+
+
+def _write_parquet(frame: pd.DataFrame, handle: Any) -> None:
+    """`frame` as Parquet, `PART_ROWS` rows per row group, converted to Arrow a row group at a
+    time (a whole-frame conversion would hold a second copy of the frame)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if len(frame) <= PART_ROWS:
+        frame.to_parquet(handle, index=False, row_group_size=PART_ROWS)
+        return
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    with pq.ParquetWriter(handle, schema) as writer:
+        for start in range(0, len(frame), PART_ROWS):
+            part = frame.iloc[start : start + PART_ROWS]
+            writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
+
+
+def _batches(
+    handle: Any, columns: Sequence[str] | None = None, rows: int | None = None
+) -> Iterator[Any]:
+    """The Parquet file's rows as Arrow record batches of at most `rows` (`PART_ROWS`)."""
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(handle).iter_batches(batch_size=rows or PART_ROWS, columns=columns)
 
 
 def staging_root(configured: str) -> str:
@@ -108,7 +143,7 @@ class RunStaging:
         target = self.path(step, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            frame.to_parquet(handle, index=False)
+            _write_parquet(frame, handle)
         return str(target)
 
     def read_frame(self, step: str, name: str) -> pd.DataFrame:
@@ -119,7 +154,12 @@ class RunStaging:
         if not source.exists():
             return pd.DataFrame()
         with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            return pd.read_parquet(handle)
+            # A row group at a time: the Arrow copy of the whole file is never held with the frame.
+            parts = [batch.to_pandas() for batch in _batches(handle)]
+        if not parts:
+            with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                return pd.read_parquet(handle)
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
     def write(self, stage: Stage, frame: pd.DataFrame) -> str:
         """Stage `frame` as `stage` (checked against its declared columns); returns its URL."""
@@ -128,6 +168,53 @@ class RunStaging:
     def read(self, stage: Stage) -> pd.DataFrame:
         """The frame staged as `stage`; its typed empty frame when none was written."""
         return stage.conform(self.read_frame(stage.step, stage.name))
+
+    def rows(self, stage: Stage) -> int:
+        """How many rows are staged as `stage` (0 when none were written)."""
+        import pyarrow.parquet as pq
+
+        source = self.path(stage.step, stage.name)
+        if not source.exists():
+            return 0
+        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+            return int(pq.ParquetFile(handle).metadata.num_rows)
+
+    def columns(self, stage: Stage) -> list[str]:
+        """The columns staged as `stage` (its declared ones when none were written)."""
+        import pyarrow.parquet as pq
+
+        source = self.path(stage.step, stage.name)
+        if not source.exists():
+            return list(stage.columns)
+        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+            return list(pq.read_schema(handle).names)
+
+    def parts(
+        self, stage: Stage, columns: Sequence[str] | None = None, rows: int | None = None
+    ) -> Iterator[pd.DataFrame]:
+        """The frame staged as `stage`, `rows` at a time (its typed empty frame once when none
+        was written); `columns`: only these (declared ones come typed even when absent)."""
+
+        source = self.path(stage.step, stage.name)
+        if self.rows(stage) == 0:  # typed, with the columns written if it was
+            yield _only(self.read(stage), columns)
+            return
+        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+            for batch in _batches(handle, columns, rows or PART_ROWS):
+                part = batch.to_pandas()
+                yield stage.conform(part) if columns is None else part
+
+    def read_columns(self, stage: Stage, columns: Sequence[str], **filters: Any) -> pd.DataFrame:
+        """Only `columns` of the frame staged as `stage`, only its rows whose column equals each
+        of `filters` (read so from the file: the rest never reaches memory)."""
+        import pandas as pd
+
+        source = self.path(stage.step, stage.name)
+        if self.rows(stage) == 0:
+            return _only(self.read(stage), columns)
+        where = [(c, "==", v) for c, v in filters.items()] or None
+        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+            return pd.read_parquet(handle, columns=list(columns), filters=where)
 
     def write_json(self, step: str, name: str, value: Any) -> str:
         """Write a small JSON document (metadata, plans)."""

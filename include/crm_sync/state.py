@@ -422,6 +422,18 @@ class StateStore:
                         found[row.id] = self._link(row)
         return list(found.values())
 
+    def linked_dataverse_ids(self, entity: str, dataverse_ids: Iterable[str]) -> set[str]:
+        """Which of `dataverse_ids` of `entity` have a link (only the ids: a million links
+        read whole would hold their values too)."""
+        values, found = list(dataverse_ids), set[str]()
+        for start in range(0, len(values), 1000):
+            query = select(links.c.dataverse_id).where(
+                links.c.entity == entity, links.c.dataverse_id.in_(values[start : start + 1000])
+            )
+            with self.begin() as connection:
+                found.update(str(i) for i in connection.scalars(query))
+        return found
+
     def count_links(self) -> int:
         """How many records are linked."""
         with self.begin() as connection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from crm_sync.stages import (
     AC_LINKS,
     AC_MAPPED,
     AC_QUEUED,
+    AC_VALID,
     CONFLICTS,
     DELETED,
     DV_CURRENT,
@@ -397,9 +399,12 @@ def load(ctx: StepContext) -> dict[str, Any]:
     """Create and update in bulk, link as results arrive, carry the deletions found in AC to
     Dynamics, then advance the watermarks."""
 
-    def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+    def write(
+        parts: Iterable[pd.DataFrame], meta: dict[str, Any]
+    ) -> tuple[dict[str, int], list[str]]:
+        # A run holds what AC's read budget let it read: its rows are written together.
         loader = DataverseLoader(ctx, ctx.dv_hook)
-        counts = loader.load(valid)
+        counts = loader.load(common.concat(AC_VALID, list(parts)))
         # Written or quarantined by now, each with its reason: the events are done with.
         ctx.store.consume_webhooks(meta.get("webhook_events") or [], ctx.run_id)
         return counts, loader.synced_keys

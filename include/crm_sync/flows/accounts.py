@@ -892,13 +892,11 @@ def _move_in_ac(ctx: StepContext, move: Move, current: tuple[str, str] | None) -
 def _contacts_read_in_dynamics(ctx: StepContext, waiting: list[str]) -> pd.DataFrame:
     """The linked contacts this run read, those of the accounts it linked, and those whose
     association waits in the quarantine: `dataverse_id`, `_parentcustomerid_value`."""
-    read = ctx.staging.read(DV_CHANGED)
     parent = "_parentcustomerid_value"
-    read = (
-        read.loc[read["entity"] == "contact", ["dataverse_id", parent]]
-        if parent in read
-        else pd.DataFrame(columns=["dataverse_id", parent])
-    )
+    if parent in ctx.staging.columns(DV_CHANGED):
+        read = ctx.staging.read_columns(DV_CHANGED, ["dataverse_id", parent], entity="contact")
+    else:
+        read = pd.DataFrame(columns=["dataverse_id", parent])
     valid = ctx.staging.read(ACCOUNT_VALID)
     linked_now = valid.loc[
         (valid["action"] == Action.NEW_ACCOUNT.value) | valid["relink"], "dataverse_id"
@@ -923,11 +921,7 @@ def _contacts_read_in_dynamics(ctx: StepContext, waiting: list[str]) -> pd.DataF
             columns=["dataverse_id", parent],
         )
         read = pd.concat([read, members], ignore_index=True).drop_duplicates("dataverse_id")
-    linked = {
-        lk.dataverse_id
-        for lk in ctx.store.links_for(dataverse_ids=read["dataverse_id"].tolist())
-        if lk.entity == "contact"
-    }
+    linked = ctx.store.linked_dataverse_ids("contact", read["dataverse_id"].astype(str))
     return read[read["dataverse_id"].isin(linked)]
 
 

@@ -330,10 +330,19 @@ class ActiveCampaignLoader:
         return []
 
     def load(self, valid: pd.DataFrame) -> dict[str, int]:
-        """Write every row of `valid`; returns counts. A record AC refuses is quarantined with
-        its reason, on every write path, and the others go on."""
-        if valid.empty:
-            return {}
+        """Write every row of `valid`; returns counts (`load_parts` of one part)."""
+        return self.load_parts([valid])
+
+    def load_parts(self, parts: Iterable[pd.DataFrame]) -> dict[str, int]:
+        """Write every row of each part, a part at a time (the load holds one part, whatever
+        the run's size); returns counts. A record AC refuses is quarantined with its reason, on
+        every write path, and the others go on."""
+        for valid in parts:
+            if not valid.empty:
+                self._write(valid)
+        return dict(self.counts)
+
+    def _write(self, valid: pd.DataFrame) -> None:
         valid = self._move_emails(valid)
         # AC documents no blank-value rule for bulk imports, and import tools commonly leave a
         # stored value when sent an empty one: an update that clears a value goes by
@@ -347,7 +356,6 @@ class ActiveCampaignLoader:
             self._sync_one_by_one(valid[clearing])
             self._import(valid[~clearing])
         self._finish_qualifications(valid)
-        return dict(self.counts)
 
     def _move_emails(self, valid: pd.DataFrame) -> pd.DataFrame:
         """A linked contact whose email changed in Dynamics gets it changed by id, before the

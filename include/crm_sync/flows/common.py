@@ -329,16 +329,19 @@ def skip_written_meanwhile(ctx: StepContext, valid: pd.DataFrame) -> tuple[pd.Da
     links = ctx.store.links_for(
         dataverse_ids=ids.get("dataverse_id", []), ac_ids=ids.get(ac_column, [])
     )
+    if not links:
+        return valid, []
     by_row = {(link.entity, link.dataverse_id): link for link in links}
     by_contact = {(link.entity, link.ac_contact_id): link for link in links if link.ac_contact_id}
+    columns = [c for c in ("record_key", "entity", "dataverse_id", ac_column, "synced_values")]
     done = []
-    for row in valid.to_dict("records"):
-        dataverse_id, contact_id = row.get("dataverse_id"), row.get(ac_column)
-        link = by_row.get((row["entity"], str(dataverse_id))) if not pd.isna(dataverse_id) else None
+    for row in valid.reindex(columns=columns).itertuples(index=False, name=None):
+        key, entity, dataverse_id, contact_id, synced_values = row
+        link = by_row.get((entity, str(dataverse_id))) if not pd.isna(dataverse_id) else None
         if link is None and not pd.isna(contact_id):
-            link = by_contact.get((row["entity"], str(contact_id)))
-        if link is not None and link.synced_values == json.loads(row["synced_values"]):
-            done.append(row["record_key"])
+            link = by_contact.get((entity, str(contact_id)))
+        if link is not None and link.synced_values == json.loads(synced_values):
+            done.append(key)
     return valid[~valid["record_key"].isin(done)], done
 
 
@@ -385,19 +388,26 @@ def advance_cursors(ctx: StepContext, meta: Mapping[str, Any]) -> None:
         )
 
 
+#: A direction's writer: the valid rows a part at a time, the extract's meta -> its counts and
+#: the record keys it synced.
+Writer = Callable[[Iterable[pd.DataFrame], dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]]
+
+
 def run_load(
     ctx: StepContext,
-    write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
+    write: Writer,
     *,
     planned_extra: Mapping[str, int] | None = None,
     advance_extra: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
 
-    `write(valid, meta)` returns its counts and the record keys it synced; watermarks move only
-    after it returned, so a failed load is read again by the next run. The run's staging folder
-    (personal data) is deleted once the load has finished. `planned_extra`: more counts for a
-    dry run's plan; `advance_extra(meta)`: more positions to store with the watermarks.
+    `write(parts, meta)` takes the valid rows a part at a time (`staging.PART_ROWS`; each part
+    read when the writer asks for it, so the load holds one, whatever the run's size) and
+    returns its counts and the record keys it synced; watermarks move only after it returned,
+    so a failed load is read again by the next run. The run's staging folder (personal data)
+    is deleted once the load has finished. `planned_extra`: more counts for a dry run's plan;
+    `advance_extra(meta)`: more positions to store with the watermarks.
     """
     staging = ctx.staging
     report = ctx.store.run_report(ctx.dag_id, ctx.run_id)
@@ -407,30 +417,25 @@ def run_load(
         log.info("load: this run's load already finished; nothing left to do")
         return {"counts": report["counts"], "dry_run": report["status"] == "dry_run"}
     stages = PLANS[ctx.direction]
-    valid = staging.read(stages.valid)
-    mapped = staging.read(stages.mapped)
     meta = staging.read_json("extract", "meta")
     previous = {
         k: v
-        for k, v in action_summary(staging.read(stages.classified)).items()
+        for k, v in action_summary(staging.read_columns(stages.classified, _DECIDED)).items()
         if not k.startswith(("new_", "update_"))
     }
     if ctx.dry_run:
-        creates, updates = count_writes(valid)
-        planned = {**previous, "create": creates, "update": updates, **(planned_extra or {})}
-        plan = {
-            "counts": planned,
-            "samples": plan_samples(valid),
-            "conflicts": len(staging.read(CONFLICTS)),
-        }
-        ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="dry_run", counts=planned, plan=plan)
-        log_step("load (dry run): nothing written; the plan", planned)
-        staging.clean_up()
-        return {"counts": planned, "dry_run": True}
+        return _plan_only(ctx, previous, planned_extra)
+    done: list[str] = []
+
+    def parts() -> Iterator[pd.DataFrame]:
+        for part in staging.parts(stages.valid):
+            left, skipped = skip_written_meanwhile(ctx, part)
+            done.extend(skipped)
+            yield left
+
     with ctx.store.direction_lock(ctx.direction):
-        valid, done = skip_written_meanwhile(ctx, valid)
-        counts, synced = write(valid, meta)
-        unchanged = mapped[mapped["unchanged"]]
+        counts, synced = write(parts(), meta)
+        unchanged = _unchanged(ctx)
         refreshed = refresh_agreed_links(ctx, unchanged)
         keys = set(synced) | set(done) | set(unchanged["record_key"])
         ctx.store.resolve(keys, ctx.direction)
@@ -457,3 +462,41 @@ def run_load(
     alerts.after_run(ctx)  # quarantine growth and stalled directions; never raises
     staging.clean_up()
     return {"counts": totals}
+
+
+# What the load reads of the classified records (the run's counts), and of a dry run's plan.
+_DECIDED = ("action", "reason")
+_PLANNED = ("record_key", "email_key", "action", "unchanged", "payload")
+
+
+def _unchanged(ctx: StepContext) -> pd.DataFrame:
+    """The mapped rows that write nothing (their values agree on both sides): only those rows,
+    and only what `refresh_agreed_links` and the resolve read of them."""
+    stage = PLANS[ctx.direction].mapped
+    present = ctx.staging.columns(stage)
+    wanted = ["record_key", "entity", "dataverse_id", "synced_values", "unchanged"]
+    columns = wanted + [c for c in present if c.startswith("syn:")]
+    return ctx.staging.read_columns(stage, columns, unchanged=True)
+
+
+def _plan_only(
+    ctx: StepContext, previous: Mapping[str, int], planned_extra: Mapping[str, int] | None
+) -> dict[str, Any]:
+    """A dry run's load: the plan from the valid rows, a part at a time; nothing written."""
+    creates = updates = 0
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for part in ctx.staging.parts(PLANS[ctx.direction].valid, columns=_PLANNED):
+        part_creates, part_updates = count_writes(part)
+        creates, updates = creates + part_creates, updates + part_updates
+        for action, rows in plan_samples(part).items():
+            samples[action] = (samples.get(action, []) + rows)[:SAMPLES]
+    planned = {**previous, "create": creates, "update": updates, **(planned_extra or {})}
+    plan = {
+        "counts": planned,
+        "samples": samples,
+        "conflicts": ctx.staging.rows(CONFLICTS),
+    }
+    ctx.store.finish_run(ctx.dag_id, ctx.run_id, status="dry_run", counts=planned, plan=plan)
+    log_step("load (dry run): nothing written; the plan", planned)
+    ctx.staging.clean_up()
+    return {"counts": planned, "dry_run": True}

@@ -4,6 +4,7 @@ initial sync (`initial_sync_backfill`), which reads every matching record instea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -324,6 +325,10 @@ def _or_none(value: Any) -> str | None:
     return None if value is None or pd.isna(value) else str(value)
 
 
+#: Rows hashed at a time (each turned into a dict for it: a large extract's rows never all are).
+HASH_CHUNK = 50_000
+
+
 def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
     if dv.empty:  # no row to key: the stage's columns, typed
         return DV_CHANGED.conform(dv)
@@ -333,7 +338,13 @@ def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
     dv["record_key"] = dv["entity"] + ":" + dv["dataverse_id"]
     present = [c for c in columns if c in dv]
     dv["source_hash"] = [
-        content_hash(row) for row in dv[present].astype("string").fillna("").to_dict("records")
+        content_hash(row)
+        for start in range(0, len(dv), HASH_CHUNK)
+        for row in dv[present]
+        .iloc[start : start + HASH_CHUNK]
+        .astype("string")
+        .fillna("")
+        .to_dict("records")
     ]
     return dv
 
@@ -566,9 +577,11 @@ def load(ctx: StepContext) -> dict[str, Any]:
     """Bulk-import into AC (tags included), link as results arrive, carry the deletions found
     in Dynamics to AC, advance the watermarks."""
 
-    def write(valid: pd.DataFrame, meta: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+    def write(
+        parts: Iterable[pd.DataFrame], meta: dict[str, Any]
+    ) -> tuple[dict[str, int], list[str]]:
         batch_size = ctx.run_params.batch_size
         loader = ActiveCampaignLoader(ctx, ctx.ac_hook, meta["field_ids"], batch_size=batch_size)
-        return loader.load(valid), loader.synced_keys
+        return loader.load_parts(parts), loader.synced_keys
 
     return deletions.run_load(ctx, write)

@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -51,18 +52,40 @@ def select_columns(entity: Entity, columns: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(ordered))
 
 
+#: Rows turned into a frame at a time while reading: a read's JSON rows are never all held.
+FRAME_CHUNK = 20_000
+
+
 def rows_frame(
     entity: Entity, rows: Iterable[dict[str, Any]], columns: Sequence[str]
 ) -> pd.DataFrame:
-    """Dataverse rows as a frame: `entity`, `dataverse_id`, the columns, `dv_modified_at`."""
-    records = list(rows)
-    frame = pd.DataFrame(
-        {
-            "entity": entity.value,
-            "dataverse_id": [str(r[entity.primary_id]) for r in records],
-            **{c: [r.get(c) for r in records] for c in columns if c != entity.primary_id},
-        }
-    )
+    """Dataverse rows as a frame: `entity`, `dataverse_id`, the columns, `dv_modified_at`.
+    The rows are taken `FRAME_CHUNK` at a time, so a large read holds its compact columns, not
+    its JSON rows."""
+    rows = iter(rows)
+    parts = []
+    while records := list(islice(rows, FRAME_CHUNK)):
+        parts.append(
+            pd.DataFrame(
+                {
+                    "entity": entity.value,
+                    "dataverse_id": [str(r[entity.primary_id]) for r in records],
+                    **{c: [r.get(c) for r in records] for c in columns if c != entity.primary_id},
+                }
+            )
+        )
+    if len(parts) == 1:
+        frame = parts[0]
+    elif parts:
+        frame = pd.concat(parts, ignore_index=True)
+    else:
+        frame = pd.DataFrame(
+            {
+                "entity": entity.value,
+                "dataverse_id": [],
+                **{c: [] for c in columns if c != entity.primary_id},
+            }
+        )
     frame["dv_modified_at"] = pd.to_datetime(frame.get("modifiedon"), utc=True)
     return frame
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -416,19 +416,16 @@ def _text(value: Any) -> str | None:
     return None if value is None or pd.isna(value) else str(value)
 
 
-def run_load(
-    ctx: StepContext,
-    write: Callable[[pd.DataFrame, dict[str, Any]], tuple[Mapping[str, int], Iterable[str]]],
-) -> dict[str, Any]:
+def run_load(ctx: StepContext, write: common.Writer) -> dict[str, Any]:
     """A direction's `load`: `common.run_load` around its writer (the contacts), then the
     accounts and deals (`flows/objects.py`), then the deletions the extract found (all planned
     in a dry run); the delta links and the scan position are stored with the watermarks."""
     deleted = ctx.staging.read(DELETED)
 
     def write_and_apply(
-        valid: pd.DataFrame, meta: dict[str, Any]
+        parts: Iterable[pd.DataFrame], meta: dict[str, Any]
     ) -> tuple[Mapping[str, int], Iterable[str]]:
-        counts, synced = write(valid, meta)
+        counts, synced = write(parts, meta)
         return {**counts, **objects.load(ctx), **apply(ctx, deleted)}, synced
 
     return common.run_load(
