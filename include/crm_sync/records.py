@@ -93,8 +93,10 @@ def normalize_email(value: Any) -> str | None:
 
 
 def clean_frame(frame: pd.DataFrame, columns: list[str], email_columns: list[str]) -> pd.DataFrame:
-    """Apply `clean_text` to `columns` and `normalize_email` to `email_columns`, vectorised."""
-    out = frame.copy()
+    """Apply `clean_text` to `columns` and `normalize_email` to `email_columns`, vectorised.
+    `frame` is left as it was (pandas copies on write: the columns set here are new ones, the
+    others are shared, not copied)."""
+    out = frame.copy(deep=False)
     for column in columns:
         if column not in out:
             continue

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +20,8 @@ STAGING_ENV = "CRM_SYNC_STAGING"
 #: Rows per Parquet row group, and per part a step reads at a time (`RunStaging.parts`): a step
 #: that works part by part holds one part, whatever the run's size.
 PART_ROWS = 100_000
+#: The folder a stage written by parts (`RunStaging.write_parts`) lives in, beside the name.
+PARTS_SUFFIX = ".parts"
 # A failed run keeps its folder for its task retries; a later successful run of the same DAG
 # deletes it once nothing in it has changed for this long.
 STALE_AFTER = timedelta(days=1)
@@ -138,26 +140,70 @@ class RunStaging:
         """Where `name` of `step` lives."""
         return self.base / step / f"{name}{suffix}"
 
+    def files(self, step: str, name: str) -> list[ObjectStoragePath]:
+        """The Parquet files of `name`: its one file, or its part files (`write_parts`), in
+        order; none when it was never written."""
+        single = self.path(step, name)
+        if single.exists():
+            return [single]
+        folder = self.path(step, name, PARTS_SUFFIX)
+        if folder.exists():
+            return sorted(folder.iterdir(), key=lambda p: p.name)
+        return []
+
+    def _remove(self, step: str, name: str) -> None:
+        """Forget what an earlier attempt of the step staged as `name` (a retried task)."""
+        single, folder = self.path(step, name), self.path(step, name, PARTS_SUFFIX)
+        if single.exists():
+            single.unlink()
+        if folder.exists():
+            folder.rmdir(recursive=True)
+
     def write_frame(self, step: str, name: str, frame: pd.DataFrame) -> str:
         """Write a DataFrame; returns its URL for the XCom summary."""
+        self._remove(step, name)
         target = self.path(step, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
             _write_parquet(frame, handle)
         return str(target)
 
+    def write_parts(self, stage: Stage, frames: Iterable[pd.DataFrame]) -> str:
+        """Stage `frames` as `stage`, each in its own file as it comes (a step that makes its
+        output a part at a time holds one part; parts may differ in undeclared columns).
+        Returns the folder's URL."""
+        self._remove(stage.step, stage.name)
+        folder = self.path(stage.step, stage.name, PARTS_SUFFIX)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = 0
+        empty: pd.DataFrame | None = None
+        for frame in frames:
+            if frame.empty:  # kept for its columns, in case no part has rows
+                empty = frame if empty is None else empty
+                continue
+            with (folder / f"part-{written:05d}.parquet").open("wb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                _write_parquet(stage.conform(frame), handle)
+            written += 1
+        if not written:
+            with (folder / "part-00000.parquet").open("wb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                _write_parquet(stage.conform(empty if empty is not None else stage.empty()), handle)
+        return str(folder)
+
     def read_frame(self, step: str, name: str) -> pd.DataFrame:
-        """Read a DataFrame written by `write_frame` (an empty frame when it was never written)."""
+        """Read a DataFrame written by `write_frame` or `write_parts` (an empty frame when it
+        was never written)."""
         import pandas as pd
 
-        source = self.path(step, name)
-        if not source.exists():
+        files = self.files(step, name)
+        if not files:
             return pd.DataFrame()
-        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            # A row group at a time: the Arrow copy of the whole file is never held with the frame.
-            parts = [batch.to_pandas() for batch in _batches(handle)]
-        if not parts:
+        parts = []
+        for source in files:
             with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                # A row group at a time: the Arrow copy of a whole file is never held with it.
+                parts += [batch.to_pandas() for batch in _batches(handle)]
+        if not parts:
+            with files[0].open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
                 return pd.read_parquet(handle)
         return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
@@ -169,52 +215,71 @@ class RunStaging:
         """The frame staged as `stage`; its typed empty frame when none was written."""
         return stage.conform(self.read_frame(stage.step, stage.name))
 
+    def _metadata(self, stage: Stage) -> list[tuple[ObjectStoragePath, int, list[str]]]:
+        """Per file of `stage`: the file, its rows, its columns."""
+        import pyarrow.parquet as pq
+
+        out = []
+        for source in self.files(stage.step, stage.name):
+            with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                parquet = pq.ParquetFile(handle)
+                out.append(
+                    (source, int(parquet.metadata.num_rows), list(parquet.schema_arrow.names))
+                )
+        return out
+
     def rows(self, stage: Stage) -> int:
         """How many rows are staged as `stage` (0 when none were written)."""
-        import pyarrow.parquet as pq
-
-        source = self.path(stage.step, stage.name)
-        if not source.exists():
-            return 0
-        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            return int(pq.ParquetFile(handle).metadata.num_rows)
+        return sum(rows for _, rows, _ in self._metadata(stage))
 
     def columns(self, stage: Stage) -> list[str]:
-        """The columns staged as `stage` (its declared ones when none were written)."""
-        import pyarrow.parquet as pq
-
-        source = self.path(stage.step, stage.name)
-        if not source.exists():
+        """The columns staged as `stage`, of every part (its declared ones if none was written)."""
+        files = self._metadata(stage)
+        if not files:
             return list(stage.columns)
-        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            return list(pq.read_schema(handle).names)
+        return list(dict.fromkeys(c for _, _, names in files for c in names))
 
     def parts(
         self, stage: Stage, columns: Sequence[str] | None = None, rows: int | None = None
     ) -> Iterator[pd.DataFrame]:
-        """The frame staged as `stage`, `rows` at a time (its typed empty frame once when none
-        was written); `columns`: only these (declared ones come typed even when absent)."""
-
-        source = self.path(stage.step, stage.name)
-        if self.rows(stage) == 0:  # typed, with the columns written if it was
+        """The frame staged as `stage`, at most `rows` (`PART_ROWS`) at a time (its typed empty
+        frame once when it has no row); `columns`: only these (missing ones come empty)."""
+        files = self._metadata(stage)
+        if sum(n for _, n, _ in files) == 0:  # typed, with the columns written if it was
             yield _only(self.read(stage), columns)
             return
-        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            for batch in _batches(handle, columns, rows or PART_ROWS):
-                part = batch.to_pandas()
-                yield stage.conform(part) if columns is None else part
+        for source, n, names in files:
+            if not n:
+                continue
+            present = None if columns is None else [c for c in columns if c in names]
+            with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                for batch in _batches(handle, present, rows or PART_ROWS):
+                    part = batch.to_pandas()
+                    del batch  # one part held while the caller works on it, not two
+                    yield stage.conform(part) if columns is None else _only(part, columns)
+                    del part
 
     def read_columns(self, stage: Stage, columns: Sequence[str], **filters: Any) -> pd.DataFrame:
-        """Only `columns` of the frame staged as `stage`, only its rows whose column equals each
-        of `filters` (read so from the file: the rest never reaches memory)."""
+        """Only `columns` of the frame staged as `stage` (missing ones come empty), only its rows
+        whose column equals each of `filters` (read so from the file: the rest never reaches
+        memory)."""
         import pandas as pd
 
-        source = self.path(stage.step, stage.name)
-        if self.rows(stage) == 0:
+        files = self._metadata(stage)
+        if sum(n for _, n, _ in files) == 0:
             return _only(self.read(stage), columns)
-        where = [(c, "==", v) for c, v in filters.items()] or None
-        with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
-            return pd.read_parquet(handle, columns=list(columns), filters=where)
+        parts = []
+        for source, n, names in files:
+            if not n or any(c not in names for c in filters):
+                continue
+            where = [(c, "==", v) for c, v in filters.items()] or None
+            present = [c for c in columns if c in names]
+            with source.open("rb") as handle:  # type: ignore[no-untyped-call]  # Airflow's path
+                part = pd.read_parquet(handle, columns=present, filters=where)
+            parts.append(_only(part, columns))
+        if not parts:
+            return _only(self.read(stage), columns).iloc[0:0]
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
     def write_json(self, step: str, name: str, value: Any) -> str:
         """Write a small JSON document (metadata, plans)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +94,15 @@ def _suite(rules: TargetRules, columns: set[str]) -> Any:
     return suite
 
 
+DUPLICATE_IN_BATCH = (
+    Reason.DUPLICATE_EMAIL_IN_BATCH,
+    "another record in this batch has the same email",
+)
+
+
 def _reason(expectation: str, column: str, rules: TargetRules, value: Any) -> tuple[str, str]:
     if column == rules.email_column and expectation.endswith("to_be_unique"):
-        return Reason.DUPLICATE_EMAIL_IN_BATCH, "another record in this batch has the same email"
+        return DUPLICATE_IN_BATCH
     if column == rules.email_column and "lengths" not in expectation:
         what = "missing" if value is None or value != value else "not a valid address"
         return Reason.INVALID_EMAIL, f"email is {what} ({expectation})"
@@ -186,3 +193,27 @@ def validate_records(frame: pd.DataFrame, rules: TargetRules) -> ValidationOutco
             if reason not in failures[keys[position]]:
                 failures[keys[position]].append(reason)
     return ValidationOutcome(failures=dict(failures), expectations=len(result.results))
+
+
+def validate_parts(
+    frames: Iterable[pd.DataFrame], rules: TargetRules
+) -> dict[str, list[tuple[str, str]]]:
+    """`validate_records` over a run's records a part at a time (each part a frame as it
+    takes), with the email's uniqueness checked across every part: the failures of the run as
+    one frame would have them, while only one part is held. Returns them by record key."""
+    import pandas as pd
+
+    failures: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    emails = []
+    for frame in frames:
+        for key, reasons in validate_records(frame, rules).failures.items():
+            failures[key] += reasons
+        if rules.email_column in frame:
+            emails.append(frame[["record_key", rules.email_column]])
+    if len(emails) > 1:
+        together = pd.concat(emails, ignore_index=True)
+        email = together[rules.email_column]
+        for key in together.loc[email.notna() & email.duplicated(keep=False), "record_key"]:
+            if DUPLICATE_IN_BATCH not in failures[str(key)]:
+                failures[str(key)].append(DUPLICATE_IN_BATCH)
+    return dict(failures)

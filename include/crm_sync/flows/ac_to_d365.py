@@ -386,7 +386,6 @@ def validate(ctx: StepContext) -> dict[str, Any]:
     object_counts, object_writes = objects.validate(ctx)
     return common.accept_valid(
         ctx,
-        mapped,
         to_write,
         failures,
         other_changes=deleting + object_writes,

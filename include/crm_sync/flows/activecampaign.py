@@ -340,6 +340,7 @@ class ActiveCampaignLoader:
         for valid in parts:
             if not valid.empty:
                 self._write(valid)
+            del valid  # released before the next part is read
         return dict(self.counts)
 
     def _write(self, valid: pd.DataFrame) -> None:

@@ -273,7 +273,6 @@ def plan_counts(mapped: pd.DataFrame, decided: pd.DataFrame, **extra: int) -> di
 
 def accept_valid(
     ctx: StepContext,
-    mapped: pd.DataFrame,
     to_write: pd.DataFrame,
     failures: Mapping[str, list[tuple[str, str]]],
     *,
@@ -281,39 +280,108 @@ def accept_valid(
     other_changes: int = 0,
     other_counts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
+    """`accept_valid_parts` for the rows to write held as one frame; `uncounted_creates` (a
+    mask over `to_write`) leaves those rows' creates out of the mass-change share."""
+
+    def uncounted(rows: pd.DataFrame) -> pd.Series:
+        if uncounted_creates is None:
+            return pd.Series(False, index=rows.index)
+        return uncounted_creates.reindex(rows.index, fill_value=False).astype(bool)
+
+    def rows(columns: Sequence[str] | None) -> list[pd.DataFrame]:
+        if columns is None:
+            return [to_write]
+        return [to_write.reindex(columns=list(columns))]
+
+    return accept_valid_parts(
+        ctx,
+        rows,
+        failures,
+        uncounted=uncounted,
+        other_changes=other_changes,
+        other_counts=other_counts,
+    )
+
+
+#: What `accept_valid_parts` reads of the rows to write to count them.
+COUNTED = ("record_key", "source_hash", "entity", "action", "unchanged", "relink", "n_fields")
+
+
+def accept_valid_parts(
+    ctx: StepContext,
+    to_write: Callable[[Sequence[str] | None], Iterable[pd.DataFrame]],
+    failures: Mapping[str, list[tuple[str, str]]],
+    *,
+    uncounted: Callable[[pd.DataFrame], pd.Series] | None = None,
+    other_changes: int = 0,
+    other_counts: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     """After validation: trip the breakers, quarantine failures, stage the valid rows, report.
 
-    `uncounted_creates` (a mask over `to_write`) leaves those rows' creates out of the
-    mass-change share: the initial sync creates by design. `other_changes`: how many other
-    writes the load will make (deletions carried to the other side, accounts, deals); they
-    count as changes. `other_counts`: their validation counts, for the report.
+    `to_write(columns)` gives the rows to write a part at a time, only `columns` of them (None:
+    all). It is called twice, to count (`COUNTED`), then to stage the valid rows, so a run of
+    any size is held a part at a time. `uncounted(rows)` (a mask over `rows`) leaves those rows'
+    creates out of the mass-change share: the initial sync creates by design. `other_changes`:
+    how many other writes the load will make (deletions carried to the other side, accounts,
+    deals); they count as changes. `other_counts`: their validation counts, for the report.
     """
-    check_quarantine_share(ctx, failures, len(to_write))
-    quarantine_rows(ctx, mapped, "validate", failures)
-    valid = to_write[~to_write["record_key"].isin(list(failures))]
-    _, updates = count_writes(valid)
-    relinks = (
-        valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)
-        if "relink" in valid
-        else pd.Series(False, index=valid.index)
+    failed = set(failures)
+    tally: Counter[str] = Counter()
+    hashes: dict[str, Any] = {}
+    for rows in to_write(COUNTED):
+        tally.update(_tally(rows, failed, hashes, uncounted))
+    check_quarantine_share(ctx, failures, tally["rows"])
+    quarantine_rows(
+        ctx,
+        pd.DataFrame({"record_key": list(hashes), "source_hash": list(hashes.values())}),
+        "validate",
+        failures,
     )
-    counted = pd.Series(True, index=valid.index)
-    if uncounted_creates is not None:
-        counted &= ~uncounted_creates.reindex(valid.index, fill_value=False).astype(bool)
-    creates, _ = count_writes(valid[counted])
     # A relink writes an existing record: it counts as an update even when its creates do not.
     check_mass_change(
         ctx,
-        updates + int(relinks.sum()) + creates - int((relinks & counted).sum()) + other_changes,
-        relinked=int(relinks.sum()),
+        tally["updates"]
+        + tally["relinks"]
+        + tally["creates"]
+        - tally["relinks counted"]
+        + other_changes,
+        relinked=tally["relinks"],
+    )
+    ctx.staging.write_parts(
+        PLANS[ctx.direction].valid,
+        (rows[~rows["record_key"].isin(failed)] for rows in to_write(None)),
     )
     counts = {
-        "valid": len(valid),
+        "valid": tally["valid"],
         "quarantined": len(failures),
         **_reason_counts(failures),
         **(other_counts or {}),
     }
-    return finish(ctx, "validate: Great Expectations", counts, (PLANS[ctx.direction].valid, valid))
+    return finish(ctx, "validate: Great Expectations", counts)
+
+
+def _tally(
+    rows: pd.DataFrame,
+    failed: set[str],
+    hashes: dict[str, Any],
+    uncounted: Callable[[pd.DataFrame], pd.Series] | None,
+) -> dict[str, int]:
+    """One part's counts for `accept_valid_parts`; the failed rows' hashes go to `hashes`."""
+    refused = rows["record_key"].isin(failed)
+    hashes.update(rows.loc[refused].set_index("record_key")["source_hash"].to_dict())
+    valid = rows[~refused]
+    relinked = valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)
+    counted = pd.Series(True, index=valid.index)
+    if uncounted is not None:
+        counted &= ~uncounted(valid)
+    return {
+        "rows": len(rows),
+        "valid": len(valid),
+        "updates": count_writes(valid)[1],
+        "creates": count_writes(valid[counted])[0],
+        "relinks": int(relinked.sum()),
+        "relinks counted": int((relinked & counted).sum()),
+    }
 
 
 def skip_written_meanwhile(ctx: StepContext, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -430,8 +498,10 @@ def run_load(
     def parts() -> Iterator[pd.DataFrame]:
         for part in staging.parts(stages.valid):
             left, skipped = skip_written_meanwhile(ctx, part)
+            del part  # one part held at a time
             done.extend(skipped)
             yield left
+            del left
 
     with ctx.store.direction_lock(ctx.direction):
         counts, synced = write(parts(), meta)

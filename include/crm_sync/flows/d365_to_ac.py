@@ -4,7 +4,7 @@ initial sync (`initial_sync_backfill`), which reads every matching record instea
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -38,7 +38,7 @@ from crm_sync.stages import (
 )
 from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.tags import Tag
-from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_records
+from crm_sync.validation import AC_MAX_LENGTH, TargetRules, validate_parts
 
 
 def _entities(ctx: StepContext) -> list[Entity]:
@@ -133,9 +133,10 @@ def _changed_rows(
         changed = changed_rows(ctx.dv_hook, entity, columns, since=read.since, criteria=criteria)
         retry_ids = [k.split(":", 1)[1] for k in quarantined if k.startswith(f"{entity.value}:")]
         retried = rows_by(ctx.dv_hook, entity, entity.primary_id, retry_ids, columns)
-        frames.append(
-            pd.concat([changed, retried], ignore_index=True).drop_duplicates("dataverse_id")
-        )
+        rows = pd.concat([changed, retried], ignore_index=True) if not retried.empty else changed
+        # Only copied when there is something to drop: a large read is held once.
+        again = rows["dataverse_id"].duplicated()
+        frames.append(rows[~again].reset_index(drop=True) if again.any() else rows)
         newest = changed["dv_modified_at"].max() if not changed.empty else None
         marks[cursor.name] = (
             newest.isoformat() if newest is not None and not pd.isna(newest) else None
@@ -349,6 +350,17 @@ def _with_keys(ctx: StepContext, dv: pd.DataFrame) -> pd.DataFrame:
     return dv
 
 
+#: What `claimed_by_other_dataverse_records` reads of a row.
+CLAIM_COLUMNS = (
+    "record_key",
+    "entity",
+    "dataverse_id",
+    "email_key",
+    "ac_contact_id",
+    "_originatingleadid_value",
+)
+
+
 # -- tag_classify ------------------------------------------------------------------------------
 def tag_classify(ctx: StepContext) -> dict[str, Any]:
     """New, update (only to AC contacts with a valid tag set), qualified, or not eligible."""
@@ -386,6 +398,7 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         dv[column] = values
     dv = _relinked_qualifications(dv)
     classified = classify_for_activecampaign(dv, ctx.settings)
+    del dv  # the classified copy has every column: a large run holds one
     waiting = common.still_quarantined(ctx, classified) & (
         classified["action"] != Action.NOT_ELIGIBLE.value
     )
@@ -410,10 +423,13 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
         for k in classified.loc[classified["action"] == Action.QUARANTINE.value, "record_key"]
     }
     writing = classified["action"].isin([a.value for a in WRITE_ACTIONS])
+    # Only the columns each check reads: a copy of every column would double a large run.
+    claims = [c for c in CLAIM_COLUMNS if c in classified]
+    shared = [c for c in ("record_key", "linked", "relink_shared_with") if c in classified]
     conflicts = {
-        **claimed_by_other_dataverse_records(classified[writing], links),
+        **claimed_by_other_dataverse_records(classified.loc[writing, claims], links),
         **_typed_for_the_other_table(classified[writing & classified["relink"]]),
-        **_shared_emails(classified[writing]),
+        **_shared_emails(classified.loc[writing, shared]),
     }
     common.refuse(classified, conflicts)
     reasons.update({k: [v] for k, v in conflicts.items()})
@@ -493,10 +509,34 @@ def _typed_for_the_other_table(relinks: pd.DataFrame) -> dict[str, tuple[str, st
 
 # -- map_fields --------------------------------------------------------------------------------
 def map_fields(ctx: StepContext) -> dict[str, Any]:
-    """Map Dataverse columns to AC fields; drop echoes; decide conflicts by the declared rule."""
-    classified = ctx.staging.read(DV_CLASSIFIED)
+    """Map Dataverse columns to AC fields; drop echoes; decide conflicts by the declared rule.
+    The classified records are mapped a part at a time (`staging.PART_ROWS`), each part staged
+    as it is done."""
     links = ctx.staging.read(DV_LINKS)
+    by_row = links.drop_duplicates(["entity", "dataverse_id"]).set_index(
+        ["entity", "dataverse_id"]
+    )["synced_values"]
     ac_index = ctx.staging.read(AC_CURRENT).set_index("ac_id")
+    counts: list[dict[str, int]] = []
+    conflicts: list[pd.DataFrame] = []
+
+    def mapped_parts() -> Iterator[pd.DataFrame]:
+        for classified in ctx.staging.parts(DV_CLASSIFIED):
+            mapped, decided = _map_part(ctx, classified, by_row, ac_index)
+            counts.append(common.plan_counts(mapped, decided))
+            conflicts.append(decided)
+            yield mapped
+
+    ctx.staging.write_parts(DV_MAPPED, mapped_parts())
+    decided = common.concat(CONFLICTS, conflicts)
+    total = {**common.merge_counts(*counts), **objects.plan(ctx)}
+    return common.finish(ctx, "map_fields: plan", total, (CONFLICTS, decided))
+
+
+def _map_part(
+    ctx: StepContext, classified: pd.DataFrame, by_row: pd.Series, ac_index: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One part of the classified records mapped (the rows that write), and its conflicts."""
     planned, conflicts = [], []
     for entity, fields, rows in common.rows_to_write(ctx, classified):
         keys = [m.key for m in fields]
@@ -513,9 +553,6 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
         synced_entity = pd.Series(entity.value, index=rows.index).where(
             ~rows["qualified"], Entity.LEAD.value
         )
-        by_row = links.drop_duplicates(["entity", "dataverse_id"]).set_index(
-            ["entity", "dataverse_id"]
-        )["synced_values"]
         synced = pd.Series(
             [by_row.get((e, i), "") for e, i in zip(synced_entity, synced_source, strict=True)],
             index=rows.index,
@@ -526,47 +563,42 @@ def map_fields(ctx: StepContext) -> dict[str, Any]:
         out.loc[out["qualified"], "unchanged"] = False
         planned.append(out)
         conflicts.append(decided)
-    mapped, decided = common.concat(DV_MAPPED, planned), common.concat(CONFLICTS, conflicts)
-    counts = {**common.plan_counts(mapped, decided), **objects.plan(ctx)}
-    return common.finish(ctx, "map_fields: plan", counts, (DV_MAPPED, mapped), (CONFLICTS, decided))
+    return common.concat(DV_MAPPED, planned), common.concat(CONFLICTS, conflicts)
 
 
 # -- validate ----------------------------------------------------------------------------------
 def validate(ctx: StepContext) -> dict[str, Any]:
-    """Check every record to write against ActiveCampaign's rules; trip the breakers."""
-    mapped = ctx.staging.read(DV_MAPPED)
-    to_write = mapped[~mapped["unchanged"]]
-    failures: dict[str, list[tuple[str, str]]] = {}
-    if not to_write.empty:  # Great Expectations is not started for nothing
-        keys = sorted(
-            {m.key for e in Entity for m in fields_towards(ctx.settings, e, ctx.direction)}
-        )
-        frame = pd.DataFrame({"record_key": to_write["record_key"].to_numpy()})
-        for key in keys:
-            column = f"src:{key}"
-            frame[key] = (
-                to_write[column].astype("string").replace("", pd.NA).to_numpy()
-                if column in to_write
-                else pd.NA
-            )
-        rules = TargetRules(
-            name=ctx.direction.target.value,
-            email_column="emailaddress1",
-            max_length={k: AC_MAX_LENGTH for k in keys},
-        )
-        failures = validate_records(frame, rules).failures
+    """Check every record to write against ActiveCampaign's rules; trip the breakers. The
+    mapped records are checked a part at a time (emails unique across all of them)."""
+    keys = sorted({m.key for e in Entity for m in fields_towards(ctx.settings, e, ctx.direction)})
+    rules = TargetRules(
+        name=ctx.direction.target.value,
+        email_column="emailaddress1",
+        max_length={k: AC_MAX_LENGTH for k in keys},
+    )
+    checked = ["record_key", "unchanged", *(f"src:{key}" for key in keys)]
+
+    def checked_parts() -> Iterator[pd.DataFrame]:
+        for part in ctx.staging.parts(DV_MAPPED, columns=checked):
+            to_write = part[~part["unchanged"].astype(bool)]
+            frame = pd.DataFrame({"record_key": to_write["record_key"].to_numpy()})
+            for key in keys:
+                frame[key] = to_write[f"src:{key}"].astype("string").replace("", pd.NA).to_numpy()
+            yield frame
+
+    failures = validate_parts(checked_parts(), rules)
     # The initial sync (the backfill, or an entity's first run) creates by design: its creates
     # do not count towards the mass-change breaker.
     initial = set(ctx.staging.read_json("extract", "meta").get("initial_sync", []))
-    uncounted = to_write["entity"].isin(initial) | ctx.is_backfill
     deleting = deletions.writes(ctx, ctx.staging.read(DELETED))
     object_counts, object_writes = objects.validate(ctx)
-    return common.accept_valid(
+    return common.accept_valid_parts(
         ctx,
-        mapped,
-        to_write,
+        lambda columns: (
+            p[~p["unchanged"].astype(bool)] for p in ctx.staging.parts(DV_MAPPED, columns)
+        ),
         failures,
-        uncounted_creates=uncounted,
+        uncounted=lambda rows: rows["entity"].isin(initial) | ctx.is_backfill,
         other_changes=deleting + object_writes,
         other_counts=object_counts,
     )
