@@ -227,17 +227,26 @@ def _scale(data: dict[str, Any]) -> list[str]:
             f"{_n(done)} records linked ({done / AC_IMPORT_CEILING:.0f} s at the ceiling), the "
             f"retry {loads[-1]['seconds']:.0f} s for the other {_n(rest)} "
             f"({rest / AC_IMPORT_CEILING:.0f} s at the ceiling); the steps before the load "
-            f"{sum(s['seconds'] for s in data['steps']):.0f} s. The difference is work besides "
-            "the imports: each load turns the whole stage into Python rows before its first "
-            "import (see the notes: memory at 1,000,000 records); the retry looks up the links "
-            "of every planned row (500 a query) and, after the imports, the accounts' "
-            "association step those of every contact read. This PostgreSQL server runs with "
-            "autovacuum off: the links table, written in minutes, had no statistics, and each "
-            "look-up went through the entity part of the (entity, Dataverse id) index only "
-            "(0.25-0.5 s; 5 ms with statistics, measured on an analyzed table of 1,000,000 "
-            "links).",
+            f"{sum(s['seconds'] for s in data['steps']):.0f} s. Besides the imports, each load "
+            "reads the valid rows a part at a time (`staging.PART_ROWS`, 100,000 rows), looks "
+            "up the part's links just before writing it (500 a query: the retry leaves out what "
+            "the killed load linked), and waits for a part's last import before sending the "
+            "next part's first; after the imports, the accounts' association step reads which "
+            "contacts read are linked.",
             "",
         ]
+        analyzed = data.get("autovacuum_stand_in")
+        if analyzed is not None:
+            lines += [
+                "This PostgreSQL server runs with autovacuum off. Without statistics the planner "
+                "reads a link by the entity part of the (entity, Dataverse id) index only "
+                "(0.25-0.5 s a look-up; 5 ms with statistics), which no production server "
+                "would do: autovacuum analyzes a table once more than 50 rows + 10 % of it "
+                "changed, checking every minute. The benchmark stands in for it "
+                f"(`bench/scale.py` `AutoAnalyze`, the same rule every 60 s): {analyzed} "
+                "`ANALYZE` during the initial sync.",
+                "",
+            ]
         at_kill, after = data["received_when_killed"], data["received"]
         unlinked = at_kill["contacts sent"] - killed["linked_when_killed"]
         lines += [
@@ -704,16 +713,17 @@ NOTES = [
     "are saved per call, for crash safety), so each call's first and last chunks run with "
     "fewer than four requests in flight, and the email look-ups before the creates come "
     "first.",
-    "- **Memory at 1,000,000 records.** Each step holds the whole run in one frame (the "
-    "`validate` stage has 57 columns, about 1.2 KB a row in memory), and the load turns it into "
-    "Python rows besides (`common.skip_written_meanwhile` reads every row as a dict; the contacts "
-    "sent). So each step's peak RSS grows with the records (section 1, at scale). What would "
-    "close it: stages written and read in parts of about 100,000 rows (`staging.py`), each step "
-    "taking one part at a time, and `common.run_load`, `accept_valid` and "
-    "`skip_written_meanwhile` working part by part (a part's links read by Dataverse id): a "
-    "step's peak would then be its imports (about 250 MiB) plus one part, whatever the size. "
-    "The same rows-as-dicts pass is also what delays the load's first import at this size "
-    "(`to_dict` of 57 columns: about 23 s per 100,000 rows).",
+    "- **Memory at 1,000,000 records.** A run is held a part at a time (`staging.PART_ROWS`, "
+    "100,000 rows): `tag_classify`, `map_fields` and `validate` take their input a part at a "
+    "time and stage each part as its own file (`staging.write_parts`; `validate` checks an "
+    "email's uniqueness across all parts, `validation.validate_parts`), and `load` gives the "
+    "writer one part at a time, each checked against the links just before it is written. "
+    "What still grows with the run: `extract` holds the rows it read in one frame (about 0.5 KB "
+    "a row; its checks span records: qualified leads and their contacts, emails shared in "
+    "Dynamics, the links of every row read), and each step keeps a few values per record "
+    "besides the part (the keys it synced, for instance). Parts are a fixed size, so a step's "
+    "peak is its imports (about 250 MiB), Great Expectations' working set in `validate`, and "
+    "one or two parts.",
     "- **Quiet `activecampaign_to_dynamics365` runs with accounts on: 11 requests.** The 11th "
     "is `GET /api/3/accounts`: AC's `/accounts` has neither an updated-since filter nor an "
     "order, so reading every account is the only way to see an account edited in AC (one "

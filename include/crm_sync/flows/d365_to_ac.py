@@ -363,10 +363,34 @@ CLAIM_COLUMNS = (
 
 # -- tag_classify ------------------------------------------------------------------------------
 def tag_classify(ctx: StepContext) -> dict[str, Any]:
-    """New, update (only to AC contacts with a valid tag set), qualified, or not eligible."""
-    dv = ctx.staging.read(DV_CHANGED)
+    """New, update (only to AC contacts with a valid tag set), qualified, or not eligible.
+    The rows read are classified a part at a time (`staging.PART_ROWS`), each part staged as it
+    is done: every rule looks at one record with its link and its AC contact."""
     links = ctx.staging.read(DV_LINKS)
     ac = ctx.staging.read(AC_CURRENT)
+    counts: list[dict[str, int]] = []
+
+    def classified_parts() -> Iterator[pd.DataFrame]:
+        for dv in ctx.staging.parts(DV_CHANGED):
+            classified = _classify_part(ctx, dv, links, ac)
+            del dv
+            counts.append(
+                {
+                    **common.action_summary(classified),
+                    "qualified lead -> contact": int(classified["qualified"].sum()),
+                }
+            )
+            yield classified
+            del classified
+
+    ctx.staging.write_parts(DV_CLASSIFIED, classified_parts())
+    return common.finish(ctx, "tag_classify: records by action", common.merge_counts(*counts))
+
+
+def _classify_part(
+    ctx: StepContext, dv: pd.DataFrame, links: pd.DataFrame, ac: pd.DataFrame
+) -> pd.DataFrame:
+    """One part of the rows read, classified; its refusals quarantined."""
     by_row = links.drop_duplicates(["entity", "dataverse_id"]).set_index(["entity", "dataverse_id"])
     keys = list(zip(dv["entity"], dv["dataverse_id"], strict=True))
     dv["linked"] = [k in by_row.index for k in keys]
@@ -434,11 +458,7 @@ def tag_classify(ctx: StepContext) -> dict[str, Any]:
     common.refuse(classified, conflicts)
     reasons.update({k: [v] for k, v in conflicts.items()})
     common.quarantine_rows(ctx, classified, "tag_classify", reasons)
-    counts = common.action_summary(classified)
-    counts["qualified lead -> contact"] = int(classified["qualified"].sum())
-    return common.finish(
-        ctx, "tag_classify: records by action", counts, (DV_CLASSIFIED, classified)
-    )
+    return classified
 
 
 def _shared_emails(rows: pd.DataFrame) -> dict[str, tuple[str, str]]:
