@@ -148,7 +148,9 @@ class RunStaging:
             return [single]
         folder = self.path(step, name, PARTS_SUFFIX)
         if folder.exists():
-            return sorted(folder.iterdir(), key=lambda p: p.name)
+            # Only the parts: an object store may list a folder marker or another file there.
+            parts = [p for p in folder.iterdir() if re.fullmatch(r"part-\d+\.parquet", p.name)]
+            return sorted(parts, key=lambda p: p.name)
         return []
 
     def _remove(self, step: str, name: str) -> None:
@@ -261,8 +263,8 @@ class RunStaging:
 
     def read_columns(self, stage: Stage, columns: Sequence[str], **filters: Any) -> pd.DataFrame:
         """Only `columns` of the frame staged as `stage` (missing ones come empty), only its rows
-        whose column equals each of `filters` (read so from the file: the rest never reaches
-        memory)."""
+        whose column equals each of `filters` (filtered as each file is read: the other columns
+        are never read, the other rows not kept)."""
         import pandas as pd
 
         files = self._metadata(stage)

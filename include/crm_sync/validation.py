@@ -200,7 +200,8 @@ def validate_parts(
 ) -> dict[str, list[tuple[str, str]]]:
     """`validate_records` over a run's records a part at a time (each part a frame as it
     takes), with the email's uniqueness checked across every part: the failures of the run as
-    one frame would have them, while only one part is held. Returns them by record key."""
+    one frame would have them, while one part's values are held (and every record's key and
+    email). Returns them by record key."""
     import pandas as pd
 
     failures: dict[str, list[tuple[str, str]]] = defaultdict(list)

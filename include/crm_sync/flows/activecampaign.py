@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from crm_connectors.errors import ClientError, TieOrderError
 
+from crm_sync import staging
 from crm_sync.context import StepContext
 from crm_sync.core import System
 from crm_sync.errors import ConfigurationError
@@ -297,7 +298,8 @@ class ActiveCampaignLoader:
         self.field_ids = field_ids
         self.batch_size = batch_size
         self.counts: Counter[str] = Counter()
-        self.synced_keys: list[str] = []
+        # The record keys written, in order (a dict: looked up per qualified lead).
+        self.synced_keys: dict[str, None] = {}
         self.ac_fields = {
             e: {f.dynamics365: f.activecampaign for f in ctx.settings.mapping(e)} for e in Entity
         }
@@ -334,13 +336,21 @@ class ActiveCampaignLoader:
         return self.load_parts([valid])
 
     def load_parts(self, parts: Iterable[pd.DataFrame]) -> dict[str, int]:
-        """Write every row of each part, a part at a time (the load holds one part, whatever
-        the run's size); returns counts. A record AC refuses is quarantined with its reason, on
+        """Write every row of each part, a part's worth at a time (the load holds at most two
+        parts, whatever the run's size); returns counts. A record AC refuses is quarantined with its reason, on
         every write path, and the others go on."""
+        held: list[pd.DataFrame] = []
         for valid in parts:
             if not valid.empty:
-                self._write(valid)
+                held.append(valid)
             del valid  # released before the next part is read
+            # Parts are the valid rows of a part read, often few: they are written together
+            # once a part's worth is held, so few rows per part still go in one bulk import.
+            if sum(len(p) for p in held) >= staging.PART_ROWS:
+                self._write(pd.concat(held, ignore_index=True) if len(held) > 1 else held[0])
+                held = []
+        if held:
+            self._write(pd.concat(held, ignore_index=True) if len(held) > 1 else held[0])
         return dict(self.counts)
 
     def _write(self, valid: pd.DataFrame) -> None:
@@ -474,7 +484,7 @@ class ActiveCampaignLoader:
         for row in rows.itertuples():
             if row.record_key in failures:
                 continue
-            self.synced_keys.append(row.record_key)
+            self.synced_keys[row.record_key] = None
             if bool(getattr(row, "relink", False)):
                 verb = "linked to an existing contact (by email)"
             else:
@@ -500,7 +510,7 @@ class ActiveCampaignLoader:
                     self.hook.remove_tag_from_contact(contact_id, lead_tag)
                 except ClientError as error:
                     refused[row.record_key] = [_rejection(error, "removing 'D365: Lead'")]
-                    self.synced_keys.remove(row.record_key)
+                    del self.synced_keys[row.record_key]
                     continue
                 self.counts["lead qualified: tag moved to D365: Contact"] += 1
         self._quarantine(qualified, refused)

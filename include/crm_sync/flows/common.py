@@ -370,7 +370,7 @@ def _tally(
     refused = rows["record_key"].isin(failed)
     hashes.update(rows.loc[refused].set_index("record_key")["source_hash"].to_dict())
     valid = rows[~refused]
-    relinked = valid["relink"].fillna(False).astype(bool) & (valid["n_fields"] > 0)
+    relinked = valid["relink"].eq(True) & (valid["n_fields"] > 0)  # absent (AC -> D365): NaN
     counted = pd.Series(True, index=valid.index)
     if uncounted is not None:
         counted &= ~uncounted(valid)
@@ -471,8 +471,8 @@ def run_load(
     """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
 
     `write(parts, meta)` takes the valid rows a part at a time (`staging.PART_ROWS`; each part
-    read when the writer asks for it, so the load holds one, whatever the run's size) and
-    returns its counts and the record keys it synced; watermarks move only after it returned,
+    read when the writer asks for it, so the load holds a part or two and a key per record,
+    whatever the run's size) and returns its counts and the record keys it synced; watermarks move only after it returned,
     so a failed load is read again by the next run. The run's staging folder (personal data)
     is deleted once the load has finished. `planned_extra`: more counts for a dry run's plan;
     `advance_extra(meta)`: more positions to store with the watermarks.
@@ -505,9 +505,12 @@ def run_load(
 
     with ctx.store.direction_lock(ctx.direction):
         counts, synced = write(parts(), meta)
-        unchanged = _unchanged(ctx)
-        refreshed = refresh_agreed_links(ctx, unchanged)
-        keys = set(synced) | set(done) | set(unchanged["record_key"])
+        unchanged: list[str] = []
+        refreshed = 0
+        for rows in _unchanged(ctx):
+            refreshed += refresh_agreed_links(ctx, rows)
+            unchanged += rows["record_key"].tolist()
+        keys = set(synced) | set(done) | set(unchanged)
         ctx.store.resolve(keys, ctx.direction)
         advance_cursors(ctx, meta)
         if advance_extra is not None:
@@ -539,14 +542,15 @@ _DECIDED = ("action", "reason")
 _PLANNED = ("record_key", "email_key", "action", "unchanged", "payload")
 
 
-def _unchanged(ctx: StepContext) -> pd.DataFrame:
-    """The mapped rows that write nothing (their values agree on both sides): only those rows,
-    and only what `refresh_agreed_links` and the resolve read of them."""
+def _unchanged(ctx: StepContext) -> Iterator[pd.DataFrame]:
+    """The mapped rows that write nothing (their values agree on both sides), a part at a time:
+    only what `refresh_agreed_links` and the resolve read of them."""
     stage = PLANS[ctx.direction].mapped
     present = ctx.staging.columns(stage)
     wanted = ["record_key", "entity", "dataverse_id", "synced_values", "unchanged"]
     columns = wanted + [c for c in present if c.startswith("syn:")]
-    return ctx.staging.read_columns(stage, columns, unchanged=True)
+    for part in ctx.staging.parts(stage, columns):
+        yield part[part["unchanged"].eq(True)]
 
 
 def _plan_only(

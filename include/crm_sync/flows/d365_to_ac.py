@@ -133,7 +133,7 @@ def _changed_rows(
         changed = changed_rows(ctx.dv_hook, entity, columns, since=read.since, criteria=criteria)
         retry_ids = [k.split(":", 1)[1] for k in quarantined if k.startswith(f"{entity.value}:")]
         retried = rows_by(ctx.dv_hook, entity, entity.primary_id, retry_ids, columns)
-        rows = pd.concat([changed, retried], ignore_index=True) if not retried.empty else changed
+        rows = _with_retried(changed, retried)
         # Only copied when there is something to drop: a large read is held once.
         again = rows["dataverse_id"].duplicated()
         frames.append(rows[~again].reset_index(drop=True) if again.any() else rows)
@@ -150,6 +150,21 @@ def _changed_rows(
             counts[f"{entity.entity_set} read again (overlap window)"] = again
         counts[f"{entity.entity_set} retried from quarantine"] = len(retried)
     return common.concat(DV_CHANGED, frames), marks, counts, initial
+
+
+def _with_retried(changed: pd.DataFrame, retried: pd.DataFrame) -> pd.DataFrame:
+    """The rows read and those retried from the quarantine, with the column types of their
+    concatenation (whole numbers become floats, their text `5.0`, as it always was: see
+    `docs/configuration.md`), without copying the rows read when nothing is retried."""
+    if not retried.empty:
+        return pd.concat([changed, retried], ignore_index=True)
+    types = pd.concat([changed.head(0), retried.head(0)], ignore_index=True).dtypes
+    floats = {
+        c: "float64"
+        for c in changed.columns
+        if pd.api.types.is_integer_dtype(changed[c].dtype) and types[c] == "float64"
+    }
+    return changed.astype(floats) if floats else changed
 
 
 def _links_of(ctx: StepContext, dv: pd.DataFrame) -> list[RecordLink]:
@@ -634,6 +649,6 @@ def load(ctx: StepContext) -> dict[str, Any]:
     ) -> tuple[dict[str, int], list[str]]:
         batch_size = ctx.run_params.batch_size
         loader = ActiveCampaignLoader(ctx, ctx.ac_hook, meta["field_ids"], batch_size=batch_size)
-        return loader.load_parts(parts), loader.synced_keys
+        return loader.load_parts(parts), list(loader.synced_keys)
 
     return deletions.run_load(ctx, write)

@@ -77,7 +77,7 @@ def rows_frame(
     if len(parts) == 1:
         frame = parts[0]
     elif parts:
-        frame = pd.concat(parts, ignore_index=True)
+        frame = _as_one_list(pd.concat(parts, ignore_index=True))
     else:
         frame = pd.DataFrame(
             {
@@ -87,6 +87,19 @@ def rows_frame(
             }
         )
     frame["dv_modified_at"] = pd.to_datetime(frame.get("modifiedon"), utc=True)
+    return frame
+
+
+def _as_one_list(frame: pd.DataFrame) -> pd.DataFrame:
+    """The column types pandas gives a read's values as one list each, for a frame concatenated
+    from chunks: a column empty in one chunk (object) and numbers or text in another comes out
+    as numbers (floats when some are missing, as for one list) or text again."""
+    for column in [c for c in frame.columns if frame[c].dtype == "object"]:
+        kind = pd.api.types.infer_dtype(frame[column], skipna=True)
+        if kind in ("integer", "floating", "mixed-integer-float"):
+            frame[column] = pd.to_numeric(frame[column])
+        elif kind == "string":
+            frame[column] = frame[column].astype("str")
     return frame
 
 
