@@ -336,17 +336,19 @@ class ActiveCampaignLoader:
         return self.load_parts([valid])
 
     def load_parts(self, parts: Iterable[pd.DataFrame]) -> dict[str, int]:
-        """Write every row of each part, a part's worth at a time (the load holds at most two
-        parts, whatever the run's size); returns counts. A record AC refuses is quarantined with its reason, on
+        """Write every row of each part, a part at a time (the load holds one part and at
+        most a tenth of one more, whatever the run's size); returns counts. A record AC refuses is quarantined with its reason, on
         every write path, and the others go on."""
+        # A part holds what passed of a part read, often few rows (a run reading many
+        # unchanged ones): small parts are held back and written together, so that they still
+        # go in bulk imports rather than one by one.
+        enough = max(1, staging.PART_ROWS // 10)
         held: list[pd.DataFrame] = []
         for valid in parts:
             if not valid.empty:
                 held.append(valid)
             del valid  # released before the next part is read
-            # Parts are the valid rows of a part read, often few: they are written together
-            # once a part's worth is held, so few rows per part still go in one bulk import.
-            if sum(len(p) for p in held) >= staging.PART_ROWS:
+            if sum(len(p) for p in held) >= enough:
                 self._write(pd.concat(held, ignore_index=True) if len(held) > 1 else held[0])
                 held = []
         if held:
