@@ -67,6 +67,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=0.6,
         help="scale: share of the load's records linked when it is killed (0: not killed)",
     )
+    parser.add_argument(
+        "--scale-until",
+        default="load",
+        choices=["extract", "tag_classify", "map_fields", "validate", "load"],
+        help="scale: the last step run (before load: the steps' seconds and memory only)",
+    )
     parser.add_argument("--creation-records", type=int, default=20_000)
     parser.add_argument("--incremental-records", type=int, default=100_000)
     parser.add_argument("--changes", default="0,10,1000")
@@ -110,7 +116,8 @@ def command(args: argparse.Namespace, name: str) -> str:
     """The command that reproduces one benchmark's figures."""
     options = {
         "backfill": f"--sizes {args.sizes}",
-        "scale": f"--scale-records {args.scale_records} --kill-at {args.kill_at}",
+        "scale": f"--scale-records {args.scale_records} --kill-at {args.kill_at}"
+        + (f" --scale-until {args.scale_until}" if args.scale_until != "load" else ""),
         "creation": f"--creation-records {args.creation_records}",
         "incremental": f"--incremental-records {args.incremental_records} --changes {args.changes}",
         "pipeline": f"--pipeline-rows {args.pipeline_rows} --pipeline-chunk {args.pipeline_chunk}",
@@ -161,7 +168,9 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if name == "scale":
         from bench.scale import backfill_at_scale
 
-        return backfill_at_scale(args.scale_records, work, kill_at=args.kill_at or None)
+        return backfill_at_scale(
+            args.scale_records, work, kill_at=args.kill_at or None, until=args.scale_until
+        )
     if name == "creation":
         return scenarios.creation(args.creation_records, args.repeats, work)
     if name == "incremental":

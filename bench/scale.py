@@ -60,9 +60,30 @@ def postgres_state(name: str = BENCH_DATABASE) -> Iterator[str]:
         admin.dispose()
 
 
+#: How a step's peak RSS is measured (stored with the results).
+PEAK_RSS_MEASURED_BY = "VmHWM"
+
+
+def vm_hwm_mib(pid: int | str) -> float | None:
+    """The peak RSS of process `pid` (`self`: this one) so far, from `/proc/<pid>/status`
+    (`VmHWM`): its own address space's high-water mark. Not `ru_maxrss`: Linux carries the
+    parent's peak into it at `exec`, so a child of a large process reads at least that."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # it has ended
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 class StepProcess:
-    """One step of a flow in its own process (`python -m bench.step`); the kernel's peak RSS of
-    that process (`wait4`) is its memory figure, also when it was killed."""
+    """One step of a flow in its own process (`python -m bench.step`); its peak RSS
+    (`vm_hwm_mib`, sampled while it runs and read by the step itself at its end) is its memory
+    figure, also when it was killed."""
+
+    SAMPLE_SECONDS = 0.2
 
     def __init__(self, flow: str, step: str, run_id: str, state_url: str) -> None:
         self.step = step
@@ -73,27 +94,29 @@ class StepProcess:
             stdout=subprocess.PIPE,
             text=True,
         )
-
-        self.ended: tuple[int, Any, float] | None = None
+        self.peak_mib = 0.0
+        self.ended: tuple[int, float] | None = None
 
     def running(self) -> bool:
-        """Whether the process still runs (reaped here with its usage, not by `poll`)."""
+        """Whether the process still runs (reaped here, not by `poll`); samples its peak RSS."""
         if self.ended is None:
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            self.peak_mib = max(self.peak_mib, vm_hwm_mib(self.process.pid) or 0.0)
+            pid, status, _ = os.wait4(self.process.pid, os.WNOHANG)
             if pid:
-                self.ended = (status, usage, time.perf_counter())
+                self.ended = (status, time.perf_counter())
         return self.ended is None
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, as when a worker is lost."""
+        self.peak_mib = max(self.peak_mib, vm_hwm_mib(self.process.pid) or 0.0)
         os.kill(self.process.pid, signal.SIGKILL)
 
     def finish(self) -> dict[str, Any]:
         """Wait for the process: seconds, counts (when it finished), peak RSS, how it ended."""
-        if self.ended is None:
-            _, status, usage = os.wait4(self.process.pid, 0)
-            self.ended = (status, usage, time.perf_counter())
-        status, usage, ended = self.ended
+        while self.running():
+            time.sleep(self.SAMPLE_SECONDS)
+        assert self.ended is not None
+        status, ended = self.ended
         seconds = ended - self.started
         self.process.returncode = os.waitstatus_to_exitcode(status)
         out = self.process.stdout.read() if self.process.stdout else ""
@@ -104,7 +127,7 @@ class StepProcess:
             "seconds": seconds,
             "step_seconds": result.get("seconds"),
             "counts": result.get("counts", {}),
-            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "peak_rss_mib": max(self.peak_mib, float(result.get("peak_rss_mib") or 0.0)),
             "exit": self.process.returncode,
         }
 
@@ -240,11 +263,17 @@ def _quiet(sandbox: Sandbox, state_url: str) -> dict[str, Any]:
 
 
 def backfill_at_scale(
-    records: int, root: Path | None, *, kill_at: float | None = 0.6, quiet: bool = True
+    records: int,
+    root: Path | None,
+    *,
+    kill_at: float | None = 0.6,
+    quiet: bool = True,
+    until: str = "load",
 ) -> dict[str, Any]:
     """Seed `records`, run the backfill's steps each in its own process on PostgreSQL; the load
     killed at `kill_at` of its records (None: not killed) and retried after Airflow's retry
-    delay; then the quiet runs at that many links."""
+    delay; then the quiet runs at that many links. `until`: the last step run (before `load`:
+    the steps' seconds and memory only)."""
     with (
         run_folder(root, f"scale-{records}") as folder,
         Sandbox(folder / "sandbox") as sandbox,
@@ -257,7 +286,16 @@ def backfill_at_scale(
         sandbox.connect(state_url)
         sandbox.clear_counters()
         run_id = f"bench__{uuid.uuid4().hex[:12]}"
-        steps = [StepProcess(BACKFILL, s, run_id, state_url).run() for s in STEPS[:-1]]
+        before = STEPS[: STEPS.index(until) + 1 if until != "load" else -1]
+        steps = [StepProcess(BACKFILL, s, run_id, state_url).run() for s in before]
+        if until != "load":
+            return {
+                "records": records,
+                "until": until,
+                "steps": steps,
+                "peak_rss_mib": max(s["peak_rss_mib"] for s in steps),
+                "peak_rss_measured_by": PEAK_RSS_MEASURED_BY,
+            }
         valid = int(steps[-1]["counts"].get("valid", 0))
         loads = []
         if kill_at is not None:
@@ -288,6 +326,7 @@ def backfill_at_scale(
             "kill_at": kill_at,
             "retry_delay_seconds": RETRY_DELAY_SECONDS if kill_at is not None else 0.0,
             "peak_rss_mib": max(s["peak_rss_mib"] for s in steps + loads),
+            "peak_rss_measured_by": PEAK_RSS_MEASURED_BY,
             # ANALYZEs run by the autovacuum stand-in during the initial sync (None: autovacuum on).
             "autovacuum_stand_in": autovacuum.runs if autovacuum.active else None,
             "ac_requests": dict(requests["ac"]),

@@ -1,5 +1,5 @@
 """One step of a flow in this process, as its Airflow task runs it in its own: prints one JSON line
-with the step's seconds, its counts and the process's peak RSS.
+with the step's seconds, its counts and the process's peak RSS (`VmHWM`).
 
 Run: `python -m bench.step <flow> <step> <run_id> <state_url>` (the connections and the staging
 folder come from the environment, as `bench.harness` sets them).
@@ -8,7 +8,6 @@ folder come from the environment, as `bench.harness` sets them).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -17,6 +16,7 @@ def main(argv: list[str]) -> int:
     """Run the step; print `{"seconds", "counts", "peak_rss_mib"}`."""
     flow_name, step, run_id, state_url = argv
     from bench.harness import quiet_logs
+    from bench.scale import vm_hwm_mib
 
     quiet_logs()
     from crm_sync.context import StepContext
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     summary = function(ctx)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    peak = vm_hwm_mib("self")  # not ru_maxrss: it carries the parent's peak across exec
     out = {"seconds": seconds, "counts": summary.get("counts", {}), "peak_rss_mib": peak}
     print(json.dumps(out, default=str), flush=True)
     return 0
