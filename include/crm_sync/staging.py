@@ -280,7 +280,7 @@ class RunStaging:
                 part = pd.read_parquet(handle, columns=present, filters=where)
             parts.append(_only(part, columns))
         if not parts:
-            return _only(self.read(stage), columns).iloc[0:0]
+            return _only(stage.empty(), columns)  # no part has the filtered column
         return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
     def write_json(self, step: str, name: str, value: Any) -> str:

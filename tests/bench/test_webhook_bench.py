@@ -15,17 +15,10 @@ pytestmark = pytest.mark.sandbox
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def root(undone_connections: Path) -> Iterator[Path]:
     """Limits ten times the published ones; the connections a scenario sets are undone."""
-    monkeypatch.setenv("CRM_SYNC_STAGING", str(tmp_path / "staging"))
-    for name in (
-        "AIRFLOW_CONN_ACTIVECAMPAIGN_DEFAULT",
-        "AIRFLOW_CONN_DYNAMICS365_DEFAULT",
-        "AIRFLOW_CONN_CRM_SYNC_STATE",
-    ):
-        monkeypatch.setenv(name, "")
     harness.LIMIT_SCALE["value"] = 10.0
-    yield tmp_path
+    yield undone_connections
     harness.LIMIT_SCALE["value"] = 1.0
 
 
