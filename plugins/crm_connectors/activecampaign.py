@@ -1089,13 +1089,18 @@ class ActiveCampaignHook(CrmHttpHook):
 
     def iter_bulk_import(
         self,
-        contacts: list[dict[str, Any]],
+        contacts: Iterable[dict[str, Any]],
         *,
         chunk_size: int = MAX_IMPORT_CHUNK,
         resolve_ids: bool = True,
     ) -> Iterator[list[ImportResult]]:
         """Import contacts in chunks of at most 250, yielding each chunk's results once AC has
         applied it, while later chunks are still being sent.
+
+        `contacts` may be a lazy stream: it is read a chunk at a time, just before the chunk is
+        sent, so a caller can prepare its next rows while earlier chunks wait for their turn,
+        and one call can carry a whole run with no pause between its parts. A result's `index`
+        is the row's position in the stream.
 
         Chunks go out at the account's import limit (100 per minute, never 101 in any minute)
         with several in flight; `import/info` is asked about the oldest one in flight each
@@ -1112,37 +1117,43 @@ class ActiveCampaignHook(CrmHttpHook):
         # must be in place before the first import counts against it.
         self.get_conn()
         started = time.monotonic()
-        totals = {"ok": 0, "failed": 0, "batches": 0}
+        totals = {"rows": 0, "ok": 0, "failed": 0, "batches": 0}
 
         def counted(batch: list[ImportResult]) -> list[ImportResult]:
             totals["ok"] += sum(r.ok for r in batch)
             totals["failed"] += sum(not r.ok for r in batch)
             return batch
 
-        valid: list[int] = []
-        missing: list[ImportResult] = []
-        for index, contact in enumerate(contacts):
-            if str(contact.get("email") or "").strip():
-                valid.append(index)
-            else:
-                missing.append(ImportResult(index, "", False, error="missing email"))
-        if missing:
-            yield counted(missing)
+        rows = enumerate(contacts)
         in_flight: deque[_ImportBatch] = deque()
-        for start in range(0, len(valid), chunk_size):
-            batch, rejected = self._submit_import(contacts, valid[start : start + chunk_size])
+        while True:
+            chunk: dict[int, dict[str, Any]] = {}
+            missing: list[ImportResult] = []
+            for index, contact in rows:
+                totals["rows"] += 1
+                if str(contact.get("email") or "").strip():
+                    chunk[index] = contact
+                    if len(chunk) == chunk_size:
+                        break
+                else:
+                    missing.append(ImportResult(index, "", False, error="missing email"))
+            if missing:
+                yield counted(missing)
+            if not chunk:
+                break
+            batch, rejected = self._submit_import(chunk)
             if rejected:
                 yield counted(rejected)
             if batch is not None:
                 totals["batches"] += 1
                 in_flight.append(batch)
-            for done in self._completed_imports(contacts, in_flight, resolve_ids, wait=False):
+            for done in self._completed_imports(in_flight, resolve_ids, wait=False):
                 yield counted(done)
-        for done in self._completed_imports(contacts, in_flight, resolve_ids, wait=True):
+        for done in self._completed_imports(in_flight, resolve_ids, wait=True):
             yield counted(done)
         log.info(
             "bulk_import: %d contacts in %d batches, %d ok, %d failed, %.1f s",
-            len(contacts),
+            totals["rows"],
             totals["batches"],
             totals["ok"],
             totals["failed"],
@@ -1150,11 +1161,13 @@ class ActiveCampaignHook(CrmHttpHook):
         )
 
     def _submit_import(
-        self, contacts: list[dict[str, Any]], chunk: list[int]
+        self, contacts: dict[int, dict[str, Any]]
     ) -> tuple[_ImportBatch | None, list[ImportResult]]:
-        """Queue one chunk; rows named in `failureReasons` are reported and the rest re-sent."""
+        """Queue one chunk (the rows by their index); rows named in `failureReasons` are
+        reported and the rest re-sent."""
         attempts = 0
         rejected: list[ImportResult] = []
+        chunk = list(contacts)
         while chunk:
             try:
                 with self.import_budget.call():
@@ -1165,7 +1178,8 @@ class ActiveCampaignHook(CrmHttpHook):
                         replay_safe=True,
                     )
                 sent = time.monotonic()
-                return _ImportBatch(str(body["batchId"]), chunk, sent, sent), rejected
+                batch = {i: contacts[i] for i in chunk}
+                return _ImportBatch(str(body["batchId"]), batch, sent, sent), rejected
             except ClientError as error:
                 if error.status != 400:
                     raise
@@ -1202,7 +1216,6 @@ class ActiveCampaignHook(CrmHttpHook):
 
     def _completed_imports(
         self,
-        contacts: list[dict[str, Any]],
         in_flight: deque[_ImportBatch],
         resolve_ids: bool,
         *,
@@ -1224,7 +1237,7 @@ class ActiveCampaignHook(CrmHttpHook):
                     return
                 continue
             in_flight.popleft()
-            yield self._map_import(contacts, batch.indices, info, resolve_ids)
+            yield self._map_import(batch.contacts, info, resolve_ids)
 
     def _import_info(self, batch: _ImportBatch) -> dict[str, Any] | None:
         """`import/info` of one batch: its answer once completed, None while processing."""
@@ -1250,15 +1263,14 @@ class ActiveCampaignHook(CrmHttpHook):
 
     def _map_import(
         self,
-        contacts: list[dict[str, Any]],
-        accepted: list[int],
+        accepted: dict[int, dict[str, Any]],
         info: dict[str, Any],
         resolve_ids: bool,
     ) -> list[ImportResult]:
         """Per-row results from `import/info`: failures come back as emails, successes as ids."""
         failed = {str(e).strip().lower() for e in info.get("failure") or []}
         success_ids = [str(i) for i in info.get("success") or []]
-        emails = [str(contacts[i]["email"]) for i in accepted]
+        emails = [str(contact["email"]) for contact in accepted.values()]
         succeeded = sum(e.strip().lower() not in failed for e in emails)
         # Ids are needed when asked for, or when the counts disagree: then the ids say who made it.
         resolve = resolve_ids or len(success_ids) != succeeded
@@ -1301,10 +1313,11 @@ class _Second:
 
 @dataclass
 class _ImportBatch:
-    """A submitted import batch: its rows, when it was sent, and when it was last asked about."""
+    """A submitted import batch: its rows by index, when it was sent, and when it was last asked
+    about."""
 
     batch_id: str
-    indices: list[int]
+    contacts: dict[int, dict[str, Any]]
     sent: float
     last_asked: float
 

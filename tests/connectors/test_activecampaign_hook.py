@@ -376,6 +376,29 @@ def test_tag_scan_reads_a_thousand_associations_of_one_second_once_each(
     assert list(ac.contact_tags_by_tag(tag_id, since=since + timedelta(seconds=1))) == []
 
 
+def test_a_lazy_stream_is_read_a_chunk_at_a_time_in_one_import_stream(ac, counted) -> None:
+    """A caller can hand the import a generator (a run's parts one after another): each chunk
+    is taken just before it is sent, and the stream's rows come back by their position."""
+    imports = "/api/3/import/bulk_import"
+    missing = {299, 599, 899}  # no email: reported at once, the chunk still takes 250
+    sent_before: list[int] = []
+
+    def stream() -> Iterator[dict[str, str]]:
+        for i in range(1000):
+            sent_before.append(counted("ac", imports).get(200, 0))
+            yield {"email": "" if i in missing else f"lazy.{i}@example.com"}
+
+    results = [r for batch in ac.iter_bulk_import(stream(), resolve_ids=False) for r in batch]
+
+    # Row i is taken once the chunks of the rows with an email before it have gone.
+    with_email = [i for i in range(1000) if i not in missing]
+    assert sent_before == [sum(j < i for j in with_email) // 250 for i in range(1000)]
+    assert counted("ac", imports) == {200: 4}
+    assert sorted(r.index for r in results) == list(range(1000))
+    assert {r.index for r in results if not r.ok} == missing
+    assert all(r.email == f"lazy.{r.index}@example.com" for r in results if r.ok)
+
+
 @pytest.mark.parametrize("base", [0, 1])
 def test_a_refused_import_sets_aside_the_row_it_names_however_it_counts(
     sandbox, ac, base: int

@@ -296,30 +296,38 @@ class FakeActiveCampaign:
 
     def iter_bulk_import(
         self,
-        contacts: list[dict[str, Any]],
+        contacts: Iterable[dict[str, Any]],
         *,
         chunk_size: int = MAX_IMPORT_CHUNK,
         resolve_ids: bool = True,
     ) -> Iterator[list[ImportResult]]:
         """Import contacts (`email`, `first_name`, ..., `fields` [{id, value}], `tags` [names])
-        by email, one batch of results per chunk; `contact_id` only with `resolve_ids`."""
+        by email, one batch of results per chunk, the stream read a chunk at a time (as the
+        hook does); `contact_id` only with `resolve_ids`."""
         self.calls.append("iter_bulk_import")
         if not 1 <= chunk_size <= MAX_IMPORT_CHUNK:
             raise ValueError(f"chunk_size must be between 1 and {MAX_IMPORT_CHUNK}")
-        missing = [
-            ImportResult(index, "", False, error="missing email")
-            for index, contact in enumerate(contacts)
-            if not str(contact.get("email") or "").strip()
-        ]
-        if missing:
-            yield missing
-        valid = [i for i, c in enumerate(contacts) if str(c.get("email") or "").strip()]
-        for start in range(0, len(valid), chunk_size):
-            chunk = valid[start : start + chunk_size]
-            self.writes.append(("bulk_import", [dict(contacts[i]) for i in chunk]))
+        rows = enumerate(contacts)
+        while True:
+            chunk: list[int] = []
+            taken: dict[int, dict[str, Any]] = {}
+            missing = []
+            for index, contact in rows:
+                if str(contact.get("email") or "").strip():
+                    chunk.append(index)
+                    taken[index] = contact
+                    if len(chunk) == chunk_size:
+                        break
+                else:
+                    missing.append(ImportResult(index, "", False, error="missing email"))
+            if missing:
+                yield missing
+            if not chunk:
+                return
+            self.writes.append(("bulk_import", [dict(taken[i]) for i in chunk]))
             batch = []
             for index in chunk:
-                contact = contacts[index]
+                contact = taken[index]
                 email = str(contact["email"])
                 if email.lower() in self.refuse:
                     batch.append(

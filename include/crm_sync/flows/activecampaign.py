@@ -3,14 +3,18 @@ with tags, links as results arrive). Every request goes through `ActiveCampaignH
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import pandas as pd
 from crm_connectors.errors import ClientError, TieOrderError
 
@@ -25,7 +29,9 @@ from crm_sync.state import RecordLink, content_hash, utcnow
 from crm_sync.tags import ALL_TAGS, DELETED_IN_DYNAMICS, Tag
 
 if TYPE_CHECKING:
-    from crm_connectors.activecampaign import ActiveCampaignHook
+    from crm_connectors.activecampaign import ActiveCampaignHook, ImportResult
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -336,12 +342,30 @@ class ActiveCampaignLoader:
         return self.load_parts([valid])
 
     def load_parts(self, parts: Iterable[pd.DataFrame]) -> dict[str, int]:
-        """Write every row of each part, a part at a time (the load holds one part and at
-        most a tenth of one more, whatever the run's size); returns counts. A record AC refuses is quarantined with its reason, on
-        every write path, and the others go on."""
-        # A part holds what passed of a part read, often few rows (a run reading many
-        # unchanged ones): small parts are held back and written together, so that they still
-        # go in bulk imports rather than one by one.
+        """Write every row of each part; returns counts. A record AC refuses is quarantined
+        with its reason, on every write path, and the others go on.
+
+        One bulk import stream carries the whole run: a part's contacts are built in a
+        background thread while the previous part's chunks wait for their turn, and the next
+        part's chunks follow without a pause (at AC's 100 imports a minute, a pause is never
+        made up). The load holds at most three parts (one prepared ahead, one being sent, the
+        tail of one whose last chunks AC has not applied yet), whatever the run's size."""
+        waiting: list[_Part] = []
+        stream = self._contacts(_prepared(self._held_back(parts), self._prepare), waiting)
+        first = next(stream, None)
+        if first is None:  # nothing to import (a quiet run, or rows written one by one)
+            return dict(self.counts)
+        for batch in self.hook.iter_bulk_import(
+            itertools.chain([first], stream), chunk_size=self.batch_size, resolve_ids=False
+        ):
+            self._answered(batch, waiting)
+        return dict(self.counts)
+
+    @staticmethod
+    def _held_back(parts: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        """The parts, small ones held back and joined: a part holds what passed of a part
+        read, often few rows (a run reading many unchanged ones), and rows go in bulk imports
+        rather than one by one only in numbers."""
         enough = max(1, staging.PART_ROWS // 10)
         held: list[pd.DataFrame] = []
         for valid in parts:
@@ -349,26 +373,77 @@ class ActiveCampaignLoader:
                 held.append(valid)
             del valid  # released before the next part is read
             if sum(len(p) for p in held) >= enough:
-                self._write(pd.concat(held, ignore_index=True) if len(held) > 1 else held[0])
+                yield pd.concat(held, ignore_index=True) if len(held) > 1 else held[0]
                 held = []
         if held:
-            self._write(pd.concat(held, ignore_index=True) if len(held) > 1 else held[0])
-        return dict(self.counts)
+            yield pd.concat(held, ignore_index=True) if len(held) > 1 else held[0]
 
-    def _write(self, valid: pd.DataFrame) -> None:
-        valid = self._move_emails(valid)
+    def _prepare(self, valid: pd.DataFrame) -> _Prepared:
+        """A part's import contacts (built off the sending thread: nothing here talks to AC)."""
         # AC documents no blank-value rule for bulk imports, and import tools commonly leave a
         # stored value when sent an empty one: an update that clears a value goes by
         # contact/sync, which writes what it is given (one request per such record).
         clearing = valid["action"].isin([a.value for a in UPDATE_ACTIONS]) & valid["payload"].map(
             _clears_a_value
         )
-        if (~clearing).sum() < MIN_IMPORT:
-            self._sync_one_by_one(valid)
-        else:
-            self._sync_one_by_one(valid[clearing])
-            self._import(valid[~clearing])
-        self._finish_qualifications(valid)
+        importable = valid[~clearing]
+        contacts = []
+        # The columns `_contact` and `_tags` read: a row of every column costs several times
+        # more, which at 1,000,000 rows delays the first import by minutes.
+        for row in importable[list(CONTACT_COLUMNS)].itertuples():
+            contact = self._contact(row, keys=IMPORT_KEYS)
+            tags = self._tags(row)
+            if tags:
+                contact["tags"] = tags
+            contacts.append(contact)
+        return _Prepared(valid, clearing.to_numpy(dtype=bool), contacts)
+
+    def _contacts(
+        self, prepared: Iterable[_Prepared], waiting: list[_Part]
+    ) -> Iterator[dict[str, Any]]:
+        """The import stream: each part's contacts, after what must come before them (emails
+        moved, values cleared one by one); a part's imported rows wait in `waiting` for AC's
+        answers. The new contacts' ids are not read back (that would take more requests than
+        the import limit leaves): their links hold the email, and the next run that needs an
+        id finds it by email and keeps it."""
+        base = 0
+        for part in prepared:
+            valid = self._move_emails(part.valid)
+            kept = part.valid["record_key"].isin(valid["record_key"]).to_numpy(dtype=bool)
+            importing = kept & ~part.clearing
+            if importing.sum() < MIN_IMPORT:
+                self._sync_one_by_one(valid)
+                self._finish_qualifications(valid)
+                continue
+            self._sync_one_by_one(part.valid[kept & part.clearing])
+            contacts = [
+                c for c, keep in zip(part.contacts, importing[~part.clearing], strict=True) if keep
+            ]
+            waiting.append(_Part(part.valid[importing], valid, base, len(contacts)))
+            del part, valid
+            yield from contacts
+            base += len(contacts)
+
+    def _answered(self, batch: list[ImportResult], waiting: list[_Part]) -> None:
+        """Links and quarantine for an import's results; a part whose rows are all answered
+        gets its suspects written one by one and its qualifications finished."""
+        for part in waiting:
+            mine = [r for r in batch if part.base <= r.index < part.base + part.size]
+            if not mine:
+                continue
+            part.suspects += [r.index - part.base for r in mine if r.suspect]
+            done = [r for r in mine if not r.suspect]
+            self._record(
+                rows_at(part.rows, [r.index - part.base for r in done]),
+                [(r.ok, r.contact_id, r.error) for r in done],
+            )
+            part.left -= len(mine)
+        for part in [p for p in waiting if p.left == 0]:
+            waiting.remove(part)
+            # Rows an import refused by position (its index base is undocumented): each is
+            # written alone, so AC says which one was bad, in its own words.
+            self._sync_one_by_one(part.rows.iloc[sorted(part.suspects)])
+            self._finish_qualifications(part.valid)
 
     def _move_emails(self, valid: pd.DataFrame) -> pd.DataFrame:
         """A linked contact whose email changed in Dynamics gets it changed by id, before the
@@ -391,34 +466,6 @@ class ActiveCampaignLoader:
             self.counts["email changed"] += 1
         self._quarantine(valid, refused)
         return valid[~valid["record_key"].isin(list(refused))]
-
-    def _import(self, rows: pd.DataFrame) -> None:
-        """Bulk-import every row at AC's import limit; each batch's links are saved as soon as it
-        completes, while later batches are still being sent. The new contacts' ids are not read
-        back (that would take more requests than the import limit leaves): their links hold the
-        email, and the next run that needs an id finds it by email and keeps it."""
-        contacts = []
-        # The columns `_contact` and `_tags` read: a row of every column costs several times
-        # more, which at 1,000,000 rows delays the first import by minutes.
-        for row in rows[list(CONTACT_COLUMNS)].itertuples():
-            contact = self._contact(row, keys=IMPORT_KEYS)
-            tags = self._tags(row)
-            if tags:
-                contact["tags"] = tags
-            contacts.append(contact)
-        suspects: list[int] = []
-        for batch in self.hook.iter_bulk_import(
-            contacts, chunk_size=self.batch_size, resolve_ids=False
-        ):
-            suspects += [r.index for r in batch if r.suspect]
-            done = [r for r in batch if not r.suspect]
-            self._record(
-                rows_at(rows, [r.index for r in done]),
-                [(r.ok, r.contact_id, r.error) for r in done],
-            )
-        # Rows an import refused by position (its index base is undocumented): each is written
-        # alone, so AC says which one was bad, in its own words.
-        self._sync_one_by_one(rows.iloc[suspects])
 
     def _sync_one_by_one(self, rows: pd.DataFrame) -> None:
         outcomes: list[tuple[bool, str | None, str | None]] = []
@@ -516,6 +563,50 @@ class ActiveCampaignLoader:
                     continue
                 self.counts["lead qualified: tag moved to D365: Contact"] += 1
         self._quarantine(qualified, refused)
+
+
+@dataclass
+class _Prepared:
+    """A part ready to send: its rows, which of them clear a value (written by contact/sync),
+    and the import contacts of the others, in order."""
+
+    valid: pd.DataFrame
+    clearing: np.ndarray
+    contacts: list[dict[str, Any]]
+
+
+@dataclass
+class _Part:
+    """A part's rows in the import stream (from `base`, `size` of them): how many AC has not
+    answered for yet, and the positions it answered as suspects."""
+
+    rows: pd.DataFrame
+    valid: pd.DataFrame
+    base: int
+    size: int
+    left: int = -1
+    suspects: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.left < 0:
+            self.left = self.size
+
+
+def _prepared(parts: Iterable[pd.DataFrame], prepare: Callable[[pd.DataFrame], T]) -> Iterator[T]:
+    """`prepare` of each part, one part ahead, in a background thread (started when the
+    previous one is taken, so at most one waits prepared)."""
+    source = iter(parts)
+
+    def next_prepared() -> T | None:
+        part = next(source, None)
+        return None if part is None else prepare(part)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="load-prepare") as pool:
+        future = pool.submit(next_prepared)
+        while (ready := future.result()) is not None:
+            future = pool.submit(next_prepared)
+            yield ready
+            del ready
 
 
 def rows_at(rows: pd.DataFrame, positions: list[int]) -> pd.DataFrame:
