@@ -90,6 +90,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--webhooks-records", type=int, default=20_000, help="webhooks_throughput: contacts"
     )
     parser.add_argument(
+        "--webhooks-senders",
+        default="1",
+        help="webhooks_throughput: deliveries the emulator makes at once, one event-run "
+        "measurement each (comma-separated)",
+    )
+    parser.add_argument(
+        "--webhooks-mappings",
+        default="shipped,standard",
+        help="webhooks_throughput: the mappings measured (shipped, standard)",
+    )
+    parser.add_argument(
         "--latency-seconds", type=float, default=600.0, help="webhooks_latency: seconds tagging"
     )
     parser.add_argument(
@@ -124,7 +135,8 @@ def command(args: argparse.Namespace, name: str) -> str:
         "side_by_side": f"--side-by-side-records {args.side_by_side_records}",
         "accounts_deals": f"--accounts {args.accounts} --account-contacts "
         f"{args.account_contacts} --opportunities {args.opportunities}",
-        "webhooks_throughput": f"--webhooks-records {args.webhooks_records}",
+        "webhooks_throughput": f"--webhooks-records {args.webhooks_records} "
+        f"--webhooks-senders {args.webhooks_senders} --webhooks-mappings {args.webhooks_mappings}",
         "webhooks_latency": f"--latency-seconds {args.latency_seconds:g} "
         f"--latency-rate {args.latency_rate:g}",
     }[name]
@@ -181,7 +193,12 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         from bench import webhooks
 
         if name == "webhooks_throughput":
-            return webhooks.throughput(args.webhooks_records, work)
+            return webhooks.throughput(
+                args.webhooks_records,
+                work,
+                senders=tuple(int(n) for n in args.webhooks_senders.split(",")),
+                mappings=tuple(args.webhooks_mappings.split(",")),
+            )
         return webhooks.latency(args.latency_seconds, args.latency_rate, work)
     if name == "accounts_deals":
         return scenarios.accounts_deals(

@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import time
 import uuid
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.process import SandboxProcess
+from sandbox.process import PROJECT_ROOT, SandboxProcess
 
 AC_REQUESTS_PER_SECOND = 5.0
 AC_IMPORTS_PER_MINUTE = 100
@@ -323,3 +324,20 @@ def run_folder(root: Path | None, name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured and the product files changed in the working tree (others edit
+    this checkout while benchmarks run; read-only git commands)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "include", "plugins", "dags", "sandbox")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "changed": [line[3:] for line in changed.splitlines()],
+    }

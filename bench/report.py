@@ -67,8 +67,8 @@ def plot_scaling(backfill: dict[str, Any], scale: dict[str, Any] | None, path: P
             [scale["seconds"]],
             "D",
             color="#e6550d",
-            label="initial sync at scale (one run, PostgreSQL, a process per step, load "
-            "killed and retried)",
+            label="initial sync at scale (one run, PostgreSQL, a process per step"
+            + (", load killed and retried)" if len(scale["loads"]) > 1 else ")"),
             zorder=4,
         )
         axis.plot(
@@ -77,7 +77,7 @@ def plot_scaling(backfill: dict[str, Any], scale: dict[str, Any] | None, path: P
             "D",
             mfc="none",
             color="#e6550d",
-            label="its load step (both attempts)",
+            label="its load step" + (" (both attempts)" if len(scale["loads"]) > 1 else ""),
             zorder=4,
         )
     largest = max([*created, scale["created"] if scale else 0])
@@ -195,19 +195,30 @@ def _step_table(rows: list[tuple[str, dict[str, Any]]], *, memory: bool) -> list
 
 
 def _scale(data: dict[str, Any]) -> list[str]:
-    """The backfill at scale: throughput, peak RSS per step, the kill and the retry, and the
-    quiet runs at that many links."""
+    """The backfill at scale (throughput, peak RSS per step, the quiet runs at that many
+    links), and the run whose load was killed and retried (`resume`) when it is a run of its
+    own."""
+    lines = _scale_run(data)
+    if "resume" in data:
+        lines += _scale_run(data["resume"])
+    return lines
+
+
+def _scale_run(data: dict[str, Any]) -> list[str]:
+    """One run at scale: throughput, peak RSS per step, the kill and the retry (when killed),
+    and the quiet runs at that many links."""
     loads = data["loads"]
     killed = loads[0] if len(loads) > 1 else None
     rows = [
         (s["step"], s) for s in data["steps"]
     ] + [(f"load ({'killed' if killed is load else 'retried'})" if killed else "load", load)
          for load in loads]  # fmt: skip
+    at = f" at `{data['code']['commit']}`" if data.get("code") else ""
     lines = [
-        f"### At {_n(data['records'])} records: PostgreSQL, a process per step, the load "
-        "killed and retried",
+        f"### At {_n(data['records'])} records: PostgreSQL, a process per step"
+        + (", the load killed and retried" if killed else ", uninterrupted"),
         "",
-        f"`{data['command']}` (one run). The same flow on a PostgreSQL state store (a database "
+        f"`{data['command']}` (one run{at}). The same flow on a PostgreSQL state store (a database "
         "made for the run and dropped after it), each step in a fresh process "
         "(`python -m bench.step`) as each Airflow task runs it, so each step's peak RSS is its "
         "own: its address space's high-water mark (`VmHWM`), sampled while it runs and read "
@@ -239,11 +250,27 @@ def _scale(data: dict[str, Any]) -> list[str]:
         f"Contacts written: {_n(data['created'])} (links: {_n(data['linked'])}) in "
         f"{data['seconds']:.0f} s of steps: {data['contacts_per_second']:.1f} contacts/s, "
         f"{data['ratio']:.3f} of the ceiling ({AC_IMPORT_CEILING:.1f}). The seconds are the "
-        "sum of the steps' processes, both load attempts included; the "
-        f"{data['retry_delay_seconds']:.0f} s between the kill and the retry (Airflow's "
-        "`retry_delay`) are not counted.",
+        "sum of the steps' processes"
+        + (
+            f", both load attempts included; the {data['retry_delay_seconds']:.0f} s between "
+            "the kill and the retry (Airflow's `retry_delay`) are not counted."
+            if killed
+            else "."
+        ),
         "",
     ]
+    if not killed:
+        load = loads[0]
+        before = sum(s["seconds"] for s in data["steps"])
+        lines += [
+            f"Where the time goes: the steps before the load {before:.0f} s; the load "
+            f"{load['seconds']:.0f} s for {_n(data['created'])} contacts "
+            f"({data['created'] / AC_IMPORT_CEILING:.0f} s at the ceiling: the load alone ran at "
+            f"{data['created'] / AC_IMPORT_CEILING / load['seconds']:.3f} of it). The load "
+            "sends the run as one import stream, the next part's contacts built while the "
+            "current part's imports wait for their turn.",
+            "",
+        ]
     if killed:
         done = killed["linked_when_killed"]
         rest = data["created"] - done
@@ -788,16 +815,17 @@ def _summary(results: dict[str, dict[str, Any]]) -> list[str]:
         )
     if "scale" in results:
         data = results["scale"]
-        killed = (
-            f" (load killed at {data['kill_at']:.0%} and retried; one run)"
-            if len(data["loads"]) > 1
-            else ""
-        )
-        rows.append(
-            f"| 1 | initial sync, {_n(data['records'])} records, PostgreSQL{killed} | "
-            f"{data['contacts_per_second']:.1f} contacts/s | {AC_IMPORT_CEILING:.1f} | "
-            f"{data['ratio']:.3f} | >= 0.90 | {_met(data['ratio'] >= 0.9)} |"
-        )
+        for run in [data, *([data["resume"]] if "resume" in data else [])]:
+            killed = (
+                f" (load killed at {run['kill_at']:.0%} and retried; one run)"
+                if len(run["loads"]) > 1
+                else ""
+            )
+            rows.append(
+                f"| 1 | initial sync, {_n(run['records'])} records, PostgreSQL{killed} | "
+                f"{run['contacts_per_second']:.1f} contacts/s | {AC_IMPORT_CEILING:.1f} | "
+                f"{run['ratio']:.3f} | >= 0.90 | {_met(run['ratio'] >= 0.9)} |"
+            )
         runs = [data] if data.get("peak_rss_measured_by") == "VmHWM" else data.get("memory", [])
         for run in runs:
             steps = [*run["steps"], *run.get("loads", [])]

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import AC_IMPORT_CEILING, Sandbox, run_flow, run_folder
+from bench.harness import AC_IMPORT_CEILING, Sandbox, code_state, run_flow, run_folder
 from bench.scenarios import AC_TO_D365, BACKFILL, D365_TO_AC, DAY, _seed_dataverse
 from sandbox.process import PROJECT_ROOT
 
@@ -327,6 +327,7 @@ def backfill_at_scale(
             "retry_delay_seconds": RETRY_DELAY_SECONDS if kill_at is not None else 0.0,
             "peak_rss_mib": max(s["peak_rss_mib"] for s in steps + loads),
             "peak_rss_measured_by": PEAK_RSS_MEASURED_BY,
+            "code": code_state(),
             # ANALYZEs run by the autovacuum stand-in during the initial sync (None: autovacuum on).
             "autovacuum_stand_in": autovacuum.runs if autovacuum.active else None,
             "ac_requests": dict(requests["ac"]),

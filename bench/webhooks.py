@@ -34,6 +34,7 @@ from typing import Any
 from bench.harness import (
     AC_REQUESTS_PER_SECOND,
     Sandbox,
+    code_state,
     run_flow,
     run_folder,
     settings_override,
@@ -217,12 +218,15 @@ def _drain(state: str, expected: int, timeout: float) -> tuple[list[dict[str, An
     raise TimeoutError(f"events still pending or undelivered after {timeout:.0f} s")
 
 
-def throughput_once(records: int, mapping: str, mode: str, root: Path | None) -> dict[str, Any]:
+def throughput_once(
+    records: int, mapping: str, mode: str, root: Path | None, senders: int = 1
+) -> dict[str, Any]:
     """Benchmark 2's creation (N queued contacts created in Dataverse), by `mode` (`polling`: one
     run; `events`: event runs), with the `mapping` (`shipped` or `standard`), in a fresh world.
 
     The clock starts before the automation step and stops when the last run has finished (for
-    polling, the run starts right after the automation: at best a scheduled run would)."""
+    polling, the run starts right after the automation: at best a scheduled run would). For
+    event runs, the emulator makes `senders` deliveries at once (AC does not say how many)."""
     from sandbox.activecampaign.seed import seed_activecampaign
 
     fields = {} if mapping == "shipped" else {"field_mapping": STANDARD_ONLY}
@@ -254,6 +258,7 @@ def throughput_once(records: int, mapping: str, mode: str, root: Path | None) ->
             )
         if mode == "events":
             subscribe(sandbox, stack.enter_context(receiver(folder)))
+            sandbox.admin("ac", "PUT", "webhooks/senders", json={"senders": senders})
         sandbox.clear_counters()
         started = time.perf_counter()
         queued = _automation(sandbox, ids)
@@ -275,6 +280,7 @@ def throughput_once(records: int, mapping: str, mode: str, root: Path | None) ->
         "records": records,
         "mapping": mapping,
         "mode": mode,
+        "senders": senders if mode == "events" else None,
         **queued,
         "created": created,
         "dataverse_rows_after": rows,
@@ -332,25 +338,33 @@ def ceiling(mode: str, leads: int, contacts: int, custom: dict[str, int]) -> dic
     }
 
 
-def throughput(records: int, root: Path | None) -> dict[str, Any]:
-    """Benchmark 8: polling and event runs side by side, for each mapping (one run each)."""
+def throughput(
+    records: int,
+    root: Path | None,
+    senders: tuple[int, ...] = (1,),
+    mappings: tuple[str, ...] = MAPPINGS,
+) -> dict[str, Any]:
+    """Benchmark 8: polling and event runs side by side, for each mapping (one run each), the
+    event runs once for each number of deliveries the emulator makes at once (`senders`)."""
     rows = []
     busy = [contention()]
-    for mapping in MAPPINGS:
-        measured = {mode: throughput_once(records, mapping, mode, root) for mode in MODES}
-        polling, events = measured["polling"], measured["events"]
-        rows.append(
-            {
-                "mapping": mapping,
-                "polling": polling,
-                "events": events,
-                "ratio": events["records_per_second"] / polling["records_per_second"],
-                "ceiling_ratio": events["ceiling"]["records_per_second"]
-                / polling["ceiling"]["records_per_second"],
-                "sequential_ceiling_ratio": events["ceiling"]["sequential_records_per_second"]
-                / polling["ceiling"]["sequential_records_per_second"],
-            }
-        )
+    for mapping in mappings:
+        polling = throughput_once(records, mapping, "polling", root)
+        for at_once in senders:
+            events = throughput_once(records, mapping, "events", root, senders=at_once)
+            rows.append(
+                {
+                    "mapping": mapping,
+                    "senders": at_once,
+                    "polling": polling,
+                    "events": events,
+                    "ratio": events["records_per_second"] / polling["records_per_second"],
+                    "ceiling_ratio": events["ceiling"]["records_per_second"]
+                    / polling["ceiling"]["records_per_second"],
+                    "sequential_ceiling_ratio": events["ceiling"]["sequential_records_per_second"]
+                    / polling["ceiling"]["sequential_records_per_second"],
+                }
+            )
     busy.append(contention())
     return {
         "records": records,
@@ -377,23 +391,6 @@ def contention() -> dict[str, Any]:
             shown = [a for a in args if "://" not in a][:8]
             others.add(" ".join(Path(shown[0]).name if i == 0 else a for i, a in enumerate(shown)))
     return {"load_average": list(os.getloadavg()), "others": sorted(others)}
-
-
-def code_state() -> dict[str, Any]:
-    """The commit measured and the product files changed in the working tree (others edit
-    this checkout while benchmarks run; read-only git commands)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
-        )
-        return done.stdout.strip()
-
-    changed = git("status", "--porcelain", "--", "include", "plugins", "dags", "sandbox")
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "changed": [line[3:] for line in changed.splitlines()],
-    }
 
 
 # -- latency through the devserver -----------------------------------------------------------------
@@ -897,7 +894,8 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             events, polling = row["events"], row["polling"]
             rows.append(
                 f"| 8 | AC -> Dynamics creation, {events['records']:,}, event runs / polling, "
-                f"{_mapping_label(row['mapping'])} | {events['records_per_second']:.1f} / "
+                f"{_mapping_label(row['mapping'])}, {_senders_label(row)} | "
+                f"{events['records_per_second']:.1f} / "
                 f"{polling['records_per_second']:.1f} records/s | {row['ceiling_ratio']:.2f} | "
                 f"{row['ratio']:.2f} | >= 3 | {'yes' if row['ratio'] >= 3 else '**no**'} |"
             )
@@ -909,6 +907,12 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             f"{data['max']:.1f} s | - | - | p95 <= 60 s | {'yes' if data['met'] else '**no**'} |"
         )
     return rows
+
+
+def _senders_label(row: dict[str, Any]) -> str:
+    """How many deliveries the emulator made at once in a row's event runs."""
+    senders = row.get("senders") or 1
+    return "deliveries one at a time" if senders == 1 else f"{senders} deliveries at once"
 
 
 def _mapping_label(mapping: str) -> str:
@@ -955,12 +959,17 @@ def _throughput_section(data: dict[str, Any]) -> list[str]:
         "requests | ceiling records/s (binding) | ceiling, reading then writing |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+    shown: set[str] = set()
     for row in data["mappings"]:
         for mode in MODES:
+            if mode == "polling" and row["mapping"] in shown:
+                continue  # one polling run per mapping, beside each setting of the event runs
+            shown.add(row["mapping"])
             part = row[mode]
             ceiling_ = part["ceiling"]
+            path = f"event runs, {_senders_label(row)}" if mode == "events" else mode
             lines.append(
-                f"| {_mapping_label(row['mapping'])} | {'event runs' if mode == 'events' else mode}"
+                f"| {_mapping_label(row['mapping'])} | {path}"
                 f" | {part['created']:,} | {part['seconds']:.1f} | "
                 f"{part['records_per_second']:.1f} | {len(part['runs'])} | "
                 f"{part['ac_requests_total']:,} | {part['d365_requests_total']:,} | "
@@ -975,7 +984,7 @@ def _throughput_section(data: dict[str, Any]) -> list[str]:
     ]
     for row in data["mappings"]:
         lines.append(
-            f"| {_mapping_label(row['mapping'])} | **{row['ratio']:.2f}** | "
+            f"| {_mapping_label(row['mapping'])}, {_senders_label(row)} | **{row['ratio']:.2f}** | "
             f"{row['ceiling_ratio']:.2f} | {row['sequential_ceiling_ratio']:.2f} | >= 3 |"
         )
     lines += ["", "The event runs, in detail:", ""]
@@ -987,18 +996,23 @@ def _throughput_section(data: dict[str, Any]) -> list[str]:
         rate = events["tags_added"] / (delivered - events["automation_seconds"] or 1e-9)
         busy = events["created"] / max(events["run_seconds"], 1e-9)
         lines.append(
-            f"- {_mapping_label(row['mapping'])}: the automation call took "
+            f"- {_mapping_label(row['mapping'])}, {_senders_label(row)}: the automation call took "
             f"{events['automation_seconds']:.1f} s (the emulator builds each event's payload "
             f"then); the {events['tags_added']:,} events were all stored "
             f"{_f(events['delivery_seconds'])} s after the clock started (the emulator posts "
-            f"them one at a time, each stored by the receiver before it answers: about "
+            f"them {_senders_label(row).removeprefix('deliveries ')}, each stored by the "
+            f"receiver before it answers: about "
             f"{rate:,.0f} events/s while the runs went on); {len(runs)} event runs took "
             f"{events['run_seconds']:.1f} s together ({busy:,.1f} records per second of run, "
             f"{busy / row['polling']['records_per_second']:.2f}x polling's records/s), contacts "
             f"per run: {per_run}. AC requests: {_routes(events['ac_requests'])}."
         )
     lines += ["", "The ceilings, computed as benchmark 2's (`creation_ceiling`):", ""]
+    seen: set[str] = set()
     for row in data["mappings"]:
+        if row["mapping"] in seen:
+            continue  # the ceilings do not depend on how deliveries arrive
+        seen.add(row["mapping"])
         for mode in MODES:
             c = row[mode]["ceiling"]
             parts = ", ".join(f"{k} {v:,}" for k, v in c["ac_parts"].items())

@@ -1,5 +1,9 @@
 """Webhook delivery: form-encoded POSTs, sent once, never retried; a 410 deactivates the hook.
 
+AC does not document how many deliveries it makes at once. The emulator sends one at a time
+by default; `PUT /_sandbox/webhooks/senders` sets up to `MAX_SENDERS` at once (a contact's
+deliveries keep their order: they go through one sender, chosen by the contact's id).
+
 Delivery faults (`/_sandbox/webhooks/faults`) lose the next deliveries or send each twice, for
 the tests of a receiver: AC promises at least once and never retries.
 """
@@ -30,6 +34,7 @@ ACCOUNT_EVENTS = frozenset({"account_add", "account_update"})
 ACCOUNT_CONTACT_EVENTS = frozenset({"account_contact_add", "account_contact_update"})
 CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥", "cad": "$", "aud": "$"}
 DELIVERY_TIMEOUT = 5.0
+MAX_SENDERS = 16
 
 
 class DeliveryFault(BaseModel):
@@ -38,6 +43,12 @@ class DeliveryFault(BaseModel):
 
     kind: Literal["lose", "duplicate"]
     count: int = Field(1, ge=1, le=100_000)
+
+
+class SendersBody(BaseModel):
+    """How many deliveries the emulator makes at once."""
+
+    senders: int = Field(1, ge=1, le=MAX_SENDERS)
 
 
 @dataclass
@@ -225,17 +236,20 @@ def build_payload(store: Store, event: Event) -> list[tuple[str, str]] | None:
 
 
 class WebhookDispatcher:
-    """Turns committed events into deliveries and sends them from one background thread."""
+    """Turns committed events into deliveries and sends them from background threads: one by
+    default, `senders` at once when set (a contact's deliveries always through the same one)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._queue: queue.Queue[Delivery | None] = queue.Queue()
+        self.senders = 1
+        self._queues: list[queue.Queue[Delivery | None]] = [
+            queue.Queue() for _ in range(MAX_SENDERS)
+        ]
         self._log: deque[dict[str, Any]] = deque(maxlen=1000)
         self._log_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._faults: deque[_Pending] = deque()  # under the log lock
-        self._session = requests.Session()
-        self._session.trust_env = False  # local receivers: never through a proxy from the env
+        self._local = threading.local()
 
     def publish(self, events: list[Event]) -> None:
         """Queue a delivery for every active webhook that listens to each event."""
@@ -256,20 +270,30 @@ class WebhookDispatcher:
                 and (listid == 0 or event.type not in LIST_EVENTS or listid == event.list_id)
             ]
             payload = build_payload(self.store, event) if targets else None
+            sender = self._queues[event.contact_id % self.senders]
             for wid, url in targets if payload is not None else []:
-                self._queue.put(Delivery(wid, url, event.type, payload or []))
+                sender.put(Delivery(wid, url, event.type, payload or []))
 
     def start(self) -> None:
-        """Start the sender thread."""
-        self._thread = threading.Thread(target=self._run, name="ac-webhooks", daemon=True)
-        self._thread.start()
+        """Start the sender threads (idle ones wait on their empty queues)."""
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"ac-webhooks-{n}", daemon=True)
+            for n, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Stop the sender thread after the deliveries already queued."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10)
-            self._thread = None
+        """Stop the sender threads after the deliveries already queued."""
+        for sender in self._queues:
+            sender.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+
+    def set_senders(self, senders: int) -> None:
+        """Deliver through `senders` threads from now on (deliveries queued stay in order)."""
+        self.senders = senders
 
     def deliveries(self) -> list[dict[str, Any]]:
         """The most recent delivery attempts (oldest first)."""
@@ -277,15 +301,18 @@ class WebhookDispatcher:
             return list(self._log)
 
     def clear(self) -> None:
-        """Drop queued deliveries, the log and the delivery faults (used by the admin reset)."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)
-                break
+        """Drop queued deliveries, the log and the delivery faults, and deliver one at a time
+        again (used by the admin reset)."""
+        self.senders = 1
+        for sender in self._queues:
+            while True:
+                try:
+                    item = sender.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    sender.put(None)
+                    break
         with self._log_lock:
             self._log.clear()
             self._faults.clear()
@@ -315,8 +342,11 @@ class WebhookDispatcher:
                 self._faults.popleft()
             return fault.kind
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def _run(self, sender: queue.Queue[Delivery | None]) -> None:
+        session = requests.Session()
+        session.trust_env = False  # local receivers: never through a proxy from the env
+        self._local.session = session
+        while (item := sender.get()) is not None:
             try:
                 self._deliver(item)
             except Exception:  # one bad delivery must not stop the ones after it
@@ -335,7 +365,7 @@ class WebhookDispatcher:
         """POST once; the status (0 when no answer came)."""
         status, error = 0, None
         try:
-            response = self._session.post(
+            response = self._local.session.post(
                 delivery.url, data=delivery.payload, timeout=DELIVERY_TIMEOUT
             )
             status = response.status_code
@@ -368,6 +398,15 @@ class WebhookDispatcher:
 def admin_routes(dispatcher: WebhookDispatcher) -> APIRouter:
     """`/_sandbox/webhooks/...`: the delivery log and the delivery faults."""
     router = APIRouter(prefix="/webhooks", tags=["sandbox admin"])
+
+    @router.put("/senders")
+    def set_senders(body: SendersBody) -> dict[str, Any]:
+        dispatcher.set_senders(body.senders)
+        return {"senders": dispatcher.senders}
+
+    @router.get("/senders")
+    def get_senders() -> dict[str, Any]:
+        return {"senders": dispatcher.senders}
 
     @router.get("/deliveries")
     def deliveries() -> dict[str, Any]:

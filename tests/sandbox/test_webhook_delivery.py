@@ -243,3 +243,60 @@ def test_bursts_are_delivered_in_order_and_quickly(
     assert max(lags) < 5.0, f"slowest delivery {max(lags):.2f} s"  # ~30 ms measured
     names = [e["contact[first_name]"] for e in receiver.received[2000:]]
     assert names == [f"S{s}-{k}" for s in range(10) for k in range(5)]
+
+
+class SlowReceiver(Receiver):
+    """A receiver that takes `delay` seconds per post and notes how many it held at once."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.open = self.most_open = 0
+        super().__init__()
+        handler = self.server.RequestHandlerClass
+        outer = self
+        inner_post = handler.do_POST  # type: ignore[attr-defined]
+
+        def do_post(request: BaseHTTPRequestHandler) -> None:
+            with outer.lock:
+                outer.open += 1
+                outer.most_open = max(outer.most_open, outer.open)
+            time.sleep(outer.delay)
+            with outer.lock:
+                outer.open -= 1
+            inner_post(request)
+
+        handler.do_POST = do_post  # type: ignore[attr-defined]
+
+
+def test_senders_deliver_at_once_each_contact_in_order(ac: AC, sandbox: Any) -> None:
+    """`PUT webhooks/senders` makes several deliveries at once (AC does not say how many it
+    makes); a contact's deliveries still arrive in order, each once; the reset goes back to one."""
+    receiver = SlowReceiver(delay=0.05)
+    try:
+        assert sandbox.admin("ac", "GET", "webhooks/senders") == {"senders": 1}
+        with pytest.raises(requests.HTTPError):
+            sandbox.admin("ac", "PUT", "webhooks/senders", json={"senders": 0})
+        assert sandbox.admin("ac", "PUT", "webhooks/senders", json={"senders": 4}) == {"senders": 4}
+        make_webhook(ac, receiver.url, ["contact_tag_added"], ALL_SOURCES)
+        chunk = [{"email": f"senders.{i}@example.com"} for i in range(40)]
+        ac.wait_import(ac.post("/import/bulk_import", {"contacts": chunk}).json()["batchId"])
+        ids = [c["id"] for c in sandbox.admin("ac", "GET", "contacts/export")["contacts"]]
+        started = time.monotonic()
+        sandbox.admin("ac", "POST", "automation", json={"contact_ids": ids, "type": "lead"})
+        receiver.wait_for(80, timeout=30)
+        seconds = time.monotonic() - started
+        by_contact: dict[str, list[str]] = {}
+        for event in receiver.received:
+            by_contact.setdefault(event["contact[id]"], []).append(event["tag"])
+        assert set(by_contact) == set(ids)
+        assert all(
+            t == ["D365: Lead", "D365: Pulled from ActiveCampaign"] for t in by_contact.values()
+        )
+        assert receiver.most_open == 4
+        # One at a time, 80 posts of 50 ms take 4 s at least.
+        assert seconds < 3.0, f"{seconds:.1f} s"
+        sandbox.admin("ac", "POST", "reset")
+        assert sandbox.admin("ac", "GET", "webhooks/senders") == {"senders": 1}
+    finally:
+        receiver.server.shutdown()

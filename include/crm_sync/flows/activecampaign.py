@@ -170,7 +170,8 @@ class ActiveCampaignReader:
         """
         wanted = sorted({str(i) for i in ids}, key=lambda x: (len(x), x))
         objects = {i: self.read[i] for i in wanted if i in self.read}
-        objects.update({str(c["id"]): c for c in known if str(c["id"]) in set(wanted)})
+        asked = set(wanted)
+        objects.update({str(c["id"]): c for c in known if str(c["id"]) in asked})
         missing = [i for i in wanted if i not in objects]
         if missing:
             objects.update({str(c["id"]): c for c in self.hook.list_contacts(ids=missing)})

@@ -471,7 +471,7 @@ def run_load(
     """The `load` step around a direction's writer: dry-run plan, or write, resolve, advance.
 
     `write(parts, meta)` takes the valid rows a part at a time (`staging.PART_ROWS`; each part
-    read when the writer asks for it, so the load holds a part or two and a key per record,
+    read when the writer asks for it, so the load holds a few parts and a key per record,
     whatever the run's size) and returns its counts and the record keys it synced; watermarks move only after it returned,
     so a failed load is read again by the next run. The run's staging folder (personal data)
     is deleted once the load has finished. `planned_extra`: more counts for a dry run's plan;
