@@ -75,6 +75,8 @@ class ActiveCampaignHook(CrmHttpHook):
     :param import_poll_interval: seconds between a bulk import batch's submission (or last
         `import/info` poll) and its next poll.
     :param import_timeout: seconds one bulk import batch may take before `BulkImportError`.
+    :param max_in_flight: bulk import batches sent and not yet applied, at most (when AC lags,
+        the next chunk waits: what the import holds stays bounded).
     """
 
     conn_name_attr = "activecampaign_conn_id"
@@ -92,12 +94,14 @@ class ActiveCampaignHook(CrmHttpHook):
         timeout: float = 60.0,
         import_poll_interval: float = 1.0,
         import_timeout: float = 900.0,
+        max_in_flight: int = 200,
     ) -> None:
         super().__init__(activecampaign_conn_id, retry_policy=retry_policy, timeout=timeout)
         self.activecampaign_conn_id = activecampaign_conn_id
         self.rate_limit = rate_limit
         self.import_poll_interval = import_poll_interval
         self.import_timeout = import_timeout
+        self.max_in_flight = max_in_flight
         self.import_budget = WindowBudget(IMPORTS_PER_MINUTE, 60.0)
         self._tag_ids: dict[str, str] = {}
         #: The account's UTC offset, learned from the first AC timestamp read (None: not yet).
@@ -1129,14 +1133,22 @@ class ActiveCampaignHook(CrmHttpHook):
         while True:
             chunk: dict[int, dict[str, Any]] = {}
             missing: list[ImportResult] = []
-            for index, contact in rows:
-                totals["rows"] += 1
-                if str(contact.get("email") or "").strip():
-                    chunk[index] = contact
-                    if len(chunk) == chunk_size:
-                        break
-                else:
-                    missing.append(ImportResult(index, "", False, error="missing email"))
+            try:
+                for index, contact in rows:
+                    totals["rows"] += 1
+                    if str(contact.get("email") or "").strip():
+                        chunk[index] = contact
+                        if len(chunk) == chunk_size:
+                            break
+                    else:
+                        missing.append(ImportResult(index, "", False, error="missing email"))
+            except Exception:
+                # The caller's stream failed: the batches AC already took are answered first,
+                # so that the caller can record them (a retry would send them again).
+                if missing:
+                    yield counted(missing)
+                yield from map(counted, self._completed_imports(in_flight, resolve_ids, wait=True))
+                raise
             if missing:
                 yield counted(missing)
             if not chunk:
@@ -1149,6 +1161,10 @@ class ActiveCampaignHook(CrmHttpHook):
                 in_flight.append(batch)
             for done in self._completed_imports(in_flight, resolve_ids, wait=False):
                 yield counted(done)
+            if len(in_flight) >= self.max_in_flight:  # AC lags: hold no more rows than this
+                keep = self.max_in_flight - 1
+                for done in self._completed_imports(in_flight, resolve_ids, wait=True, keep=keep):
+                    yield counted(done)
         for done in self._completed_imports(in_flight, resolve_ids, wait=True):
             yield counted(done)
         log.info(
@@ -1220,10 +1236,12 @@ class ActiveCampaignHook(CrmHttpHook):
         resolve_ids: bool,
         *,
         wait: bool,
+        keep: int = 0,
     ) -> Iterator[list[ImportResult]]:
         """Results of the batches that completed, oldest first. Without `wait`, stop at the
-        first batch not due for a poll or still processing (the caller has more to send)."""
-        while in_flight:
+        first batch not due for a poll or still processing (the caller has more to send); with
+        `wait`, once at most `keep` are left in flight."""
+        while len(in_flight) > (keep if wait else 0):
             batch = in_flight[0]
             delay = batch.last_asked + self.import_poll_interval - time.monotonic()
             if delay > 0:

@@ -399,6 +399,49 @@ def test_a_lazy_stream_is_read_a_chunk_at_a_time_in_one_import_stream(ac, counte
     assert all(r.email == f"lazy.{r.index}@example.com" for r in results if r.ok)
 
 
+def test_a_stream_that_fails_gets_its_sent_imports_answered_first(ac) -> None:
+    """The caller's stream raises after three chunks went: their answers come before the
+    error, so the caller can link what AC took (a retry would otherwise send it again)."""
+    answered: list[int] = []
+
+    def stream() -> Iterator[dict[str, str]]:
+        for i in range(800):
+            if i == 760:
+                raise ConnectionError("the next part could not be read")
+            yield {"email": f"fails.{i}@example.com"}
+
+    def consume() -> None:
+        for batch in ac.iter_bulk_import(stream(), resolve_ids=False):
+            answered.extend(r.index for r in batch if r.ok)
+
+    with pytest.raises(ConnectionError, match="next part"):
+        consume()
+    assert sorted(answered) == list(range(750))
+
+
+def test_imports_in_flight_are_capped(sandbox_env, fast_retries: RetryPolicy) -> None:
+    """With `max_in_flight` 1 the next chunk is taken only once the previous one is answered."""
+    hook = ActiveCampaignHook(
+        rate_limit=None, retry_policy=fast_retries, import_poll_interval=0.05, max_in_flight=1
+    )
+    answered: list[int] = []
+    taken_after: list[int] = []
+
+    def stream() -> Iterator[dict[str, str]]:
+        for i in range(750):
+            if i % 250 == 0:
+                taken_after.append(len(answered))
+            yield {"email": f"capped.{i}@example.com"}
+
+    try:
+        for batch in hook.iter_bulk_import(stream(), resolve_ids=False):
+            answered += [r.index for r in batch]
+    finally:
+        hook.close()
+    assert taken_after == [0, 250, 500]
+    assert sorted(answered) == list(range(750))
+
+
 @pytest.mark.parametrize("base", [0, 1])
 def test_a_refused_import_sets_aside_the_row_it_names_however_it_counts(
     sandbox, ac, base: int

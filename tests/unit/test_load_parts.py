@@ -234,9 +234,9 @@ def test_a_load_that_dies_after_its_first_part_resends_none_of_it(
     assert counts["already written by another run"] == 12
     assert counts["created in ActiveCampaign (lead)"] == 18
     assert len(world.links()) == 30
-    # The retry sent the other 18 only: 12 in one import, the last 6 one by one.
-    assert imports(world) == [12]
-    assert sum(w[0] == "sync_contact" for w in world.ac.writes) == 6
+    # The retry sent the other 18 only, in one import (the last two parts in one stream).
+    assert imports(world) == [18]
+    assert not any(w[0] == "sync_contact" for w in world.ac.writes)
     world.store.engine.dispose()
 
 
@@ -244,18 +244,22 @@ def test_a_run_of_many_parts_goes_in_one_import_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The parts follow one another in one import stream (at AC's limit a pause between parts
-    is never made up): one import of the first 36, not one per part; the last part, fewer
-    rows than are worth an import, is written one by one."""
+    is never made up): one import of all 40 rows, not one per part, the last part's 4 rows
+    too; rows AC refuses in later parts are quarantined with its reason, the others linked."""
     monkeypatch.setattr(staging, "PART_ROWS", 12)
     monkeypatch.delenv(STAGING_ENV, raising=False)
     world = World(tmp_path)
     seed_leads(world, 40)
+    world.ac.refuse = {f"lead{i}@example.com": "Contact email is blocked" for i in (13, 38)}
     counts = world.run(Flow.BACKFILL, "backfill").counts["load"]
-    assert counts["created in ActiveCampaign (lead)"] == 40
+    assert counts["created in ActiveCampaign (lead)"] == 38
     assert world.ac.calls.count("iter_bulk_import") == 1
-    assert imports(world) == [36]
-    assert sum(w[0] == "sync_contact" for w in world.ac.writes) == 4
-    assert len(world.links()) == 40
+    assert imports(world) == [40]
+    assert not any(w[0] == "sync_contact" for w in world.ac.writes)
+    assert len(world.links()) == 38
+    quarantine = world.quarantine(Direction.TO_ACTIVECAMPAIGN)
+    assert len(quarantine) == 2
+    assert set(quarantine.values()) == {("load", "target_rejected")}
     world.store.engine.dispose()
 
 

@@ -3,11 +3,12 @@ with tags, links as results arrive). Every request goes through `ActiveCampaignH
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -348,18 +349,25 @@ class ActiveCampaignLoader:
 
         One bulk import stream carries the whole run: a part's contacts are built in a
         background thread while the previous part's chunks wait for their turn, and the next
-        part's chunks follow without a pause (at AC's 100 imports a minute, a pause is never
-        made up). The load holds at most three parts (one prepared ahead, one being sent, the
-        tail of one whose last chunks AC has not applied yet), whatever the run's size."""
+        part's chunks follow at once (at AC's 100 imports a minute, a pause is never made up).
+        What must be written one by one (an email moved before its import, a value cleared,
+        a row an import refused by position, a qualified lead's tag) is written between two
+        chunks, and holds the stream for as long. The load holds the part prepared ahead, the
+        part being sent and the rows of the imports AC has not applied yet (at most the
+        hook's `max_in_flight` imports), whatever the run's size."""
         waiting: list[_Part] = []
         stream = self._contacts(_prepared(self._held_back(parts), self._prepare), waiting)
-        first = next(stream, None)
-        if first is None:  # nothing to import (a quiet run, or rows written one by one)
-            return dict(self.counts)
-        for batch in self.hook.iter_bulk_import(
-            itertools.chain([first], stream), chunk_size=self.batch_size, resolve_ids=False
-        ):
-            self._answered(batch, waiting)
+        with contextlib.closing(stream):  # on an error, the preparing thread is done with
+            first = next(stream, None)
+            if first is None:  # nothing to import (a quiet run, or rows written one by one)
+                return dict(self.counts)
+            for batch in self.hook.iter_bulk_import(
+                itertools.chain([first], stream), chunk_size=self.batch_size, resolve_ids=False
+            ):
+                self._answered(batch, waiting)
+        if waiting:  # every row sent is answered, or the hook raised: never left unsaid
+            unanswered = sum(p.left for p in waiting)
+            raise RuntimeError(f"load: the import answered nothing for {unanswered} row(s)")
         return dict(self.counts)
 
     @staticmethod
@@ -401,7 +409,7 @@ class ActiveCampaignLoader:
 
     def _contacts(
         self, prepared: Iterable[_Prepared], waiting: list[_Part]
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any]]:
         """The import stream: each part's contacts, after what must come before them (emails
         moved, values cleared one by one); a part's imported rows wait in `waiting` for AC's
         answers. The new contacts' ids are not read back (that would take more requests than
@@ -410,9 +418,14 @@ class ActiveCampaignLoader:
         base = 0
         for part in prepared:
             valid = self._move_emails(part.valid)
-            kept = part.valid["record_key"].isin(valid["record_key"]).to_numpy(dtype=bool)
+            kept = (
+                np.ones(len(valid), dtype=bool)
+                if valid is part.valid
+                else part.valid["record_key"].isin(valid["record_key"]).to_numpy(dtype=bool)
+            )
             importing = kept & ~part.clearing
-            if importing.sum() < MIN_IMPORT:
+            if base == 0 and importing.sum() < MIN_IMPORT:
+                # Too few for an import, and none under way: AC asks for at least 10.
                 self._sync_one_by_one(valid)
                 self._finish_qualifications(valid)
                 continue
@@ -420,10 +433,17 @@ class ActiveCampaignLoader:
             contacts = [
                 c for c, keep in zip(part.contacts, importing[~part.clearing], strict=True) if keep
             ]
-            waiting.append(_Part(part.valid[importing], valid, base, len(contacts)))
-            del part, valid
+            rows = part.valid if importing.all() else part.valid[importing]
+            del part  # its frame and contacts: what is sent is held by `rows` and the hook
+            if contacts:
+                qualified = valid[valid["qualified"].astype(bool)]
+                waiting.append(_Part(rows, qualified, base, len(contacts)))
+            else:
+                self._finish_qualifications(valid)
+            del valid, rows
             yield from contacts
             base += len(contacts)
+            del contacts
 
     def _answered(self, batch: list[ImportResult], waiting: list[_Part]) -> None:
         """Links and quarantine for an import's results; a part whose rows are all answered
@@ -444,7 +464,7 @@ class ActiveCampaignLoader:
             # Rows an import refused by position (its index base is undocumented): each is
             # written alone, so AC says which one was bad, in its own words.
             self._sync_one_by_one(part.rows.iloc[sorted(part.suspects)])
-            self._finish_qualifications(part.valid)
+            self._finish_qualifications(part.qualified)
 
     def _move_emails(self, valid: pd.DataFrame) -> pd.DataFrame:
         """A linked contact whose email changed in Dynamics gets it changed by id, before the
@@ -465,6 +485,8 @@ class ActiveCampaignLoader:
                 refused[row.record_key] = [_rejection(error, "the new email")]
                 continue
             self.counts["email changed"] += 1
+        if not refused:
+            return valid  # the same frame: nothing copied (a part of 100,000 rows in the stream)
         self._quarantine(valid, refused)
         return valid[~valid["record_key"].isin(list(refused))]
 
@@ -578,19 +600,19 @@ class _Prepared:
 
 @dataclass
 class _Part:
-    """A part's rows in the import stream (from `base`, `size` of them): how many AC has not
-    answered for yet, and the positions it answered as suspects."""
+    """A part's rows in the import stream (from `base`, `size` of them), its qualified leads
+    (finished once all its rows are answered), how many rows AC has not answered for yet, and
+    the positions it answered as suspects."""
 
     rows: pd.DataFrame
-    valid: pd.DataFrame
+    qualified: pd.DataFrame
     base: int
     size: int
-    left: int = -1
+    left: int = field(init=False)
     suspects: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.left < 0:
-            self.left = self.size
+        self.left = self.size
 
 
 def _prepared(parts: Iterable[pd.DataFrame], prepare: Callable[[pd.DataFrame], T]) -> Iterator[T]:
@@ -606,8 +628,9 @@ def _prepared(parts: Iterable[pd.DataFrame], prepare: Callable[[pd.DataFrame], T
         future = pool.submit(next_prepared)
         while (ready := future.result()) is not None:
             future = pool.submit(next_prepared)
-            yield ready
+            handed = [ready]
             del ready
+            yield handed.pop()  # not kept here while the consumer works on it
 
 
 def rows_at(rows: pd.DataFrame, positions: list[int]) -> pd.DataFrame:
