@@ -1064,8 +1064,7 @@ def _conditions(data: dict[str, Any]) -> list[str]:
     loads = ", ".join(f"{b['load_average'][0]:.1f}" for b in busy)
     lines = [
         f"Measured {data.get('finished', '')} at commit `{code.get('commit', '?')}` with "
-        f"{len(code.get('changed', []))} product files changed in the working tree (others "
-        "edit this checkout; the webhook feature is among the uncommitted changes). The "
+        f"{len(code.get('changed', []))} product files changed in the working tree. The "
         "mass-change breaker is held back (`safety.mass_change_min_linked` "
         f"{BREAKER['mass_change_min_linked']:,}): see the notes below the tables."
     ]
