@@ -1107,7 +1107,7 @@ class ActiveCampaignHook(CrmHttpHook):
         is the row's position in the stream.
 
         Chunks go out at the account's import limit (100 per minute, never 101 in any minute)
-        with several in flight; `import/info` is asked about the oldest one in flight each
+        with up to `max_in_flight` sent and not yet applied; `import/info` is asked about the oldest one in flight each
         `import_poll_interval` seconds (AC applies batches in order). Rows without an email or
         rejected at submission are yielded as failures at once; the rest of their chunk is sent
         again. With `resolve_ids` each successful row gets its contact id from

@@ -357,7 +357,8 @@ class ActiveCampaignLoader:
         hook's `max_in_flight` imports), whatever the run's size."""
         waiting: list[_Part] = []
         stream = self._contacts(_prepared(self._held_back(parts), self._prepare), waiting)
-        with contextlib.closing(stream):  # on an error, the preparing thread is done with
+        # On an error the stream is closed at once: the preparing thread ends with it.
+        with contextlib.closing(stream):
             first = next(stream, None)
             if first is None:  # nothing to import (a quiet run, or rows written one by one)
                 return dict(self.counts)
