@@ -16,6 +16,7 @@ import hmac
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -36,6 +37,7 @@ MISSING_SECRET_TTL_SECONDS = 5.0  # a failed read is tried again sooner
 WAKE_INTERVAL_SECONDS = 1.0
 MAX_BODY_BYTES = 64 * 1024  # AC's contact payloads are a few hundred bytes
 REFUSED_LOG_INTERVAL_SECONDS = 60.0  # wrong secrets are logged at most this often, counted
+STORED_LOG_INTERVAL_SECONDS = 60.0  # so are the events stored (each one at debug level)
 
 log = logging.getLogger("crm_sync.webhooks")
 app = FastAPI(title="CRM sync webhooks", docs_url=None, redoc_url=None, openapi_url=None)
@@ -87,20 +89,39 @@ class _MaskPathAfterwards:
 app.add_middleware(_MaskPathAfterwards)
 
 
-# -- the secret and the store ----------------------------------------------------------------------
-_secret_cache: tuple[float, str | None] = (0.0, None)
-_secret_lock = threading.Lock()
+# -- the receiver's setup and the store -----------------------------------------------------------
+@dataclass(frozen=True)
+class _Setup:
+    """What the receiver reads from its connections; None where one is missing or unusable."""
+
+    secret: str | None
+    state_url: str | None
 
 
-def _secret() -> str | None:
-    """The shared secret (the connection's password), or None when the receiver is not set up."""
-    global _secret_cache
-    with _secret_lock:
-        read_at, secret = _secret_cache
-        ttl = SECRET_TTL_SECONDS if secret is not None else MISSING_SECRET_TTL_SECONDS
-        if time.monotonic() - read_at < ttl:
-            return secret
+_setup_cache: tuple[float, _Setup | None] = (float("-inf"), None)
+_setup_lock = threading.Lock()
+
+
+def _fresh_setup() -> _Setup | None:
+    """The setup read less than its time-to-live ago, or None (then `_setup` reads it)."""
+    read_at, setup = _setup_cache
+    if setup is None:
+        return None
+    complete = setup.secret is not None and setup.state_url is not None
+    ttl = SECRET_TTL_SECONDS if complete else MISSING_SECRET_TTL_SECONDS
+    return setup if time.monotonic() - read_at < ttl else None
+
+
+def _setup() -> _Setup:
+    """The secret (the webhook connection's password) and the state store's URL, read from
+    their connections at most once per time-to-live, not once per event."""
+    global _setup_cache
+    with _setup_lock:
+        setup = _fresh_setup()
+        if setup is not None:
+            return setup
         from airflow.sdk import BaseHook
+        from crm_sync.state import state_url_from_connection
         from crm_sync.webhooks import MIN_SECRET_LENGTH
 
         try:
@@ -114,8 +135,13 @@ def _secret() -> str | None:
                 MIN_SECRET_LENGTH,
             )
             secret = None
-        _secret_cache = (time.monotonic(), secret)
-        return secret
+        try:
+            state_url: str | None = state_url_from_connection(STATE_CONN_ID)
+        except Exception:  # no state store: events are answered 503 (polling takes them)
+            state_url = None
+        setup = _Setup(secret, state_url)
+        _setup_cache = (time.monotonic(), setup)
+        return setup
 
 
 @functools.cache
@@ -125,10 +151,14 @@ def _store_for(url: str) -> Any:
     return StateStore.from_url(url)
 
 
-def _store() -> Any:
-    from crm_sync.state import state_url_from_connection
-
-    return _store_for(state_url_from_connection(STATE_CONN_ID))
+def _store_event(state_url: str | None, event: Any) -> bool:
+    """Store one event (False: a redelivery), then wake the DAG for a new one."""
+    if state_url is None:
+        raise LookupError(f"no connection '{STATE_CONN_ID}'")
+    new = bool(_store_for(state_url).enqueue_webhook(event))
+    if new:
+        waker.wake()
+    return new
 
 
 # -- waking the DAG --------------------------------------------------------------------------------
@@ -192,12 +222,14 @@ def _emit() -> None:
 waker = _Waker(WAKE_INTERVAL_SECONDS)
 
 
-class _Refusals:
-    """Counts wrong-secret posts; logs them at most once an interval, so that strangers'
-    requests cannot flood the log."""
+class _Tally:
+    """Counts posts of one kind; logs the count at most once an interval (the first at once),
+    so that a burst of events, or strangers' requests, cannot flood the log."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, level: int, message: str) -> None:
         self.interval = interval
+        self.level = level
+        self.message = message
         self.lock = threading.Lock()
         self.count = 0
         self.logged = float("-inf")
@@ -208,22 +240,34 @@ class _Refusals:
             if time.monotonic() - self.logged < self.interval:
                 return
             count, self.count, self.logged = self.count, 0, time.monotonic()
-        log.warning("webhook refused: wrong secret, %d request(s) (nothing stored)", count)
+        log.log(self.level, self.message, count)
 
 
-refused = _Refusals(REFUSED_LOG_INTERVAL_SECONDS)
+refused = _Tally(
+    REFUSED_LOG_INTERVAL_SECONDS,
+    logging.WARNING,
+    "webhook refused: wrong secret, %d request(s) (nothing stored)",
+)
+stored = _Tally(STORED_LOG_INTERVAL_SECONDS, logging.INFO, "webhooks: %d event(s) stored")
+redelivered = _Tally(
+    STORED_LOG_INTERVAL_SECONDS, logging.INFO, "webhooks: %d redelivery(ies) counted, not queued"
+)
 
 
 # -- the endpoint ----------------------------------------------------------------------------------
 @app.post("/activecampaign/{secret}")
 async def receive(secret: str, request: Request) -> JSONResponse:
-    """Store one ActiveCampaign event, then wake the DAG; 401 on a wrong secret."""
-    expected = await run_in_threadpool(_secret)
-    if expected is None:
+    """Store one ActiveCampaign event, then wake the DAG; 401 on a wrong secret.
+
+    One trip to the thread pool per event: the setup is read there only when its time is up."""
+    setup = _fresh_setup()
+    if setup is None:
+        setup = await run_in_threadpool(_setup)
+    if setup.secret is None:
         return JSONResponse(
             {"detail": f"the receiver is not set up: no connection '{WEBHOOK_CONN_ID}'"}, 503
         )
-    if not hmac.compare_digest(secret.encode(), expected.encode()):
+    if not hmac.compare_digest(secret.encode(), setup.secret.encode()):
         refused.note()
         return JSONResponse({"detail": "unauthorized"}, 401)
     from crm_sync.webhooks import BadPayload, parse_form
@@ -241,7 +285,7 @@ async def receive(secret: str, request: Request) -> JSONResponse:
         log.warning("webhook ignored: %s", error)
         return JSONResponse({"detail": str(error)}, 400)
     try:
-        new = await run_in_threadpool(lambda: _store().enqueue_webhook(event))
+        new = await run_in_threadpool(_store_event, setup.state_url, event)
     except Exception as error:  # AC does not retry: polling is the safety net for this one
         log.error(
             "webhook %s for contact %s not stored (%s): the next scheduled run polls for it",
@@ -250,14 +294,13 @@ async def receive(secret: str, request: Request) -> JSONResponse:
             type(error).__name__,
         )
         return JSONResponse({"detail": "the sync state store is unavailable"}, 503)
-    log.info(
+    log.debug(
         "webhook %s for contact %s %s",
         event.event_type,
         event.contact_id,
         "stored" if new else "stored before (redelivery)",
     )
-    if new:
-        await run_in_threadpool(waker.wake)
+    (stored if new else redelivered).note()
     return JSONResponse({"stored": new})
 
 

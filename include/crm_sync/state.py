@@ -1162,20 +1162,17 @@ class StateStore:
             "deliveries": 1,
             "contact": event.contact,
         }
-        again = (
-            update(webhook_events)
-            .where(webhook_events.c.event_key == event.key)
-            .values(deliveries=webhook_events.c.deliveries + 1, last_delivery_at=now)
-        )
-        try:
+        try:  # insert first: a redelivery is the rare case
             with self.begin() as connection:
-                if connection.execute(again).rowcount:
-                    return False
                 connection.execute(insert(webhook_events).values(**row))
-                return True
-        except IntegrityError:  # the same event, delivered twice at once
+            return True
+        except IntegrityError:  # the key is stored: count the delivery, queue nothing
             with self.begin() as connection:
-                connection.execute(again)
+                connection.execute(
+                    update(webhook_events)
+                    .where(webhook_events.c.event_key == event.key)
+                    .values(deliveries=webhook_events.c.deliveries + 1, last_delivery_at=now)
+                )
             return False
 
     def pending_webhooks(self) -> list[dict[str, Any]]:

@@ -13,7 +13,9 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -147,6 +149,24 @@ def test_store_keeps_one_row_per_event_and_counts_redeliveries(state_url: str) -
     assert [p["contact_id"] for p in store.pending_webhooks()] == ["2"]
 
 
+def test_the_same_event_delivered_at_once_is_stored_once_with_every_delivery_counted(
+    state_url: str,
+) -> None:
+    store = StateStore.from_url(state_url)
+    barrier = threading.Barrier(6)
+
+    def deliver(_: int) -> bool:
+        barrier.wait()
+        return store.enqueue_webhook(event("7"))
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(deliver, range(6)))
+    assert sorted(answers) == [False] * 5 + [True]
+    (pending,) = store.pending_webhooks()
+    assert pending["deliveries"] == 6
+    store.engine.dispose()
+
+
 # -- the plugin ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def plugin() -> Iterator[ModuleType]:
@@ -178,7 +198,7 @@ def served(
             {"conn_type": "http", "host": "https://airflow.example.com", "password": SECRET}
         ),
     )
-    monkeypatch.setattr(plugin, "_secret_cache", (0.0, None))
+    monkeypatch.setattr(plugin, "_setup_cache", (float("-inf"), None))
     monkeypatch.setattr(plugin, "waker", plugin._Waker(0.2))
     yield StateStore.from_url(state_url)
     with contextlib.suppress(Exception):
@@ -229,7 +249,7 @@ def test_without_its_connection_the_receiver_answers_503(
     plugin: ModuleType, served: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("AIRFLOW_CONN_ACTIVECAMPAIGN_WEBHOOK")
-    monkeypatch.setattr(plugin, "_secret_cache", (0.0, None))
+    monkeypatch.setattr(plugin, "_setup_cache", (float("-inf"), None))
     response = TestClient(plugin.app).post(PATH, data=form())
     assert response.status_code == 503
     assert "activecampaign_webhook" in response.json()["detail"]
@@ -242,7 +262,7 @@ def test_a_short_secret_is_not_used(
     monkeypatch.setenv(
         "AIRFLOW_CONN_ACTIVECAMPAIGN_WEBHOOK", json.dumps({"conn_type": "http", "password": "abc"})
     )
-    monkeypatch.setattr(plugin, "_secret_cache", (0.0, None))
+    monkeypatch.setattr(plugin, "_setup_cache", (float("-inf"), None))
     assert TestClient(plugin.app).post("/activecampaign/abc", data=form()).status_code == 503
 
 
@@ -305,7 +325,9 @@ def test_wrong_secrets_are_logged_once_an_interval_with_their_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="crm_sync.webhooks")
-    monkeypatch.setattr(plugin, "refused", plugin._Refusals(3600.0))
+    monkeypatch.setattr(
+        plugin, "refused", plugin._Tally(3600.0, logging.WARNING, plugin.refused.message)
+    )
     client = TestClient(plugin.app)
     for _ in range(5):
         assert client.post("/activecampaign/wrong", data=form()).status_code == 401
@@ -384,6 +406,50 @@ def test_a_burst_of_events_wakes_the_dag_once_then_once_more(
     assert asset_events() == before + 2
     client.post(PATH, data=form("3"))  # a redelivery
     assert waker.timer is None and asset_events() == before + 2
+
+
+def test_the_receiver_reads_its_connections_once_an_interval_not_once_an_event(
+    plugin: ModuleType, served: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the API server a connection read may be a query of the metadata DB: at hundreds of
+    events a second the receiver must not make one per event."""
+    from airflow.sdk import BaseHook
+
+    read = BaseHook.get_connection
+    reads: list[str] = []
+
+    def counted(conn_id: str) -> Any:
+        reads.append(conn_id)
+        return read(conn_id)
+
+    monkeypatch.setattr(BaseHook, "get_connection", counted)
+    client = TestClient(plugin.app)
+    for contact in range(20):
+        assert client.post(PATH, data=form(str(contact))).json() == {"stored": True}
+    assert sorted(reads) == ["activecampaign_webhook", "crm_sync_state"]
+    assert len(served.pending_webhooks()) == 20
+
+
+def test_stored_events_are_logged_as_a_count_once_an_interval(
+    plugin: ModuleType,
+    served: StateStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="crm_sync.webhooks")
+    for name in ("stored", "redelivered"):
+        tally = getattr(plugin, name)
+        monkeypatch.setattr(plugin, name, plugin._Tally(3600.0, logging.INFO, tally.message))
+    client = TestClient(plugin.app)
+    for contact in [1, 2, 3, 1, 2]:
+        client.post(PATH, data=form(str(contact)))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "webhooks: 1 event(s) stored",
+        "webhooks: 1 redelivery(ies) counted, not queued",
+    ]
+    plugin.stored.logged = float("-inf")  # the interval is over
+    client.post(PATH, data=form("4"))
+    assert caplog.records[-1].getMessage() == "webhooks: 3 event(s) stored"
 
 
 def test_every_event_type_listened_to_is_stored(plugin: ModuleType, served: StateStore) -> None:
