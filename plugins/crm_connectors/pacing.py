@@ -149,6 +149,7 @@ class ChunkSizer:
         self.maximum = maximum
         self.target = target
         self._size = max(minimum, min(start, maximum))
+        self._growing = self._size < maximum
         self._lock = threading.Lock()
 
     @property
@@ -157,18 +158,32 @@ class ChunkSizer:
         with self._lock:
             return self._size
 
+    @property
+    def growing(self) -> bool:
+        """Whether the size is still climbing: below the maximum, no full-size answer held or
+        cut it yet. Only full-size requests can make it grow."""
+        with self._lock:
+            return self._growing
+
     def answered(self, rows: int, seconds: float) -> None:
         """A request of `rows` rows was answered in `seconds`."""
         with self._lock:
             if seconds > self.target:
                 self._size = max(self.minimum, self._size // 2)
-            elif seconds < self.target / 2 and rows >= self._size:
+                self._growing = False
+            elif rows < self._size:
+                return  # a short chunk says nothing about the size
+            elif seconds < self.target / 2:
                 self._size = min(self.maximum, self._size * 2)
+                self._growing = self._growing and self._size < self.maximum
+            else:
+                self._growing = False
 
     def throttled(self) -> None:
         """The server refused a request for its service protection limits (429)."""
         with self._lock:
             self._size = max(self.minimum, self._size // 2)
+            self._growing = False
 
     def timed_out(self, rows: int) -> None:
         """A request of `rows` rows got no answer in time (the client's or the server's
@@ -176,3 +191,4 @@ class ChunkSizer:
         time out together cut it once, not once each)."""
         with self._lock:
             self._size = max(self.minimum, min(self._size, rows // 4))
+            self._growing = False

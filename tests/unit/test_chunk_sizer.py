@@ -58,3 +58,23 @@ def test_the_size_stays_within_bounds_and_a_timeout_never_grows_it(
             if seconds > 30.0:
                 assert sizer.size <= before
         assert 1 <= sizer.size <= 1000
+
+
+def test_it_is_growing_until_a_full_answer_holds_or_cuts_it_or_it_reaches_the_maximum() -> None:
+    """While it grows, bulk writes send it full chunks (it learns from those only); after, they
+    even their requests out over the workers."""
+    sizer = ChunkSizer(start=250, maximum=1000, target=30.0)
+    assert sizer.growing
+    sizer.answered(250, 1.0)
+    assert sizer.growing and sizer.size == 500
+    sizer.answered(100, 1.0)  # a short chunk: nothing learnt
+    assert sizer.growing and sizer.size == 500
+    sizer.answered(500, 1.0)
+    assert not sizer.growing and sizer.size == 1000  # at the maximum
+    held = ChunkSizer(start=100, maximum=1000, target=30.0)
+    held.answered(100, 20.0)  # between half the target and the target: it settles here
+    assert not held.growing and held.size == 100
+    cut = ChunkSizer(start=100, maximum=1000, target=30.0)
+    cut.throttled()
+    assert not cut.growing
+    assert not ChunkSizer(start=1000, maximum=1000).growing

@@ -266,6 +266,16 @@ def test_a_short_secret_is_not_used(
     assert TestClient(plugin.app).post("/activecampaign/abc", data=form()).status_code == 503
 
 
+def test_without_the_state_stores_connection_the_receiver_answers_503(
+    plugin: ModuleType, served: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_CRM_SYNC_STATE")
+    response = TestClient(plugin.app).post(PATH, data=form())
+    assert response.status_code == 503
+    assert response.json() == {"detail": "the sync state store is unavailable"}
+    assert rows(served) == 0
+
+
 def test_an_unreachable_store_is_503_and_no_secret_or_email_is_logged(
     plugin: ModuleType,
     served: StateStore,
