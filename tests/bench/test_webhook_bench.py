@@ -29,6 +29,8 @@ def test_polling_and_event_runs_create_the_same_records(root: Path) -> None:
     assert polling["created"] == events["created"] >= 55  # a few seeded contacts: quarantined
     assert sum(events["dataverse_rows_after"].values()) == events["created"]
     assert events["tags_added"] == 120 and events["runs"]
+    # When the last event was stored (the receiver's clock), not when a run let the harness look.
+    assert 0 < events["delivery_seconds"] < events["seconds"]
     assert sum(r["events"] for r in events["runs"]) >= 120
     # The payloads gave the contacts and their tags: no tag association was read (the few
     # contacts whose payload the run does not trust are read again, 100 a request).
