@@ -195,8 +195,8 @@ def _automation(sandbox: Sandbox, ids: list[int]) -> dict[str, int]:
 
 def _drain(state: str, expected: int, timeout: float) -> tuple[list[dict[str, Any]], float]:
     """Event runs back to back while events wait, until all `expected` events were stored and
-    consumed; the runs, and when the last event was stored (the receiver's clock, epoch
-    seconds: a run blocks this loop, so the loop itself cannot see when the last one came)."""
+    consumed; the runs, and the receiver's last delivery (its clock, epoch seconds: a run
+    blocks this loop, so the loop itself cannot see when the last event came)."""
     from crm_sync.state import StateStore
 
     store = StateStore.from_url(state)

@@ -16,7 +16,7 @@ import hmac
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -30,10 +30,11 @@ URL_PREFIX = "/crm-sync-webhooks"
 WEBHOOK_CONN_ID = "activecampaign_webhook"
 STATE_CONN_ID = "crm_sync_state"
 WEBHOOK_ASSET = "activecampaign_webhook_events"  # as crm_sync.dag_factory.WEBHOOK_ASSET
-# The receiver reads its connection at most this often; the asset event fires at most this often
-# (and once more after the last event of a burst), so a burst wakes the DAG once, not per event.
-SECRET_TTL_SECONDS = 30.0
-MISSING_SECRET_TTL_SECONDS = 5.0  # a failed read is tried again sooner
+# The receiver reads its two connections at most this often; the asset event fires at most this
+# often (and once more after the last event of a burst), so a burst wakes the DAG once, not per
+# event.
+SETUP_TTL_SECONDS = 30.0
+MISSING_SETUP_TTL_SECONDS = 5.0  # a missing or unusable connection is read again sooner
 WAKE_INTERVAL_SECONDS = 1.0
 MAX_BODY_BYTES = 64 * 1024  # AC's contact payloads are a few hundred bytes
 REFUSED_LOG_INTERVAL_SECONDS = 60.0  # wrong secrets are logged at most this often, counted
@@ -94,8 +95,8 @@ app.add_middleware(_MaskPathAfterwards)
 class _Setup:
     """What the receiver reads from its connections; None where one is missing or unusable."""
 
-    secret: str | None
-    state_url: str | None
+    secret: str | None = field(repr=False)
+    state_url: str | None = field(repr=False)  # may hold the database's password
 
 
 _setup_cache: tuple[float, _Setup | None] = (float("-inf"), None)
@@ -108,7 +109,7 @@ def _fresh_setup() -> _Setup | None:
     if setup is None:
         return None
     complete = setup.secret is not None and setup.state_url is not None
-    ttl = SECRET_TTL_SECONDS if complete else MISSING_SECRET_TTL_SECONDS
+    ttl = SETUP_TTL_SECONDS if complete else MISSING_SETUP_TTL_SECONDS
     return setup if time.monotonic() - read_at < ttl else None
 
 
@@ -137,7 +138,12 @@ def _setup() -> _Setup:
             secret = None
         try:
             state_url: str | None = state_url_from_connection(STATE_CONN_ID)
-        except Exception:  # no state store: events are answered 503 (polling takes them)
+        except Exception as error:  # no state store: events are answered 503 (polling takes them)
+            log.error(
+                "connection '%s' could not be read (%s): events are answered 503",
+                STATE_CONN_ID,
+                type(error).__name__,
+            )
             state_url = None
         setup = _Setup(secret, state_url)
         _setup_cache = (time.monotonic(), setup)
@@ -157,7 +163,10 @@ def _store_event(state_url: str | None, event: Any) -> bool:
         raise LookupError(f"no connection '{STATE_CONN_ID}'")
     new = bool(_store_for(state_url).enqueue_webhook(event))
     if new:
-        waker.wake()
+        try:
+            waker.wake()
+        except Exception:  # stored all the same: the next wake or the scheduled run takes it
+            log.exception("could not wake the DAG for a stored webhook event")
     return new
 
 
@@ -223,8 +232,9 @@ waker = _Waker(WAKE_INTERVAL_SECONDS)
 
 
 class _Tally:
-    """Counts posts of one kind; logs the count at most once an interval (the first at once),
-    so that a burst of events, or strangers' requests, cannot flood the log."""
+    """Counts posts of one kind; logs the count at most once an interval (the first at once,
+    then with the first post after each interval: the last count of a burst waits for the next
+    post), so that a burst of events, or strangers' requests, cannot flood the log."""
 
     def __init__(self, interval: float, level: int, message: str) -> None:
         self.interval = interval

@@ -39,6 +39,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -1150,7 +1152,11 @@ class StateStore:
 
     # -- webhook events -------------------------------------------------------------------------
     def enqueue_webhook(self, event: WebhookEvent) -> bool:
-        """Store an event the receiver got; False when it is a redelivery (counted, not queued)."""
+        """Store an event the receiver got; False when it is a redelivery (counted, not queued).
+
+        Insert first, skipping a stored key without an error: a unique-key error would make
+        PostgreSQL write the statement, payload included, to its server log on each redelivery.
+        """
         now = utcnow()
         row = {
             "event_key": event.key,
@@ -1162,18 +1168,31 @@ class StateStore:
             "deliveries": 1,
             "contact": event.contact,
         }
-        try:  # insert first: a redelivery is the rare case
+        dialects: dict[str, Any] = {"postgresql": pg_insert, "sqlite": sqlite_insert}
+        skipping = dialects.get(self.engine.dialect.name)
+        new = (
+            skipping(webhook_events)
+            .values(**row)
+            .on_conflict_do_nothing(index_elements=["event_key"])
+            if skipping is not None
+            else insert(webhook_events).values(**row)
+        )
+        again = (
+            update(webhook_events)
+            .where(webhook_events.c.event_key == event.key)
+            .values(deliveries=webhook_events.c.deliveries + 1, last_delivery_at=now)
+        )
+        for _ in range(2):  # the stored copy may be forgotten (retention) between the two
+            try:
+                with self.begin() as connection:
+                    if connection.execute(new).rowcount:
+                        return True
+            except IntegrityError:  # another database: a stored key is an error there
+                pass
             with self.begin() as connection:
-                connection.execute(insert(webhook_events).values(**row))
-            return True
-        except IntegrityError:  # the key is stored: count the delivery, queue nothing
-            with self.begin() as connection:
-                connection.execute(
-                    update(webhook_events)
-                    .where(webhook_events.c.event_key == event.key)
-                    .values(deliveries=webhook_events.c.deliveries + 1, last_delivery_at=now)
-                )
-            return False
+                if connection.execute(again).rowcount:
+                    return False
+        raise RuntimeError(f"webhook event for contact {event.contact_id}: neither new nor stored")
 
     def pending_webhooks(self) -> list[dict[str, Any]]:
         """Events no run has consumed yet, oldest first."""

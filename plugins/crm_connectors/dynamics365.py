@@ -788,7 +788,7 @@ class Dynamics365Hook(CrmHttpHook):
                 while pending and len(running) < workers:
                     full = min(sizer.size, chunk_size)
                     if sizer.growing and full == sizer.size:
-                        share = planned = full  # full-size requests, for the sizer to measure
+                        share, planned = full, 0  # full-size requests, for the sizer to measure
                     elif full != planned:  # the sizer moved, or rows came back: plan again
                         share, planned = even_share(len(pending), full, workers), full
                     size = min(share, len(pending))

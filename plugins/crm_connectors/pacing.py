@@ -160,8 +160,8 @@ class ChunkSizer:
 
     @property
     def growing(self) -> bool:
-        """Whether the size is still climbing: below the maximum, no full-size answer held or
-        cut it yet. Only full-size requests can make it grow."""
+        """Whether the size may still climb: below the maximum, and no full-size answer has
+        held it since it was last cut. Only full-size requests can make it grow."""
         with self._lock:
             return self._growing
 
@@ -170,7 +170,7 @@ class ChunkSizer:
         with self._lock:
             if seconds > self.target:
                 self._size = max(self.minimum, self._size // 2)
-                self._growing = False
+                self._growing = self._size < self.maximum  # measure again with full chunks
             elif rows < self._size:
                 return  # a short chunk says nothing about the size
             elif seconds < self.target / 2:
@@ -183,7 +183,7 @@ class ChunkSizer:
         """The server refused a request for its service protection limits (429)."""
         with self._lock:
             self._size = max(self.minimum, self._size // 2)
-            self._growing = False
+            self._growing = self._size < self.maximum
 
     def timed_out(self, rows: int) -> None:
         """A request of `rows` rows got no answer in time (the client's or the server's
@@ -191,4 +191,4 @@ class ChunkSizer:
         time out together cut it once, not once each)."""
         with self._lock:
             self._size = max(self.minimum, min(self._size, rows // 4))
-            self._growing = False
+            self._growing = self._size < self.maximum

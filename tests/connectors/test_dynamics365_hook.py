@@ -65,7 +65,7 @@ def test_bulk_create_and_update_of_5000_rows_report_each_row(d365, counted) -> N
     too_long, unknown_column = 1300, 1500  # both in the third request (8 of 625: 2 rounds of 4)
     rows[too_long]["lastname"] = "x" * 51
     rows[unknown_column]["nosuchcolumn"] = "?"
-    d365.first_chunk = 1000  # fixed chunks (fast answers keep the size at its maximum)
+    d365.first_chunk = 1000  # at its maximum from the first (fast answers keep it there)
 
     created = d365.create_multiple("leads", rows)
 
@@ -80,7 +80,7 @@ def test_bulk_create_and_update_of_5000_rows_report_each_row(d365, counted) -> N
     stored = {row["leadid"]: row["lastname"] for row in d365.query("leads", select=["lastname"])}
     assert stored == {ids[i]: rows[i]["lastname"] for i in ids}
     assert d365.dop_hint is not None  # chunks ran min(max_parallel, x-ms-dop-hint) at a time
-    # Five chunks; the bad one is refused whole, then written row by row in one $batch.
+    # 8 requests of 625; the bad one is refused whole, then written row by row in one $batch.
     assert counted("d365", CREATE_MULTIPLE) == {200: 7, 400: 1}
     assert counted("d365", BATCH) == {200: 1}
 
@@ -121,6 +121,7 @@ def test_a_bulk_write_keeps_every_worker_busy_to_its_last_round(d365, rows, work
     chunks would, and fill every round (unless that would make them under 100 rows)."""
     d365.max_parallel = workers
     d365.first_chunk = MAX_CHUNK  # chunks at full size from the first
+    d365._sizers.clear()  # each example with a sizer of its own
     sent: list[list[int]] = []
     write = d365._write_chunk
 

@@ -74,7 +74,9 @@ def test_it_is_growing_until_a_full_answer_holds_or_cuts_it_or_it_reaches_the_ma
     held = ChunkSizer(start=100, maximum=1000, target=30.0)
     held.answered(100, 20.0)  # between half the target and the target: it settles here
     assert not held.growing and held.size == 100
-    cut = ChunkSizer(start=100, maximum=1000, target=30.0)
-    cut.throttled()
-    assert not cut.growing
+    cut = ChunkSizer(start=1000, maximum=1000, target=30.0)
+    cut.throttled()  # cut: full chunks again, to learn whether it may grow back
+    assert cut.growing and cut.size == 500
+    cut.answered(500, 1.0)
+    assert not cut.growing and cut.size == 1000
     assert not ChunkSizer(start=1000, maximum=1000).growing
