@@ -262,9 +262,9 @@ def throughput_once(
         queued = _automation(sandbox, ids)
         automation_seconds = time.perf_counter() - started
         if mode == "polling":
-            runs, all_stored = [_steps(state, event_run=False)], 0.0
+            runs, last_stored = [_steps(state, event_run=False)], 0.0
         else:
-            runs, all_stored = _drain(state, queued["tags_added"], timeout=3600 + records / 5)
+            runs, last_stored = _drain(state, queued["tags_added"], timeout=3600 + records / 5)
         seconds = time.perf_counter() - started
         requests = sandbox.requests_made()
         rows = {}
@@ -284,7 +284,7 @@ def throughput_once(
         "dataverse_rows_after": rows,
         "seconds": seconds,
         "automation_seconds": automation_seconds,
-        "delivery_seconds": all_stored - started_at if all_stored else None,
+        "delivery_seconds": last_stored - started_at if last_stored else None,
         "run_seconds": sum(r["seconds"] for r in runs),
         "runs": runs,
         "records_per_second": created / seconds,

@@ -201,6 +201,8 @@ webhook_events = Table(
     Index("ix_crm_sync_webhook_events_pending", "consumed_at", "id"),
 )
 WEBHOOK_RETENTION = timedelta(days=2)
+# `INSERT .. ON CONFLICT DO NOTHING` by dialect (a stored event key is skipped, not an error).
+_INSERT_SKIPPING_DUPLICATES: dict[str, Any] = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 
 # Upgrade steps from version N-1 to N, each a list of DDL callables; empty while at version 1.
 UPGRADES: dict[int, list[Any]] = {}
@@ -1168,8 +1170,7 @@ class StateStore:
             "deliveries": 1,
             "contact": event.contact,
         }
-        dialects: dict[str, Any] = {"postgresql": pg_insert, "sqlite": sqlite_insert}
-        skipping = dialects.get(self.engine.dialect.name)
+        skipping = _INSERT_SKIPPING_DUPLICATES.get(self.engine.dialect.name)
         new = (
             skipping(webhook_events)
             .values(**row)

@@ -1107,13 +1107,13 @@ class ActiveCampaignHook(CrmHttpHook):
         is the row's position in the stream.
 
         Chunks go out at the account's import limit (100 per minute, never 101 in any minute)
-        with up to `max_in_flight` sent and not yet applied; `import/info` is asked about the oldest one in flight each
-        `import_poll_interval` seconds (AC applies batches in order). Rows without an email or
-        rejected at submission are yielded as failures at once; the rest of their chunk is sent
-        again. With `resolve_ids` each successful row gets its contact id from
-        `GET /contacts?ids[]=` (about three more requests per chunk, which at 5 requests/s keeps
-        imports well under 100 per minute); without, a row is successful unless `import/info`
-        lists its email as failed, and `contact_id` stays None.
+        with up to `max_in_flight` sent and not yet applied; `import/info` is asked about the
+        oldest one in flight each `import_poll_interval` seconds (AC applies batches in order).
+        Rows without an email or rejected at submission are yielded as failures at once; the
+        rest of their chunk is sent again. With `resolve_ids` each successful row gets its
+        contact id from `GET /contacts?ids[]=` (about three more requests per chunk, which at 5
+        requests/s keeps imports well under 100 per minute); without, a row is successful
+        unless `import/info` lists its email as failed, and `contact_id` stays None.
         """
         if not 1 <= chunk_size <= MAX_IMPORT_CHUNK:
             raise ValueError(f"chunk_size must be between 1 and {MAX_IMPORT_CHUNK}")

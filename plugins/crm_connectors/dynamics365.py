@@ -762,9 +762,9 @@ class Dynamics365Hook(CrmHttpHook):
     ) -> list[WriteResult]:
         """Write `rows` in chunks the table's `ChunkSizer` sizes (at most `chunk_size`, evened
         out over the workers by `even_share`), up to `min(max_parallel, x-ms-dop-hint)` at a
-        time. A chunk without an answer (a client or
-        server timeout) goes back to the queue in smaller chunks: for creates, only its rows
-        that do not exist yet (a create that timed out may still have committed)."""
+        time. A chunk without an answer (a client or server timeout) goes back to the queue in
+        smaller chunks: for creates, only its rows that do not exist yet (a create that timed
+        out may still have committed)."""
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK}")
         started = time.monotonic()
