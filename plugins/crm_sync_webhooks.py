@@ -39,6 +39,11 @@ WAKE_INTERVAL_SECONDS = 1.0
 MAX_BODY_BYTES = 64 * 1024  # AC's contact payloads are a few hundred bytes
 REFUSED_LOG_INTERVAL_SECONDS = 60.0  # wrong secrets are logged at most this often, counted
 STORED_LOG_INTERVAL_SECONDS = 60.0  # so are the events stored (each one at debug level)
+LOST_LOG_INTERVAL_SECONDS = 60.0  # and the events not stored
+# After a failed connection to the state store, events are answered 503 without trying it for
+# this long: against a server that never answers, each try would hold a thread of the API
+# server for the connect timeout.
+STORE_RETRY_SECONDS = 5.0
 
 log = logging.getLogger("crm_sync.webhooks")
 app = FastAPI(title="CRM sync webhooks", docs_url=None, redoc_url=None, openapi_url=None)
@@ -157,11 +162,31 @@ def _store_for(url: str) -> Any:
     return StateStore.from_url(url)
 
 
+class StoreUnavailable(RuntimeError):
+    """The state store failed to connect moments ago: not tried again yet."""
+
+
+# When each state store URL last failed to connect, and why (the error's type).
+_store_down: dict[str, tuple[float, str]] = {}
+
+
 def _store_event(state_url: str | None, event: Any) -> bool:
     """Store one event (False: a redelivery), then wake the DAG for a new one."""
+    from sqlalchemy.exc import OperationalError
+
     if state_url is None:
         raise LookupError(f"no connection '{STATE_CONN_ID}'")
-    new = bool(_store_for(state_url).enqueue_webhook(event))
+    failed_at, reason = _store_down.get(state_url, (float("-inf"), ""))
+    if time.monotonic() - failed_at < STORE_RETRY_SECONDS:
+        raise StoreUnavailable(f"{reason}, not tried again yet")
+    try:
+        new = bool(_store_for(state_url).enqueue_webhook(event))
+    except OperationalError as error:
+        # No server error code: the server could not be reached, or the connection broke (a
+        # deadlock or a serialization failure has one, and is the next event's own try).
+        if getattr(error.orig, "pgcode", None) is None:
+            _store_down[state_url] = (time.monotonic(), type(error).__name__)
+        raise
     if new:
         try:
             waker.wake()
@@ -244,13 +269,14 @@ class _Tally:
         self.count = 0
         self.logged = float("-inf")
 
-    def note(self) -> None:
+    def note(self, *latest: object) -> None:
+        """Count one post; `latest`: the message's other arguments, the last post's."""
         with self.lock:
             self.count += 1
             if time.monotonic() - self.logged < self.interval:
                 return
             count, self.count, self.logged = self.count, 0, time.monotonic()
-        log.log(self.level, self.message, count)
+        log.log(self.level, self.message, count, *latest)
 
 
 refused = _Tally(
@@ -261,6 +287,12 @@ refused = _Tally(
 stored = _Tally(STORED_LOG_INTERVAL_SECONDS, logging.INFO, "webhooks: %d event(s) stored")
 redelivered = _Tally(
     STORED_LOG_INTERVAL_SECONDS, logging.INFO, "webhooks: %d redelivery(ies) counted, not queued"
+)
+lost = _Tally(
+    LOST_LOG_INTERVAL_SECONDS,
+    logging.ERROR,
+    "webhooks: %d event(s) not stored, the sync state store unavailable (the last: %s for "
+    "contact %s, %s): answered 503; the next scheduled run polls for them",
 )
 
 
@@ -297,12 +329,11 @@ async def receive(secret: str, request: Request) -> JSONResponse:
     try:
         new = await run_in_threadpool(_store_event, setup.state_url, event)
     except Exception as error:  # AC does not retry: polling is the safety net for this one
-        log.error(
-            "webhook %s for contact %s not stored (%s): the next scheduled run polls for it",
-            event.event_type,
-            event.contact_id,
-            type(error).__name__,
+        reason = str(error) if isinstance(error, StoreUnavailable) else type(error).__name__
+        log.debug(
+            "webhook %s for contact %s not stored (%s)", event.event_type, event.contact_id, reason
         )
+        lost.note(event.event_type, event.contact_id, reason)
         return JSONResponse({"detail": "the sync state store is unavailable"}, 503)
     log.debug(
         "webhook %s for contact %s %s",

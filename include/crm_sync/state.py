@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 
 if TYPE_CHECKING:
@@ -291,6 +291,22 @@ class QuarantineEntry:
     status: str
 
 
+#: Seconds a PostgreSQL connection attempt may take (unless the URL sets `connect_timeout`).
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """libpq waits forever for a server that never answers: a task would hang, and so would
+    each of the webhook receiver's threads. The URL's own `connect_timeout` is kept."""
+    parsed = make_url(url)
+    libpq = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name().startswith(
+        "psycopg"
+    )
+    if not libpq or "connect_timeout" in parsed.query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+
+
 class StateStore:
     """Reads and writes the sync state; every method is its own transaction."""
 
@@ -311,7 +327,7 @@ class StateStore:
                 cursor.close()
 
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url))
         store = cls(engine)
         store.migrate()
         return store

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -108,3 +109,58 @@ def test_last_run_report_is_the_dags_most_recently_recorded_run(state_url: str) 
     store.finish_run("dag", "run2", status="failed", counts={"quarantined": 2})
     assert store.last_run_report("dag") == store.run_report("dag", "run2")
     assert store.last_run_report("missing") is None
+
+
+def _connect_outcome(url: str, wait: float) -> tuple[BaseException | None, float]:
+    """Open a store on `url` in a thread; what it raised and how long it took (inf if it hangs)."""
+    import threading
+    import time
+
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            StateStore.from_url(url).engine.dispose()
+            outcome.append(None)
+        except Exception as error:
+            outcome.append(error)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(wait)
+    if thread.is_alive():
+        return None, float("inf")
+    return outcome[0], time.monotonic() - started
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections (the kernel's backlog) and never answers, like a
+    wedged server or a firewall that swallows packets after the handshake."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+def test_a_state_store_that_never_answers_fails_within_the_connect_timeout(
+    silent_port: int,
+) -> None:
+    """Without a connect timeout, psycopg2 waits forever: a task hangs, and so does each of the
+    webhook receiver's threads, one per delivery, until the API server has none left."""
+    from crm_sync.state import CONNECT_TIMEOUT_SECONDS
+
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test"
+    error, seconds = _connect_outcome(url, CONNECT_TIMEOUT_SECONDS + 10)
+    assert seconds < CONNECT_TIMEOUT_SECONDS + 5, "the connection attempt hung"
+    assert error is not None and "timeout" in str(error).lower()
+
+
+def test_a_connect_timeout_in_the_url_wins(silent_port: int) -> None:
+    """An operator's own `connect_timeout` in the connection's URL is kept."""
+    from crm_sync.state import CONNECT_TIMEOUT_SECONDS
+
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test?connect_timeout=2"
+    error, seconds = _connect_outcome(url, CONNECT_TIMEOUT_SECONDS + 10)
+    assert error is not None and 1.5 < seconds < CONNECT_TIMEOUT_SECONDS

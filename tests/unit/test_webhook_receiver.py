@@ -216,6 +216,8 @@ def served(
     )
     monkeypatch.setattr(plugin, "_setup_cache", (float("-inf"), None))
     monkeypatch.setattr(plugin, "waker", plugin._Waker(0.2))
+    monkeypatch.setattr(plugin, "_store_down", {})
+    monkeypatch.setattr(plugin, "lost", plugin._Tally(60.0, logging.ERROR, plugin.lost.message))
     yield StateStore.from_url(state_url)
     with contextlib.suppress(Exception):
         plugin._store_for(state_url).engine.dispose()
@@ -308,6 +310,67 @@ def test_an_unreachable_store_is_503_and_no_secret_or_email_is_logged(
     text = caplog.text + response.text
     assert SECRET not in text and "example.com" not in text and "pw" not in response.text
     assert "contact 42" in caplog.text
+
+
+def _store_at(monkeypatch: pytest.MonkeyPatch, plugin: ModuleType, url: str) -> None:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CRM_SYNC_STATE", json.dumps({"conn_type": "generic", "host": url})
+    )
+    monkeypatch.setattr(plugin, "_setup_cache", (float("-inf"), None))
+
+
+def test_events_the_store_refuses_are_logged_as_a_count_not_one_line_each(
+    plugin: ModuleType,
+    served: StateStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store outage during a burst of 1,000 events a second must not write 1,000 error lines a
+    second: the events not stored are counted, with the last one's contact id and reason."""
+    _store_at(monkeypatch, plugin, "postgresql+psycopg2://u:pw@127.0.0.1:1/x")
+    monkeypatch.setattr(plugin, "STORE_RETRY_SECONDS", 0.0)  # every event tries the store
+    caplog.set_level(logging.INFO, logger="crm_sync.webhooks")
+    client = TestClient(plugin.app)
+    answers = {client.post(PATH, data=form(str(c))).status_code for c in range(1, 21)}
+    assert answers == {503}
+    lost = [r for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(lost) == 1, [r.getMessage() for r in lost]
+    assert lost[0].levelno == logging.ERROR
+    assert "contact 1" in lost[0].getMessage() and "OperationalError" in lost[0].getMessage()
+    plugin.lost.logged = float("-inf")  # the interval is over
+    client.post(PATH, data=form("21"))
+    message = caplog.records[-1].getMessage()
+    assert message.startswith("webhooks: 20 event(s) not stored") and "contact 21" in message
+
+
+def test_a_store_that_failed_to_connect_is_not_tried_again_for_a_few_seconds(
+    plugin: ModuleType,
+    served: StateStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Against a store that never answers, each event would hold a thread of the API server for
+    the connect timeout: after a failed connection, events are answered 503 at once for a few
+    seconds (AC's retries, or polling, take them), then the store is tried again."""
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        _store_at(
+            monkeypatch, plugin, f"postgresql+psycopg2://u@127.0.0.1:{port}/x?connect_timeout=1"
+        )
+        client = TestClient(plugin.app)
+        started = time.monotonic()
+        assert client.post(PATH, data=form("1")).status_code == 503
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert {client.post(PATH, data=form(str(c))).status_code for c in range(2, 12)} == {503}
+        rest = time.monotonic() - started
+    assert first >= 0.9  # it did try
+    assert rest < 0.5 * first, f"10 events took {rest:.1f} s after a {first:.1f} s attempt"
+    _store_at(monkeypatch, plugin, served.engine.url.render_as_string(hide_password=False))
+    monkeypatch.setattr(plugin, "_store_down", {})  # the few seconds are over
+    assert client.post(PATH, data=form("12")).status_code == 200
 
 
 def test_a_bad_payload_is_400_and_stores_nothing(plugin: ModuleType, served: StateStore) -> None:
