@@ -40,9 +40,9 @@ MAX_BODY_BYTES = 64 * 1024  # AC's contact payloads are a few hundred bytes
 REFUSED_LOG_INTERVAL_SECONDS = 60.0  # wrong secrets are logged at most this often, counted
 STORED_LOG_INTERVAL_SECONDS = 60.0  # so are the events stored (each one at debug level)
 LOST_LOG_INTERVAL_SECONDS = 60.0  # and the events not stored
-# After a failed connection to the state store, events are answered 503 without trying it for
-# this long: against a server that never answers, each try would hold a thread of the API
-# server for the connect timeout.
+# Once the state store could not be reached, one event at a time tries it again, and none for
+# this long after a failed try: against a server that never answers, each try holds a thread of
+# the API server for the connect timeout (the others are answered 503 at once).
 STORE_RETRY_SECONDS = 5.0
 
 log = logging.getLogger("crm_sync.webhooks")
@@ -162,37 +162,99 @@ def _store_for(url: str) -> Any:
     return StateStore.from_url(url)
 
 
+class NoStateConnection(LookupError):
+    """The state store's connection is missing or unusable."""
+
+
 class StoreUnavailable(RuntimeError):
-    """The state store failed to connect moments ago: not tried again yet."""
+    """The state store could not be reached moments ago: not tried by this event."""
 
 
-# When each state store URL last failed to connect, and why (the error's type).
-_store_down: dict[str, tuple[float, str]] = {}
+@dataclass
+class _StoreHealth:
+    """Whether a PostgreSQL state store was reachable at the last try. Once it was not, one
+    event at a time tries it again (the others are answered 503 at once), and none for
+    `STORE_RETRY_SECONDS` after a failed try."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    down: str | None = None  # why the last try failed (the error's type); None: reachable
+    retry_at: float = float("-inf")
+    trying: bool = False
+
+    def admit(self) -> bool:
+        """Whether this event may use the store (False: answer 503 without trying); True
+        while the store is down makes the event the one that tries it again."""
+        with self.lock:
+            if self.down is None:
+                return True
+            if self.trying or time.monotonic() < self.retry_at:
+                return False
+            self.trying = True
+            return True
+
+    def result(self, failure: str | None) -> bool:
+        """Record a try's outcome (`failure`: why the store could not be reached, or None);
+        True when it brings the store back."""
+        with self.lock:
+            back = self.down is not None and failure is None
+            self.down, self.trying = failure, False
+            if failure is not None:
+                self.retry_at = time.monotonic() + STORE_RETRY_SECONDS
+            return back
+
+
+_health: dict[str, _StoreHealth] = {}
+
+
+def _unreachable(error: Exception) -> bool:
+    """Whether `error` says the PostgreSQL server could not be reached (a refused or timed-out
+    connection, a broken one, no pooled connection free in time). A deadlock or a
+    serialization failure carries the server's SQLSTATE: the next event simply tries again."""
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(error, PoolTimeout):
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    orig = error.orig
+    return getattr(orig, "pgcode", None) is None and getattr(orig, "sqlstate", None) is None
 
 
 def _store_event(state_url: str | None, event: Any) -> bool:
-    """Store one event (False: a redelivery), then wake the DAG for a new one."""
-    from sqlalchemy.exc import OperationalError
+    """Store one event (False: a redelivery), then wake the DAG for a new one.
 
+    Only a PostgreSQL store can be unreachable (SQLite is a local file: a locked database
+    is contention, each event waits its turn): after a failed try, the events that come
+    while one event tries it again, or within `STORE_RETRY_SECONDS`, get `StoreUnavailable`
+    at once instead of each holding a thread of the API server for the connect timeout."""
     if state_url is None:
-        raise LookupError(f"no connection '{STATE_CONN_ID}'")
-    failed_at, reason = _store_down.get(state_url, (float("-inf"), ""))
-    if time.monotonic() - failed_at < STORE_RETRY_SECONDS:
-        raise StoreUnavailable(f"{reason}, not tried again yet")
+        raise NoStateConnection(f"no connection '{STATE_CONN_ID}'")
+    health = _health.setdefault(state_url, _StoreHealth())
+    remote = state_url.startswith("postgresql")
+    if remote and not health.admit():
+        raise StoreUnavailable(f"{health.down}, being tried again")
     try:
         new = bool(_store_for(state_url).enqueue_webhook(event))
-    except OperationalError as error:
-        # No server error code: the server could not be reached, or the connection broke (a
-        # deadlock or a serialization failure has one, and is the next event's own try).
-        if getattr(error.orig, "pgcode", None) is None:
-            _store_down[state_url] = (time.monotonic(), type(error).__name__)
+    except Exception as error:
+        if remote:
+            health.result(type(error).__name__ if _unreachable(error) else None)
         raise
+    if remote and health.result(None):
+        lost.flush()  # the outage's last count, without waiting for another failure
     if new:
         try:
             waker.wake()
         except Exception:  # stored all the same: the next wake or the scheduled run takes it
             log.exception("could not wake the DAG for a stored webhook event")
     return new
+
+
+def _expected(error: Exception) -> bool:
+    """An outage of the store or its connection, not a defect of the receiver."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(error, (SQLAlchemyError, NoStateConnection, StoreUnavailable))
 
 
 # -- waking the DAG --------------------------------------------------------------------------------
@@ -268,15 +330,27 @@ class _Tally:
         self.lock = threading.Lock()
         self.count = 0
         self.logged = float("-inf")
+        self.latest: tuple[object, ...] = ()
 
-    def note(self, *latest: object) -> None:
-        """Count one post; `latest`: the message's other arguments, the last post's."""
+    def note(self, *latest: object) -> bool:
+        """Count one post; `latest`: the message's other arguments, the last post's. True
+        when this post logged the count."""
         with self.lock:
             self.count += 1
+            self.latest = latest
             if time.monotonic() - self.logged < self.interval:
-                return
+                return False
             count, self.count, self.logged = self.count, 0, time.monotonic()
         log.log(self.level, self.message, count, *latest)
+        return True
+
+    def flush(self) -> None:
+        """Log the count not logged yet, if any, whatever the interval."""
+        with self.lock:
+            if not self.count:
+                return
+            count, self.count, self.logged = self.count, 0, time.monotonic()
+        log.log(self.level, self.message, count, *self.latest)
 
 
 refused = _Tally(
@@ -291,8 +365,8 @@ redelivered = _Tally(
 lost = _Tally(
     LOST_LOG_INTERVAL_SECONDS,
     logging.ERROR,
-    "webhooks: %d event(s) not stored, the sync state store unavailable (the last: %s for "
-    "contact %s, %s): answered 503; the next scheduled run polls for them",
+    "webhooks: %d event(s) not stored (the last: %s for contact %s, %s): answered 503; the "
+    "next scheduled run polls for them",
 )
 
 
@@ -333,7 +407,9 @@ async def receive(secret: str, request: Request) -> JSONResponse:
         log.debug(
             "webhook %s for contact %s not stored (%s)", event.event_type, event.contact_id, reason
         )
-        lost.note(event.event_type, event.contact_id, reason)
+        logged = lost.note(event.event_type, event.contact_id, reason)
+        if logged and not _expected(error):  # a defect, not an outage: show where
+            log.error("the last webhook event not stored failed here", exc_info=error)
         return JSONResponse({"detail": "the sync state store is unavailable"}, 503)
     log.debug(
         "webhook %s for contact %s %s",

@@ -145,22 +145,32 @@ def silent_port() -> Iterator[int]:
 
 
 def test_a_state_store_that_never_answers_fails_within_the_connect_timeout(
-    silent_port: int,
+    silent_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without a connect timeout, psycopg2 waits forever: a task hangs, and so does each of the
     webhook receiver's threads, one per delivery, until the API server has none left."""
-    from crm_sync.state import CONNECT_TIMEOUT_SECONDS
+    from crm_sync import state
 
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    monkeypatch.setattr(state, "CONNECT_TIMEOUT_SECONDS", 2)
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test"
-    error, seconds = _connect_outcome(url, CONNECT_TIMEOUT_SECONDS + 10)
-    assert seconds < CONNECT_TIMEOUT_SECONDS + 5, "the connection attempt hung"
+    error, seconds = _connect_outcome(url, 20)
+    assert seconds < 2 + 5, "the connection attempt hung"
     assert error is not None and "timeout" in str(error).lower()
 
 
-def test_a_connect_timeout_in_the_url_wins(silent_port: int) -> None:
-    """An operator's own `connect_timeout` in the connection's URL is kept."""
-    from crm_sync.state import CONNECT_TIMEOUT_SECONDS
+@pytest.mark.parametrize("where", ["url", "environment"])
+def test_an_operators_own_connect_timeout_wins(
+    silent_port: int, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """`connect_timeout` in the connection's URL, or `PGCONNECT_TIMEOUT`, is kept."""
+    from crm_sync import state
 
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test?connect_timeout=2"
-    error, seconds = _connect_outcome(url, CONNECT_TIMEOUT_SECONDS + 10)
-    assert error is not None and 1.5 < seconds < CONNECT_TIMEOUT_SECONDS
+    monkeypatch.setattr(state, "CONNECT_TIMEOUT_SECONDS", 60)
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test"
+    if where == "url":
+        url += "?connect_timeout=2"
+    else:
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", "2")
+    error, seconds = _connect_outcome(url, 70)
+    assert error is not None and seconds < 20
