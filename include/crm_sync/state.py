@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -298,13 +297,13 @@ CONNECT_TIMEOUT_SECONDS = 10
 
 def _connect_args(url: str) -> dict[str, Any]:
     """libpq waits forever for a server that never answers: a task would hang, and so would
-    each of the webhook receiver's threads. The URL's own `connect_timeout`, or
-    `PGCONNECT_TIMEOUT` in the environment, is kept."""
+    each of the webhook receiver's threads. The URL's own `connect_timeout` is kept (it
+    overrides libpq's `PGCONNECT_TIMEOUT` too: the connection is the one place to set it)."""
     parsed = make_url(url)
     libpq = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name().startswith(
         "psycopg"
     )
-    if not libpq or "connect_timeout" in parsed.query or os.environ.get("PGCONNECT_TIMEOUT"):
+    if not libpq or "connect_timeout" in parsed.query:
         return {}
     return {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
 

@@ -151,7 +151,6 @@ def test_a_state_store_that_never_answers_fails_within_the_connect_timeout(
     webhook receiver's threads, one per delivery, until the API server has none left."""
     from crm_sync import state
 
-    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     monkeypatch.setattr(state, "CONNECT_TIMEOUT_SECONDS", 2)
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test"
     error, seconds = _connect_outcome(url, 20)
@@ -159,18 +158,13 @@ def test_a_state_store_that_never_answers_fails_within_the_connect_timeout(
     assert error is not None and "timeout" in str(error).lower()
 
 
-@pytest.mark.parametrize("where", ["url", "environment"])
-def test_an_operators_own_connect_timeout_wins(
-    silent_port: int, monkeypatch: pytest.MonkeyPatch, where: str
+def test_a_connect_timeout_in_the_url_wins(
+    silent_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`connect_timeout` in the connection's URL, or `PGCONNECT_TIMEOUT`, is kept."""
+    """An operator's own `connect_timeout` in the connection's URL is kept."""
     from crm_sync import state
 
     monkeypatch.setattr(state, "CONNECT_TIMEOUT_SECONDS", 60)
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test"
-    if where == "url":
-        url += "?connect_timeout=2"
-    else:
-        monkeypatch.setenv("PGCONNECT_TIMEOUT", "2")
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent_port}/test?connect_timeout=2"
     error, seconds = _connect_outcome(url, 70)
     assert error is not None and seconds < 20
