@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -478,55 +479,7 @@ class StateStore:
         refused: list[RecordLink] = []
 
         def write(connection: Connection) -> None:
-            refused.clear()
-            for record in records:
-                values = {
-                    "ac_contact_id": record.ac_contact_id,
-                    "email": record.email,
-                    "origin": record.origin,
-                    "ac_hash": record.ac_hash,
-                    "dv_hash": record.dv_hash,
-                    "synced_values": record.synced_values,
-                    "ac_synced_at": record.ac_synced_at,
-                    "dv_synced_at": record.dv_synced_at,
-                    "updated_at": now,
-                }
-                if record.ac_contact_id:
-                    holder = and_(
-                        links.c.ac_contact_id == record.ac_contact_id,
-                        ~and_(
-                            links.c.entity == record.entity,
-                            links.c.dataverse_id == record.dataverse_id,
-                        ),
-                    )
-                    others = connection.execute(select(links.c.entity).where(holder)).all()
-                    if any(
-                        not (other.entity == "lead" and record.entity == "contact")
-                        for other in others
-                    ):
-                        refused.append(record)
-                        continue
-                    # One AC contact links to one Dataverse row: a qualified lead's link moves.
-                    connection.execute(
-                        update(links).where(holder).values(ac_contact_id=None, updated_at=now)
-                    )
-                result = connection.execute(
-                    update(links)
-                    .where(
-                        links.c.entity == record.entity,
-                        links.c.dataverse_id == record.dataverse_id,
-                    )
-                    .values(**values)
-                )
-                if result.rowcount == 0:
-                    connection.execute(
-                        insert(links).values(
-                            entity=record.entity,
-                            dataverse_id=record.dataverse_id,
-                            created_at=now,
-                            **values,
-                        )
-                    )
+            refused[:] = _write_links(connection, records, now)
 
         self._upsert(write)
         if refused:
@@ -1314,6 +1267,109 @@ def _file_lock(path: Path, direction: str, wait: float) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+Key = tuple[str, str]  # a link's (entity, Dataverse id)
+
+
+def _write_links(
+    connection: Connection, records: Sequence[RecordLink], now: datetime
+) -> list[RecordLink]:
+    """`save_links`' transaction in a few statements: the rows the batch may touch are read
+    first (by key, and by AC id), each record is applied in order to that picture (as saving
+    them one by one would), and the end state is written. Returns the refused records."""
+    rows_by_key = _links_touched(connection, records)
+    before = dict(rows_by_key)  # key -> AC id, as stored
+    holder = {ac: key for key, ac in rows_by_key.items() if ac}
+    final: dict[Key, dict[str, Any]] = {}  # the keys the batch writes, with their values
+    refused: list[RecordLink] = []
+    for record in records:
+        key = (record.entity, record.dataverse_id)
+        ac = record.ac_contact_id
+        other = holder.get(ac) if ac else None
+        if other is not None and other != key:
+            if not (other[0] == "lead" and record.entity == "contact"):
+                refused.append(record)
+                continue
+            # One AC contact links to one Dataverse row: a qualified lead's link moves.
+            rows_by_key[other] = None
+            final.setdefault(other, {})["ac_contact_id"] = None
+        previous = rows_by_key.get(key)
+        if previous and holder.get(previous) == key:
+            del holder[previous]
+        rows_by_key[key] = ac
+        if ac:
+            holder[ac] = key
+        final[key] = {
+            "ac_contact_id": ac,
+            "email": record.email,
+            "origin": record.origin,
+            "ac_hash": record.ac_hash,
+            "dv_hash": record.dv_hash,
+            "synced_values": record.synced_values,
+            "ac_synced_at": record.ac_synced_at,
+            "dv_synced_at": record.dv_synced_at,
+        }
+    # The AC ids leaving their rows first: the column is unique at every statement.
+    released = [
+        {"k_entity": k[0], "k_dv": k[1]}
+        for k, values in final.items()
+        if before.get(k) and values.get("ac_contact_id") != before[k]
+    ]
+    where = and_(links.c.entity == bindparam("k_entity"), links.c.dataverse_id == bindparam("k_dv"))
+    if released:
+        connection.execute(
+            update(links).where(where).values(ac_contact_id=None, updated_at=now), released
+        )
+    # Rows only moved away from keep their values; the others get the record's.
+    full = {k: v for k, v in final.items() if "email" in v}
+    changed = [
+        {"k_entity": k[0], "k_dv": k[1], **{f"v_{c}": v for c, v in values.items()}}
+        for k, values in full.items()
+        if k in before
+    ]
+    if changed:
+        columns = next(iter(full.values()))
+        connection.execute(
+            update(links)
+            .where(where)
+            .values(updated_at=now, **{c: bindparam(f"v_{c}") for c in columns}),
+            changed,
+        )
+    created = [
+        {"entity": k[0], "dataverse_id": k[1], "created_at": now, "updated_at": now, **values}
+        for k, values in full.items()
+        if k not in before
+    ]
+    if created:
+        connection.execute(insert(links), created)
+    return refused
+
+
+def _links_touched(connection: Connection, records: Sequence[RecordLink]) -> dict[Key, str | None]:
+    """The AC id of every stored link a batch may touch: its keys, and the holders of its AC
+    ids; read through the unique indexes, 500 values a query."""
+    found: dict[Key, str | None] = {}
+    ids_by_entity: dict[str, set[str]] = {}
+    for record in records:
+        ids_by_entity.setdefault(record.entity, set()).add(record.dataverse_id)
+    queries = [
+        and_(links.c.entity == entity, links.c.dataverse_id.in_(part))
+        for entity, ids in ids_by_entity.items()
+        for part in _parts(sorted(ids))
+    ]
+    ac_ids = sorted({r.ac_contact_id for r in records if r.ac_contact_id})
+    queries += [links.c.ac_contact_id.in_(part) for part in _parts(ac_ids)]
+    columns = (links.c.entity, links.c.dataverse_id, links.c.ac_contact_id)
+    for condition in queries:
+        for row in connection.execute(select(*columns).where(condition)):
+            found[(row.entity, row.dataverse_id)] = row.ac_contact_id
+    return found
+
+
+def _parts(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def state_url_from_connection(conn_id: str = STATE_CONN_ID) -> str:
