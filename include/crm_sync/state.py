@@ -342,7 +342,8 @@ class StateStore:
 
     def _upsert(self, write: Callable[[Connection], T]) -> T:
         """Run `write` in a transaction. Its reads-then-inserts race with an overlapping run's:
-        when the other inserted the same key first, it runs once more and updates that row."""
+        when the other inserted the same key (or a link holding the same AC id) first, it runs
+        once more, reading that row."""
         try:
             with self.begin() as connection:
                 return write(connection)
@@ -1276,8 +1277,10 @@ def _write_links(
     connection: Connection, records: Sequence[RecordLink], now: datetime
 ) -> list[RecordLink]:
     """`save_links`' transaction in a few statements: the rows the batch may touch are read
-    first (by key, and by AC id), each record is applied in order to that picture (as saving
-    them one by one would), and the end state is written. Returns the refused records."""
+    first (by key, and by AC id) and held for the transaction, each record is applied in order
+    to that picture (as saving them one by one would), and the end state is written: inserts in
+    one statement, updates one statement a row on PostgreSQL (psycopg2's executemany). Returns
+    the refused records."""
     rows_by_key = _links_touched(connection, records)
     before = dict(rows_by_key)  # key -> AC id, as stored
     holder = {ac: key for key, ac in rows_by_key.items() if ac}
@@ -1312,20 +1315,23 @@ def _write_links(
         }
     # The AC ids leaving their rows first: the column is unique at every statement.
     released = [
-        {"k_entity": k[0], "k_dv": k[1]}
-        for k, values in final.items()
+        {"k_entity": k[0], "k_dv": k[1], "k_ac": before[k]}
+        for k, values in sorted(final.items())
         if before.get(k) and values.get("ac_contact_id") != before[k]
     ]
     where = and_(links.c.entity == bindparam("k_entity"), links.c.dataverse_id == bindparam("k_dv"))
     if released:
         connection.execute(
-            update(links).where(where).values(ac_contact_id=None, updated_at=now), released
+            update(links)
+            .where(where, links.c.ac_contact_id == bindparam("k_ac"))
+            .values(ac_contact_id=None, updated_at=now),
+            released,
         )
     # Rows only moved away from keep their values; the others get the record's.
     full = {k: v for k, v in final.items() if "email" in v}
     changed = [
         {"k_entity": k[0], "k_dv": k[1], **{f"v_{c}": v for c, v in values.items()}}
-        for k, values in full.items()
+        for k, values in sorted(full.items())
         if k in before
     ]
     if changed:
@@ -1348,7 +1354,13 @@ def _write_links(
 
 def _links_touched(connection: Connection, records: Sequence[RecordLink]) -> dict[Key, str | None]:
     """The AC id of every stored link a batch may touch: its keys, and the holders of its AC
-    ids; read through the unique indexes, 500 values a query."""
+    ids; read through the unique indexes, 500 values a query, and held until the transaction
+    ends (another run that changes or deletes one of them waits: PostgreSQL's row locks, or
+    SQLite's write lock taken before the reads), so the end state written is still right."""
+    if connection.dialect.name == "sqlite":
+        driver = connection.connection.dbapi_connection
+        if driver is not None and not getattr(driver, "in_transaction", True):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
     found: dict[Key, str | None] = {}
     ids_by_entity: dict[str, set[str]] = {}
     for record in records:
@@ -1362,7 +1374,10 @@ def _links_touched(connection: Connection, records: Sequence[RecordLink]) -> dic
     queries += [links.c.ac_contact_id.in_(part) for part in _parts(ac_ids)]
     columns = (links.c.entity, links.c.dataverse_id, links.c.ac_contact_id)
     for condition in queries:
-        for row in connection.execute(select(*columns).where(condition)):
+        query = select(*columns).where(condition)
+        if connection.dialect.name == "postgresql":
+            query = query.with_for_update()
+        for row in connection.execute(query):
             found[(row.entity, row.dataverse_id)] = row.ac_contact_id
     return found
 

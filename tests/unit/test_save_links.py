@@ -177,3 +177,48 @@ def test_new_links_are_saved_in_a_few_statements_not_several_per_link(store: Sta
         assert len(statements) <= 20, f"{len(statements)} statements for 2,000 links"
     finally:
         event.remove(store.engine, "before_cursor_execute", count)
+
+
+def test_a_link_another_run_changes_meanwhile_is_not_overwritten(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contact takes AC id 1 from its lead while another run relinks that lead to AC id 2.
+    The rows a batch read are held until it commits, so the other run waits and its link stands
+    (the two as if one ran after the other): the lead was left with no AC id at all."""
+    import threading
+
+    from crm_sync import state
+
+    lead, contact = ("lead", DV_IDS[0]), ("contact", DV_IDS[1])
+    with fresh(store, [link(*lead, "1", 0)]):
+        read_done, resume = threading.Event(), threading.Event()
+        original = state._links_touched
+
+        def paused(connection: Connection, records: Any) -> Any:
+            found = original(connection, records)
+            if not read_done.is_set():  # the first batch only: it waits after its read
+                read_done.set()
+                assert resume.wait(30)
+            return found
+
+        monkeypatch.setattr(state, "_links_touched", paused)
+        errors: list[BaseException] = []
+
+        def save(records: list[RecordLink]) -> None:
+            try:
+                assert store.save_links(records) == []
+            except BaseException as error:
+                errors.append(error)
+
+        first = threading.Thread(target=save, args=([link(*contact, "1", 1)],))
+        first.start()
+        assert read_done.wait(30)
+        other = threading.Thread(target=save, args=([link(*lead, "2", 2)],))
+        other.start()
+        other.join(1.0)  # it waits for the first batch (or, unheld, it has committed by now)
+        resume.set()
+        first.join(30)
+        other.join(30)
+        assert not errors, errors
+        held = {(row[0], row[1]): row[2] for row in table(store)}
+    assert held == {lead: "2", contact: "1"}
