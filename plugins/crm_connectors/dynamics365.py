@@ -144,11 +144,27 @@ def even_share(rows: int, full: int, workers: int) -> int:
     requests as full ones would take, rounded up to a multiple of `workers`, all of one size
     (at least `MIN_SHARE` unless `full` is smaller), so every round keeps each worker busy.
     While the chunk sizer is still growing, `_bulk` sends full chunks instead (it learns only
-    from those)."""
+    from those) until the rows left no longer fill a round of them (`next_share`)."""
     if workers <= 1:
         return full
     requests = workers * math.ceil(math.ceil(rows / full) / workers)
     return max(math.ceil(rows / requests), min(MIN_SHARE, full))
+
+
+def next_share(
+    left: int, full: int, workers: int, *, measuring: bool, planned: int, share: int
+) -> tuple[int, int]:
+    """The rows of the next request and the chunk size its plan was made for (0: none).
+
+    While the chunk sizer is measuring (`ChunkSizer.growing`), requests are full-size, as long
+    as the `left` rows fill a round of them: the sizer learns only from those. Otherwise, and
+    for a last round, the rows go in even shares (`even_share`), planned again when the full
+    size moves or rows came back (`planned` 0), so that no round leaves workers idle."""
+    if measuring and left >= workers * full:
+        return full, 0
+    if full != planned:
+        return even_share(left, full, workers), full
+    return share, planned
 
 
 class Dynamics365Hook(CrmHttpHook):
@@ -787,10 +803,14 @@ class Dynamics365Hook(CrmHttpHook):
             while pending or running:
                 while pending and len(running) < workers:
                     full = min(sizer.size, chunk_size)
-                    if sizer.growing and full == sizer.size:
-                        share, planned = full, 0  # full-size requests, for the sizer to measure
-                    elif full != planned:  # the sizer moved, or rows came back: plan again
-                        share, planned = even_share(len(pending), full, workers), full
+                    share, planned = next_share(
+                        len(pending),
+                        full,
+                        workers,
+                        measuring=sizer.growing and full == sizer.size,
+                        planned=planned,
+                        share=share,
+                    )
                     size = min(share, len(pending))
                     chunk = [pending.popleft() for _ in range(size)]
                     attempts.update(chunk)

@@ -3,9 +3,11 @@ never leaves its bounds, whatever the answers (issue 14)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from crm_connectors.pacing import ChunkSizer
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
@@ -80,3 +82,38 @@ def test_it_is_growing_until_a_full_answer_holds_or_cuts_it_or_it_reaches_the_ma
     cut.answered(500, 1.0)
     assert not cut.growing and cut.size == 1000
     assert not ChunkSizer(start=1000, maximum=1000).growing
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(1, 5000),
+    full=st.sampled_from([100, 200, 400, 800, 1000]),
+    workers=st.integers(2, 8),
+)
+def test_a_last_round_while_the_sizer_grows_keeps_every_worker_busy(
+    rows: int, full: int, workers: int
+) -> None:
+    """4,000 contacts went as 100, 200 and 400 rows four at a time, then 800 and 400 on two of
+    four workers (15.2 s where 10 s would do): while the sizer measures, requests are full-size
+    only while the rows left fill a round of them; the last round is shared evenly."""
+    from crm_connectors.dynamics365 import MIN_SHARE, next_share
+
+    left, planned, share = rows, 0, 0
+    taken: list[tuple[int, int]] = []  # (rows left before, rows taken)
+    while left:
+        share, planned = next_share(
+            left, full, workers, measuring=True, planned=planned, share=share
+        )
+        size = min(share, left)
+        taken.append((left, size))
+        left -= size
+    full_size = [size for before, size in taken if before >= workers * full]
+    assert all(size == full for size in full_size)
+    tail = [size for before, size in taken if before < workers * full]
+    if not tail:
+        return
+    tail_rows = sum(tail)
+    assert all(size == tail[0] for size in tail[:-1]) and tail[-1] <= tail[0], tail
+    assert tail[0] <= max(min(MIN_SHARE, full), math.ceil(tail_rows / workers)), tail
+    if tail_rows >= workers * MIN_SHARE:
+        assert len(tail) % workers == 0, tail  # whole rounds: no worker idle in the last
