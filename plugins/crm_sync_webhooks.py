@@ -230,8 +230,8 @@ def _store_event(state_url: str | None, event: Any) -> bool:
     at once instead of each holding a thread of the API server for the connect timeout."""
     if state_url is None:
         raise NoStateConnection(f"no connection '{STATE_CONN_ID}'")
-    health = _health.setdefault(state_url, _StoreHealth())
     remote = state_url.startswith("postgresql")
+    health = _health.get(state_url) or _health.setdefault(state_url, _StoreHealth())
     if remote and not health.admit():
         raise StoreUnavailable(f"{health.down}, being tried again")
     try:

@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, and_, func, literal, not_, or_, select, un
 
 from crm_sync import records
 from crm_sync.core import Direction, Flow
-from crm_sync.state import StateStore, links, object_links, quarantine, runs, utcnow
+from crm_sync.state import StateStore, in_chunks, links, object_links, quarantine, runs, utcnow
 from crm_sync.state import watermarks as watermark_table
 
 DAG_IDS: tuple[str, ...] = tuple(flow.value for flow in Flow)
@@ -428,11 +428,6 @@ def _entries(store: StateStore, rows: Sequence[Any]) -> list[QuarantineRow]:
     return found
 
 
-def _chunks(values: Sequence[T], size: int = 500) -> Iterable[list[T]]:
-    for start in range(0, len(values), size):
-        yield list(values[start : start + size])
-
-
 def _resolve(store: StateStore, record_keys: Sequence[str]) -> dict[str, _Resolved]:
     """Both sides' ids (and the email of contacts and leads) of each record key, from the links."""
     parsed = {key: parse_record_key(key) for key in record_keys}
@@ -453,22 +448,22 @@ def _resolve(store: StateStore, record_keys: Sequence[str]) -> dict[str, _Resolv
     objects_dv: dict[tuple[str, str], str] = {}
     objects_ac: dict[tuple[str, str], str] = {}
     with store.begin() as connection:
-        for chunk in _chunks(person_dv):
+        for chunk in in_chunks(person_dv):
             for row in connection.execute(select(links).where(links.c.dataverse_id.in_(chunk))):
                 by_dv[f"{row.entity}:{row.dataverse_id}"] = row
-        for chunk in _chunks(person_ac):
+        for chunk in in_chunks(person_ac):
             for row in connection.execute(select(links).where(links.c.ac_contact_id.in_(chunk))):
                 by_ac[str(row.ac_contact_id)] = row
         for kind in ("account", "opportunity"):
             dv_ids = [i for k, i in object_dv if k == kind]
             ac_ids = [i for k, i in object_ac if k == kind]
-            for chunk in _chunks(dv_ids):
+            for chunk in in_chunks(dv_ids):
                 query = select(object_links).where(
                     object_links.c.kind == kind, object_links.c.dataverse_id.in_(chunk)
                 )
                 for row in connection.execute(query):
                     objects_dv[(kind, row.dataverse_id)] = str(row.ac_id)
-            for chunk in _chunks(ac_ids):
+            for chunk in in_chunks(ac_ids):
                 query = select(object_links).where(
                     object_links.c.kind == kind, object_links.c.ac_id.in_(chunk)
                 )
@@ -524,7 +519,7 @@ def retry(
     ids = list(entry_ids)
     marked = 0
     with store.begin() as connection:
-        for chunk in _chunks(ids) if ids else [None]:
+        for chunk in in_chunks(ids) if ids else [None]:
             chosen = where if chunk is None else [*where, quarantine.c.id.in_(chunk)]
             result = connection.execute(update(quarantine).where(*chosen).values(source_hash=None))
             marked += result.rowcount

@@ -1368,10 +1368,10 @@ def _links_touched(connection: Connection, records: Sequence[RecordLink]) -> dic
     queries = [
         and_(links.c.entity == entity, links.c.dataverse_id.in_(part))
         for entity, ids in ids_by_entity.items()
-        for part in _parts(sorted(ids))
+        for part in in_chunks(sorted(ids))
     ]
     ac_ids = sorted({r.ac_contact_id for r in records if r.ac_contact_id})
-    queries += [links.c.ac_contact_id.in_(part) for part in _parts(ac_ids)]
+    queries += [links.c.ac_contact_id.in_(part) for part in in_chunks(ac_ids)]
     columns = (links.c.entity, links.c.dataverse_id, links.c.ac_contact_id)
     for condition in queries:
         query = select(*columns).where(condition)
@@ -1382,9 +1382,10 @@ def _links_touched(connection: Connection, records: Sequence[RecordLink]) -> dic
     return found
 
 
-def _parts(values: list[str], size: int = 500) -> Iterator[list[str]]:
+def in_chunks(values: Sequence[T], size: int = 500) -> Iterator[list[T]]:
+    """`values` a `size` at a time (an `IN` list per query)."""
     for start in range(0, len(values), size):
-        yield values[start : start + size]
+        yield list(values[start : start + size])
 
 
 def state_url_from_connection(conn_id: str = STATE_CONN_ID) -> str:
